@@ -1,0 +1,33 @@
+"""Static, preallocated KV cache with one slot per *kept* attention layer.
+
+A layer whose attention is dropped has no slot at all (LLM-Drop's `kv_cache_idx`): the cache's size is
+exactly (kept attention layers / all layers) of a full model's. Layout per slot: [B, Hkv, S, D].
+"""
+from __future__ import annotations
+
+import torch
+
+from .config import DropPlan, ModelConfig
+
+
+class KVCache:
+    def __init__(self, cfg: ModelConfig, plan: DropPlan, batch_size: int, max_len: int, dtype, device):
+        self.max_len = max_len
+        self.batch_size = batch_size
+        self.slot_of = {layer: slot for slot, layer in enumerate(plan.kept_attn_layers)}
+        shape = (len(self.slot_of), batch_size, cfg.num_kv_heads, max_len, cfg.head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+
+    def layer(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        slot = self.slot_of[layer]
+        return self.k[slot], self.v[slot]
+
+    def nbytes(self) -> int:
+        return self.k.nbytes + self.v.nbytes
+
+    @staticmethod
+    def bytes_for(cfg: ModelConfig, plan: DropPlan, batch_size: int, max_len: int, dtype) -> int:
+        """What a cache of this size would take, without allocating it."""
+        element = torch.empty((), dtype=dtype).element_size()
+        return 2 * len(plan.kept_attn_layers) * batch_size * cfg.num_kv_heads * max_len * cfg.head_dim * element

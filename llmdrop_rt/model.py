@@ -1,0 +1,197 @@
+"""The decoder stack: plain PyTorch modules, built only for the modules the drop plan keeps.
+
+A dropped attention layer's `attn` (with its input norm) is None, a dropped MLP's `mlp` (with its norm) is None:
+they are never constructed and their weights are never read from disk.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from . import ops
+from .attention import attention, build_mask
+from .cache import KVCache
+from .checkpoint import CheckpointReader
+from .config import DropPlan, ModelConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, weight: torch.Tensor, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.eps = eps
+
+    def forward(self, x):
+        return ops.rms_norm(x, self.weight, self.eps)
+
+
+@dataclass
+class StepContext:
+    """What every layer of one forward step shares: rotary tables, cache, where to write, the mask."""
+
+    cos: torch.Tensor  # [B, T, D/2]
+    sin: torch.Tensor
+    cache: KVCache | None = None
+    start: int = 0  # cache index of the step's first token
+    mask: torch.Tensor | None = None  # see attention.build_mask
+    attn_backend: str = "sdpa"
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int, qkv: nn.Module, o_proj: nn.Module):
+        super().__init__()
+        self.layer = layer
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.qkv = qkv  # one projection producing [q | k | v]
+        self.o_proj = o_proj
+        self.scale = cfg.head_dim**-0.5
+
+    def forward(self, x, ctx: StepContext):
+        b, t, _ = x.shape
+        hq, hkv, d = self.num_heads, self.num_kv_heads, self.head_dim
+        q, k, v = self.qkv(x).split([hq * d, hkv * d, hkv * d], dim=-1)
+        q, k = ops.apply_rope(q.view(b, t, hq, d), k.view(b, t, hkv, d), ctx.cos, ctx.sin)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.view(b, t, hkv, d).transpose(1, 2)
+        if ctx.cache is not None:
+            k_cache, v_cache = ctx.cache.layer(self.layer)
+            end = ctx.start + t
+            k_cache[:, :, ctx.start : end] = k
+            v_cache[:, :, ctx.start : end] = v
+            k, v = k_cache[:, :, :end], v_cache[:, :, :end]
+        out = attention(q, k, v, ctx.mask, self.scale, ctx.attn_backend)
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, hq * d))
+
+
+class MLP(nn.Module):
+    def __init__(self, gate_up: nn.Module, down: nn.Module):
+        super().__init__()
+        self.gate_up = gate_up  # one projection producing [gate | up]
+        self.down = down
+
+    def forward(self, x):
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(ops.silu_mul(gate, up))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, index: int, attn_norm, attn, mlp_norm, mlp):
+        super().__init__()
+        self.index = index
+        self.attn_norm, self.attn = attn_norm, attn
+        self.mlp_norm, self.mlp = mlp_norm, mlp
+
+    def attn_delta(self, x, ctx: StepContext):
+        """What the attention sub-block adds to the residual stream (its LLM-Drop unit: norm + attention)."""
+        return self.attn(self.attn_norm(x), ctx)
+
+    def mlp_delta(self, x):
+        return self.mlp(self.mlp_norm(x))
+
+    def forward(self, x, ctx: StepContext):
+        if self.attn is not None:
+            x = x + self.attn_delta(x, ctx)
+        if self.mlp is not None:
+            x = x + self.mlp_delta(x)
+        return x
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig, plan: DropPlan, embed: torch.Tensor, layers, norm, lm_head: torch.Tensor):
+        super().__init__()
+        self.cfg, self.plan = cfg, plan
+        self.embed = nn.Embedding.from_pretrained(embed, freeze=True)
+        self.layers = nn.ModuleList(layers)
+        self.norm = norm
+        # Tied embeddings share one tensor: no second copy of the vocabulary matrix.
+        self.lm_head = self.embed.weight if lm_head is None else nn.Parameter(lm_head, requires_grad=False)
+        self.register_buffer("inv_freq", cfg.rope.inverse_frequencies(cfg.head_dim), persistent=False)
+
+    def rope_tables(self, positions: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        angles = positions[..., None].float() * self.inv_freq.to(positions.device)
+        return angles.cos().to(dtype), angles.sin().to(dtype)
+
+    def context(self, positions, cache=None, start=0, key_valid=None, attn_backend="sdpa") -> StepContext:
+        """Everything the layers of one step share, built once: rotary tables and the attention mask."""
+        cos, sin = self.rope_tables(positions, self.embed.weight.dtype)
+        mask = build_mask(positions.shape[1], start, key_valid, self.cfg.sliding_window, positions.device)
+        return StepContext(cos, sin, cache, start, mask, attn_backend)
+
+    def logits(self, hidden):
+        return ops.linear(self.norm(hidden), self.lm_head)
+
+    def forward(self, tokens, positions, cache=None, start=0, key_valid=None, attn_backend="sdpa", last_only=False):
+        """Logits for `tokens` [B, T] at rotary `positions` [B, T].
+
+        With a cache, K/V are written at cache indices start..start+T-1 and attention reads 0..start+T-1;
+        `key_valid` [B, >=start+T] marks padding (False) to be masked out.
+        """
+        ctx = self.context(positions, cache, start, key_valid, attn_backend)
+        x = self.embed(tokens)
+        for layer in self.layers:
+            x = layer(x, ctx)
+        if last_only:
+            x = x[:, -1:]
+        return self.logits(x)
+
+
+# ---- building from a checkpoint ------------------------------------------------------------------------------
+
+
+def dense_linear(weights: list[torch.Tensor], biases: list[torch.Tensor] | None) -> nn.Linear:
+    """One nn.Linear over the concatenation of several projections that read the same input (q|k|v, gate|up)."""
+    weight = torch.cat(weights) if len(weights) > 1 else weights[0]
+    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=biases is not None, device="meta")
+    linear.weight = nn.Parameter(weight, requires_grad=False)
+    if biases is not None:
+        linear.bias = nn.Parameter(torch.cat(biases) if len(biases) > 1 else biases[0], requires_grad=False)
+    return linear
+
+
+class _Builder:
+    """Reads only the tensors of kept modules, casts them once, and assembles the modules."""
+
+    def __init__(self, cfg: ModelConfig, plan: DropPlan, reader: CheckpointReader, dtype, device):
+        self.cfg, self.plan, self.reader, self.dtype, self.device = cfg, plan, reader, dtype, device
+
+    def tensor(self, name, shape):
+        return self.reader.get(name, shape).to(device=self.device, dtype=self.dtype)
+
+    def projection(self, prefixes: list[str], in_features: int, out_features: list[int], bias: bool) -> nn.Module:
+        weights = [self.tensor(f"{p}.weight", (o, in_features)) for p, o in zip(prefixes, out_features)]
+        biases = [self.tensor(f"{p}.bias", (o,)) for p, o in zip(prefixes, out_features)] if bias else None
+        return dense_linear(weights, biases)
+
+    def norm(self, name):
+        return RMSNorm(self.tensor(name, (self.cfg.hidden_size,)), self.cfg.rms_norm_eps)
+
+    def layer(self, i: int) -> DecoderLayer:
+        cfg, p = self.cfg, f"model.layers.{i}"
+        attn_norm = attn = mlp_norm = mlp = None
+        if self.plan.has_attn(i):
+            h, q_out, kv_out = cfg.hidden_size, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+            qkv = self.projection(
+                [f"{p}.self_attn.{n}_proj" for n in "qkv"], h, [q_out, kv_out, kv_out], cfg.attention_bias
+            )
+            o_proj = self.projection([f"{p}.self_attn.o_proj"], q_out, [h], cfg.attention_bias)
+            attn_norm, attn = self.norm(f"{p}.input_layernorm.weight"), Attention(cfg, i, qkv, o_proj)
+        if self.plan.has_mlp(i):
+            h, inter = cfg.hidden_size, cfg.intermediate_size
+            gate_up = self.projection([f"{p}.mlp.gate_proj", f"{p}.mlp.up_proj"], h, [inter, inter], cfg.mlp_bias)
+            down = self.projection([f"{p}.mlp.down_proj"], inter, [h], cfg.mlp_bias)
+            mlp_norm, mlp = self.norm(f"{p}.post_attention_layernorm.weight"), MLP(gate_up, down)
+        return DecoderLayer(i, attn_norm, attn, mlp_norm, mlp)
+
+    def build(self) -> Transformer:
+        cfg = self.cfg
+        embed = self.tensor("model.embed_tokens.weight", (cfg.vocab_size, cfg.hidden_size))
+        lm_head = None
+        if not cfg.tie_word_embeddings:
+            lm_head = self.tensor("lm_head.weight", (cfg.vocab_size, cfg.hidden_size))
+        layers = [self.layer(i) for i in range(cfg.num_layers)]
+        return Transformer(cfg, self.plan, embed, layers, self.norm("model.norm.weight"), lm_head).eval()
+
+
+def build_transformer(cfg: ModelConfig, plan: DropPlan, reader: CheckpointReader, dtype, device) -> Transformer:
+    return _Builder(cfg, plan, reader, dtype, device).build()

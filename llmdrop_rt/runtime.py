@@ -1,0 +1,160 @@
+"""The public API: `load()` a checkpoint folder into an `LLM`, then generate, stream, score logits."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from .attention import BACKENDS
+from .cache import KVCache
+from .checkpoint import CheckpointReader
+from .config import ConfigError, DropPlan, ModelConfig, read_json
+from .engine import Engine, Sampling
+from .model import Transformer, build_transformer
+from .tokenizer import Tokenizer
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+          "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+def resolve_dtype(dtype, device: torch.device) -> torch.dtype:
+    """None: fp32 on CPU (no fast half-precision GEMMs there), bf16 on GPUs."""
+    if dtype is None:
+        return torch.float32 if device.type == "cpu" else torch.bfloat16
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r} is not supported; choose from {sorted(DTYPES)}")
+    return DTYPES[dtype]
+
+
+class LLM:
+    """A loaded (possibly dropped) model with its tokenizer."""
+
+    def __init__(self, folder: Path, cfg: ModelConfig, plan: DropPlan, model: Transformer, tokenizer: Tokenizer,
+                 attn_backend: str):
+        self.folder, self.cfg, self.plan, self.model, self.tokenizer = folder, cfg, plan, model, tokenizer
+        self.eos_ids = set(cfg.eos_token_ids) | _generation_eos(folder)
+        if tokenizer.eos_token_id is not None:
+            self.eos_ids.add(tokenizer.eos_token_id)
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else next(iter(self.eos_ids), 0)
+        self.engine = Engine(model, attn_backend, pad_token_id=pad)
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.embed.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.embed.weight.dtype
+
+    # -- text in, text out --------------------------------------------------------------------------------------
+    def chat_prompt(self, messages: list[dict] | str) -> str:
+        """Render a chat (a list of {role, content}, or one user message) with the model's chat template."""
+        if isinstance(messages, str):
+            messages = [{"role": "user", "content": messages}]
+        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+
+    def _encode_prompts(self, prompts) -> list[list[int]]:
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        return [self.tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompts]
+
+    def _stop_checker(self, stop: list[str] | None):
+        if not stop:
+            return None
+        return lambda row, ids: any(s in self.tokenizer.decode(ids) for s in stop)
+
+    def generate(self, prompts, max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0,
+                 top_p: float = 1.0, seed: int | None = None, stop: list[str] | None = None) -> list[str]:
+        """Continuations of each prompt (a string, token ids, or a list of either), cut before any stop string."""
+        ids = self.generate_ids(prompts, max_new_tokens, temperature, top_k, top_p, seed, stop)
+        return [_cut_at_stop(self.tokenizer.decode(seq), stop) for seq in ids]
+
+    def generate_ids(self, prompts, max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0,
+                     top_p: float = 1.0, seed: int | None = None, stop: list[str] | None = None) -> list[list[int]]:
+        sampling = Sampling(temperature, top_k, top_p, seed)
+        return self.engine.generate(self._encode_prompts(prompts), max_new_tokens, sampling, self.eos_ids,
+                                    self._stop_checker(stop))
+
+    def stream(self, prompt, max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+               seed: int | None = None, stop: list[str] | None = None) -> Iterator[str]:
+        """Yield the text of one prompt's continuation piece by piece as tokens are generated."""
+        sampling = Sampling(temperature, top_k, top_p, seed)
+        ids: list[int] = []
+        shown = ""
+        for step in self.engine.stream(self._encode_prompts(prompt)[:1], max_new_tokens, sampling, self.eos_ids,
+                                       self._stop_checker(stop)):
+            if step.tokens[0] is None:
+                break
+            ids.append(step.tokens[0])
+            text = _cut_at_stop(self.tokenizer.decode(ids), stop)
+            if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the next token
+                continue
+            yield text[len(shown):]
+            shown = text
+
+    # -- numbers ------------------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def logits(self, tokens) -> torch.Tensor:
+        """fp32 logits [B, T, V] for token ids [B, T] (or [T]), no cache, causal."""
+        tokens = torch.as_tensor(tokens, device=self.device)
+        if tokens.dim() == 1:
+            tokens = tokens[None]
+        if tokens.shape[1] > self.cfg.max_position_embeddings:
+            raise ValueError(f"{tokens.shape[1]} tokens exceed the model's context of {self.cfg.max_position_embeddings}")
+        positions = torch.arange(tokens.shape[1], device=self.device).expand_as(tokens)
+        return self.model(tokens, positions, attn_backend=self.engine.attn_backend).float()
+
+    def kv_cache_bytes(self, batch_size: int = 1, max_len: int | None = None) -> int:
+        """Bytes of the KV cache for this batch and length (default: the full context), kept layers only."""
+        return KVCache.bytes_for(self.cfg, self.plan, batch_size, max_len or self.cfg.max_position_embeddings,
+                                 self.dtype)
+
+    def param_bytes(self) -> int:
+        """Bytes of the weights actually held (a tied embedding counted once)."""
+        unique = {t.data_ptr(): t.nbytes for t in self.model.parameters()}
+        return sum(unique.values())
+
+
+def _generation_eos(folder: Path) -> set[int]:
+    path = folder / "generation_config.json"
+    if not path.is_file():
+        return set()
+    eos = read_json(path).get("eos_token_id")
+    return set(eos) if isinstance(eos, list) else ({eos} if eos is not None else set())
+
+
+def _cut_at_stop(text: str, stop: list[str] | None) -> str:
+    for s in stop or []:
+        if s in text:
+            text = text[: text.index(s)]
+    return text
+
+
+def load(path: str | Path | None = None, drop_attn=None, drop_mlp=None, dtype=None, device=None,
+         attn_backend: str | None = None) -> LLM:
+    """Load a Llama/Mistral checkpoint folder (default: the embedded SmolLM2-135M-Instruct).
+
+    drop_attn / drop_mlp: layer indices (or a boolean mask) to drop, overriding config.json's
+    `drop_attn_list` / `drop_mlp_list`; dropped modules are never built and their weights never read.
+    dtype: "float32" | "bfloat16" | "float16" | torch.dtype (default fp32 on CPU, bf16 on GPU).
+    attn_backend: "sdpa" (default) or "reference".
+    """
+    if path is None:
+        from .gguf_import import default_model_path
+
+        path = default_model_path()
+    folder = Path(path)
+    cfg = ModelConfig.from_folder(folder)
+    if cfg.quantization is not None:
+        raise ConfigError(f"{folder}: quantized checkpoints ({cfg.quantization.get('quant_method')!r}) are not supported yet")
+    plan = DropPlan.from_config(cfg, drop_attn, drop_mlp)
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    backend = attn_backend or "sdpa"
+    if backend not in BACKENDS:
+        raise ValueError(f"attn_backend {backend!r} is not one of {BACKENDS}")
+    tokenizer = Tokenizer(folder)
+    model = build_transformer(cfg, plan, CheckpointReader(folder), resolve_dtype(dtype, device), device)
+    return LLM(folder, cfg, plan, model, tokenizer, backend)
