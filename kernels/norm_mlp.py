@@ -48,6 +48,11 @@ class NormMLPWeights:
 
     gate_up: torch.Tensor
 
+    def __post_init__(self):
+        if self.gate_up.dim() != 3 or self.gate_up.shape[0] != 2 or not self.gate_up.is_contiguous():
+            raise ValueError(f"NormMLPWeights: gate_up must be a contiguous [2, intermediate, hidden] tensor, got "
+                             f"shape {tuple(self.gate_up.shape)} with strides {tuple(self.gate_up.stride())}")
+
     @property
     def hidden_size(self) -> int:
         return self.gate_up.shape[2]
@@ -136,14 +141,14 @@ def _prefill_configs() -> list:
 if HAVE_TRITON:
 
     @triton.jit
-    def _norm_swiglu_gemv_kernel(x_ptr, x_row_stride, weight_ptr, out_ptr, rows, hidden, intermediate, eps,
-                                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    def _norm_swiglu_gemv_kernel(x_ptr, x_row_stride, weight_ptr, up_offset, out_ptr, rows, hidden, intermediate,
+                                 eps, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         row_index = tl.arange(0, BLOCK_M)
         row_mask = row_index < rows
         out_index = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         out_mask = out_index < intermediate
         gate_rows = weight_ptr + out_index.to(tl.int64)[:, None] * hidden
-        up_rows = gate_rows + intermediate * hidden
+        up_rows = gate_rows + up_offset
         x_rows = x_ptr + row_index.to(tl.int64)[:, None] * x_row_stride
         # Products accumulate elementwise and are reduced over K once, after the loop.
         gate_partial = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K), dtype=tl.float32)
@@ -169,7 +174,7 @@ if HAVE_TRITON:
 
     @triton.autotune(configs=_prefill_configs(), key=["hidden", "intermediate", "rows_bucket"])
     @triton.jit
-    def _norm_swiglu_tiled_kernel(x_ptr, x_row_stride, weight_ptr, out_ptr, rows, hidden, intermediate,
+    def _norm_swiglu_tiled_kernel(x_ptr, x_row_stride, weight_ptr, up_offset, out_ptr, rows, hidden, intermediate,
                                   rows_bucket, eps, DOT_PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr,
                                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                                   GROUP_M: tl.constexpr):
@@ -194,7 +199,6 @@ if HAVE_TRITON:
         k_index = tl.arange(0, BLOCK_K)
         x_ptrs = x_ptr + safe_rows[:, None] * x_row_stride + k_index[None, :]
         gate_ptrs = weight_ptr + safe_cols[None, :] * hidden + k_index[:, None]  # [BLOCK_K, BLOCK_N] = gate.T tile
-        up_offset = intermediate.to(tl.int64) * hidden
 
         gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -255,10 +259,12 @@ def norm_swiglu(x: torch.Tensor, prepared: NormMLPWeights, eps: float, out: torc
     if rows == 0:
         return out
     weight = prepared.gate_up
+    up_offset = weight.stride(0)  # elements from a gate row to the matching up row
     if rows <= DECODE_MAX_ROWS:
         block_m = triton.next_power_of_2(rows)
         _gemv_kernels[block_m][lambda meta: (triton.cdiv(intermediate, meta["BLOCK_N"]),)](
-            x_rows, x_rows.stride(0), weight, out, rows, hidden, intermediate, float(eps), BLOCK_M=block_m)
+            x_rows, x_rows.stride(0), weight, up_offset, out, rows, hidden, intermediate, float(eps),
+            BLOCK_M=block_m)
     else:
         # Tensor-core TF32 would cost fp32 inputs ~1e-3 relative accuracy; 16-bit inputs ignore this.
         precision = "ieee" if x.dtype == torch.float32 else "tf32"
@@ -267,7 +273,7 @@ def norm_swiglu(x: torch.Tensor, prepared: NormMLPWeights, eps: float, out: torc
         widen = x.device.type == "cpu" and x.dtype == torch.bfloat16
         dot_dtype = tl.float32 if widen else _TRITON_DTYPES[x.dtype]
         grid = lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]) * triton.cdiv(intermediate, meta["BLOCK_N"]),)
-        _norm_swiglu_tiled_kernel[grid](x_rows, x_rows.stride(0), weight, out, rows, hidden, intermediate,
+        _norm_swiglu_tiled_kernel[grid](x_rows, x_rows.stride(0), weight, up_offset, out, rows, hidden, intermediate,
                                         triton.next_power_of_2(rows), float(eps), DOT_PRECISION=precision,
                                         DOT_DTYPE=dot_dtype)
     return out
