@@ -117,12 +117,12 @@ def _decode_configs(block_m: int) -> list:
     if not torch.cuda.is_available():  # the interpreter: few, large programs run fastest
         return [triton.Config({"BLOCK_N": 128, "BLOCK_K": 256})]
     configs = []
-    for num_warps in (4, 8):
-        for elements_per_thread in (16, 32):
-            for block_n in (16, 32, 64):
-                block_k = elements_per_thread * 32 * num_warps // (block_m * block_n)
-                if 16 <= block_k <= 512:
-                    configs.append(triton.Config({"BLOCK_N": block_n, "BLOCK_K": block_k}, num_warps=num_warps))
+    # (fp32 elements per thread in each accumulator, warps): larger budgets need more warps.
+    for elements_per_thread, num_warps in ((16, 4), (32, 4), (32, 8), (64, 8)):
+        for block_n in (16, 32, 64):
+            block_k = elements_per_thread * 32 * num_warps // (block_m * block_n)
+            if 32 <= block_k <= 512:  # below 32 a weight row segment is too short to load well
+                configs.append(triton.Config({"BLOCK_N": block_n, "BLOCK_K": block_k}, num_warps=num_warps))
     return configs
 
 
