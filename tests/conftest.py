@@ -1,12 +1,20 @@
-"""Shared fixtures: tiny random checkpoints written by transformers itself (our independent reference)."""
+"""Shared fixtures: tiny random checkpoints written by transformers itself (our independent reference).
+
+Without a CUDA device the Triton kernels run in Triton's interpreter on CPU tensors. The switch is read when a
+kernel is decorated, so it is set here, before anything imports `kernels`.
+"""
 from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import pytest
 import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 VOCAB = 300  # byte-level alphabet (256) + a few merges-free extras + specials
 
