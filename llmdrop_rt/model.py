@@ -149,8 +149,11 @@ def dense_linear(weights: list[torch.Tensor], biases: list[torch.Tensor] | None)
     return linear
 
 
-class _Builder:
-    """Reads only the tensors of kept modules, casts them once, and assembles the modules."""
+class ModelBuilder:
+    """Reads only the tensors of kept modules, casts them once, and assembles the modules.
+
+    `build()` makes the whole model; the scorer streams with `layer(i)`, one decoder layer at a time.
+    """
 
     def __init__(self, cfg: ModelConfig, plan: DropPlan, reader: CheckpointReader, dtype, device):
         self.cfg, self.plan, self.reader, self.dtype, self.device = cfg, plan, reader, dtype, device
@@ -183,15 +186,22 @@ class _Builder:
             mlp_norm, mlp = self.norm(f"{p}.post_attention_layernorm.weight"), MLP(gate_up, down)
         return DecoderLayer(i, attn_norm, attn, mlp_norm, mlp)
 
+    def embedding(self) -> torch.Tensor:
+        return self.tensor("model.embed_tokens.weight", (self.cfg.vocab_size, self.cfg.hidden_size))
+
+    def final_norm(self) -> RMSNorm:
+        return self.norm("model.norm.weight")
+
+    def lm_head(self) -> torch.Tensor | None:
+        """The output projection, or None when tied to the embedding."""
+        if self.cfg.tie_word_embeddings:
+            return None
+        return self.tensor("lm_head.weight", (self.cfg.vocab_size, self.cfg.hidden_size))
+
     def build(self) -> Transformer:
-        cfg = self.cfg
-        embed = self.tensor("model.embed_tokens.weight", (cfg.vocab_size, cfg.hidden_size))
-        lm_head = None
-        if not cfg.tie_word_embeddings:
-            lm_head = self.tensor("lm_head.weight", (cfg.vocab_size, cfg.hidden_size))
-        layers = [self.layer(i) for i in range(cfg.num_layers)]
-        return Transformer(cfg, self.plan, embed, layers, self.norm("model.norm.weight"), lm_head).eval()
+        layers = [self.layer(i) for i in range(self.cfg.num_layers)]
+        return Transformer(self.cfg, self.plan, self.embedding(), layers, self.final_norm(), self.lm_head()).eval()
 
 
 def build_transformer(cfg: ModelConfig, plan: DropPlan, reader: CheckpointReader, dtype, device) -> Transformer:
-    return _Builder(cfg, plan, reader, dtype, device).build()
+    return ModelBuilder(cfg, plan, reader, dtype, device).build()
