@@ -112,8 +112,9 @@ def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike) -> Pa
     """Convert a llama GGUF file into a Hugging Face checkpoint folder at ``out_dir`` and return its path.
 
     The folder is written next to ``out_dir`` under a temporary name and renamed into place, so ``out_dir``
-    is either absent, or complete. An existing ``out_dir`` must be empty or a previous conversion made by
-    this function (it is then replaced); anything else is refused.
+    is either absent, or complete. An existing ``out_dir`` must be empty or a complete previous conversion
+    made by this function; anything else is refused. A previous conversion of another file (or by another
+    converter version) is replaced; one of this same file is identical and is kept as it is.
     """
     gguf_path = Path(gguf_path)
     out_dir = Path(out_dir)
@@ -127,11 +128,7 @@ def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike) -> Pa
     staging.mkdir()
     try:
         _write_checkpoint(reader, gguf_path, staging)
-        marker = {
-            "source_file": gguf_path.name,
-            "source_fingerprint": fingerprint,
-            "converter_version": CONVERTER_VERSION,
-        }
+        marker = _expected_marker(gguf_path, fingerprint)
         _write_json(staging / MARKER_FILE, marker)
         _install(staging, out_dir, marker)
     except BaseException:
@@ -178,8 +175,8 @@ def default_model_path() -> Path:
 def gguf_fingerprint(gguf_path: str | os.PathLike) -> str:
     """A short content fingerprint of a GGUF: SHA-256 of its size, first MiB and last MiB.
 
-    The first MiB holds the header and most metadata, the last MiB the tail of the tensor data; reading
-    only those keeps this cheap for multi-GB files.
+    The first MiB holds the header and the start of the metadata, the last MiB the end of the tensor data;
+    reading only those keeps this cheap for multi-GB files.
     """
     gguf_path = Path(gguf_path)
     size = gguf_path.stat().st_size
@@ -442,7 +439,11 @@ def _build_tokenizer(reader, gguf_path: Path, hp: LlamaHyperParameters, special_
 
     def token(name):
         token_id = special_ids[name]
-        return None if token_id is None else tokens[token_id]
+        if token_id is None:
+            return None
+        if not 0 <= token_id < len(tokens):
+            raise GGUFImportError(f"{gguf_path}: {name} token id {token_id} is outside the vocabulary of {len(tokens)}")
+        return tokens[token_id]
 
     add_bos = bool(_metadata(reader, "tokenizer.ggml.add_bos_token", gguf_path, default=False))
     add_eos = bool(_metadata(reader, "tokenizer.ggml.add_eos_token", gguf_path, default=False))
@@ -529,7 +530,11 @@ def _install(staging: Path, out_dir: Path, marker: dict) -> None:
         _check_replaceable(out_dir)
     old = out_dir.with_name(f".{out_dir.name}.{uuid.uuid4().hex}.old")
     os.rename(out_dir, old)
-    os.rename(staging, out_dir)
+    try:
+        os.rename(staging, out_dir)
+    except OSError:
+        os.rename(old, out_dir)  # put the previous conversion back rather than leave nothing
+        raise
     shutil.rmtree(old, ignore_errors=True)
 
 

@@ -241,7 +241,7 @@ TINY = dict(layers=2, hidden=64, ffn=96, heads=4, kv_heads=2, head_dim=16)
 
 
 def write_tiny_gguf(path, *, architecture="llama", seed=0, lm_head=True, skip_tensor=None, f64_tensor=None,
-                    tokenizer_model="gpt2"):
+                    tokenizer_model="gpt2", bos_id=1):
     """A random 2-layer llama GGUF with a byte-level tokenizer, in several tensor encodings."""
     rng = np.random.default_rng(seed)
     control = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
@@ -265,7 +265,7 @@ def write_tiny_gguf(path, *, architecture="llama", seed=0, lm_head=True, skip_te
     writer.add_token_list(tokens)
     writer.add_token_types([3 if t in control else 1 for t in tokens])
     writer.add_token_merges(merges)
-    writer.add_uint32("tokenizer.ggml.bos_token_id", 1)
+    writer.add_uint32("tokenizer.ggml.bos_token_id", bos_id)
     writer.add_uint32("tokenizer.ggml.eos_token_id", 2)
     writer.add_uint32("tokenizer.ggml.padding_token_id", 0)
     writer.add_bool("tokenizer.ggml.add_bos_token", True)
@@ -379,6 +379,12 @@ def test_missing_tensor_is_named(tmp_path):
 def test_unsupported_tokenizer_is_named(tmp_path):
     path = write_tiny_gguf(tmp_path / "spm.gguf", tokenizer_model="llama")
     with pytest.raises(GGUFImportError, match="tokenizer model 'llama' is not supported"):
+        convert_gguf(path, tmp_path / "out")
+
+
+def test_special_token_id_outside_vocabulary_is_named(tmp_path):
+    path = write_tiny_gguf(tmp_path / "bos.gguf", bos_id=5000)
+    with pytest.raises(GGUFImportError, match="bos token id 5000 is outside the vocabulary of 262"):
         convert_gguf(path, tmp_path / "out")
 
 
