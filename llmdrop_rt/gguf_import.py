@@ -65,9 +65,10 @@ SMOLLM2_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _TOKEN_TYPE_CONTROL = 3
 _TOKEN_TYPE_USER_DEFINED = 4
 
-# llama.cpp pre-tokenizer names we can express exactly with `tokenizers`. "smollm" splits every digit
-# on its own before the GPT-2 split, as SmolLM's own tokenizer.json does (Digits + ByteLevel).
-_PRE_TOKENIZERS_WITH_DIGIT_SPLIT = {"smollm": True, "gpt2": False, "default": False}
+# llama.cpp pre-tokenizer names we can express exactly with `tokenizers`, and whether they split digits.
+# "gpt2" is the plain GPT-2 regex (ByteLevel); "smollm" first splits every digit on its own, as SmolLM's
+# tokenizer.json does (Digits + ByteLevel). llama.cpp's "default" is a different regex and is not supported.
+_PRE_TOKENIZERS_WITH_DIGIT_SPLIT = {"smollm": True, "gpt2": False}
 
 # Per-layer GGUF tensor name -> Hugging Face name.
 _LAYER_TENSORS = {
@@ -400,7 +401,7 @@ def _build_tokenizer(reader, gguf_path: Path, hp: LlamaHyperParameters, special_
             f"{gguf_path}: tokenizer model {model_kind!r} is not supported; only byte-level BPE ('gpt2') is "
             "(sentencepiece vocabularies are not)"
         )
-    pre_kind = _metadata(reader, "tokenizer.ggml.pre", gguf_path, default="default")
+    pre_kind = _metadata(reader, "tokenizer.ggml.pre", gguf_path, required=True)
     if pre_kind not in _PRE_TOKENIZERS_WITH_DIGIT_SPLIT:
         raise GGUFImportError(
             f"{gguf_path}: pre-tokenizer {pre_kind!r} is not supported; "
