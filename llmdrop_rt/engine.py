@@ -11,6 +11,7 @@ from typing import Callable, Iterator
 import torch
 
 from .cache import KVCache
+from .graphs import StaticDecoder
 from .model import Transformer
 
 
@@ -62,11 +63,22 @@ class Step:
     finished: list[bool]
 
 
+DECODE_MODES = ("auto", "dynamic", "static", "graph")
+
+
 class Engine:
-    def __init__(self, model: Transformer, attn_backend: str = "sdpa", pad_token_id: int = 0):
+    """decode: "dynamic" (attend over the filled cache prefix; fastest eagerly), "static" (fixed shapes, see
+    llmdrop_rt.graphs), "graph" (static + CUDA graph replay), "auto" (graph on CUDA, dynamic elsewhere)."""
+
+    def __init__(self, model: Transformer, attn_backend: str = "sdpa", pad_token_id: int = 0, decode: str = "auto"):
+        if decode not in DECODE_MODES:
+            raise ValueError(f"decode mode {decode!r} is not one of {DECODE_MODES}")
+        if decode == "graph" and model.embed.weight.device.type != "cuda":
+            raise ValueError("decode='graph' needs a CUDA device")
         self.model = model
         self.attn_backend = attn_backend
         self.pad_token_id = pad_token_id
+        self.decode = decode
 
     @property
     def device(self):
@@ -112,6 +124,12 @@ class Engine:
         outputs: list[list[int]] = [[] for _ in prompts]
         finished = [False] * batch
         start = longest
+        decode = self.decode
+        if decode == "auto":
+            decode = "graph" if device.type == "cuda" else "dynamic"
+        static = None
+        if decode != "dynamic" and max_new_tokens > 1:
+            static = StaticDecoder(model, cache, key_valid, self.attn_backend, decode == "graph", start)
         for step in range(max_new_tokens):
             next_tokens = sample(logits[:, -1], sampling, generator)
             ids = next_tokens.tolist()
@@ -128,7 +146,10 @@ class Engine:
             if all(finished) or step == max_new_tokens - 1:
                 return
             positions = (start - pads)[:, None]
-            logits = model(next_tokens[:, None], positions, cache, start, key_valid, self.attn_backend)
+            if static is not None:
+                logits = static(next_tokens[:, None], positions, start)
+            else:
+                logits = model(next_tokens[:, None], positions, cache, start, key_valid, self.attn_backend)
             start += 1
 
     def generate(self, prompts, max_new_tokens, sampling=Sampling(), eos_ids=frozenset(), should_stop=None):

@@ -36,7 +36,9 @@ class StepContext:
     cos: torch.Tensor  # [B, T, D/2]
     sin: torch.Tensor
     cache: KVCache | None = None
-    start: int = 0  # cache index of the step's first token
+    # Cache index of the step's first token. A 0-dim tensor instead of an int selects the static-shape path
+    # (CUDA-graph capturable): K/V written by index_copy_, attention over the whole cache under `mask`.
+    start: int | torch.Tensor = 0
     mask: torch.Tensor | None = None  # see attention.build_mask
     attn_backend: str = "sdpa"
 
@@ -58,10 +60,16 @@ class Attention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.view(b, t, hkv, d).transpose(1, 2)
         if ctx.cache is not None:
             k_cache, v_cache = ctx.cache.layer(self.layer)
-            end = ctx.start + t
-            k_cache[:, :, ctx.start : end] = k
-            v_cache[:, :, ctx.start : end] = v
-            k, v = k_cache[:, :, :end], v_cache[:, :, :end]
+            if isinstance(ctx.start, torch.Tensor):
+                index = ctx.start + torch.arange(t, device=x.device)
+                k_cache.index_copy_(2, index, k)
+                v_cache.index_copy_(2, index, v)
+                k, v = k_cache, v_cache
+            else:
+                end = ctx.start + t
+                k_cache[:, :, ctx.start : end] = k
+                v_cache[:, :, ctx.start : end] = v
+                k, v = k_cache[:, :, :end], v_cache[:, :, :end]
         out = attention(q, k, v, ctx.mask, self.scale, ctx.attn_backend)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, hq * d))
 
@@ -161,7 +169,10 @@ class Transformer(nn.Module):
         With a cache, K/V are written at cache indices start..start+T-1 and attention reads 0..start+T-1;
         `key_valid` [B, >=start+T] marks padding (False) to be masked out.
         """
-        ctx = self.context(positions, cache, start, key_valid, attn_backend)
+        return self.run(tokens, self.context(positions, cache, start, key_valid, attn_backend), last_only)
+
+    def run(self, tokens, ctx: StepContext, last_only=False):
+        """Logits for `tokens` under a prepared step context."""
         x = self.embed(tokens)
         pending = None
         for layer in self.layers:

@@ -34,13 +34,13 @@ class LLM:
     """A loaded (possibly dropped) model with its tokenizer."""
 
     def __init__(self, folder: Path, cfg: ModelConfig, plan: DropPlan, model: Transformer, tokenizer: Tokenizer,
-                 attn_backend: str):
+                 attn_backend: str, decode: str = "auto"):
         self.folder, self.cfg, self.plan, self.model, self.tokenizer = folder, cfg, plan, model, tokenizer
         self.eos_ids = set(cfg.eos_token_ids) | _generation_eos(folder)
         if tokenizer.eos_token_id is not None:
             self.eos_ids.add(tokenizer.eos_token_id)
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else next(iter(self.eos_ids), 0)
-        self.engine = Engine(model, attn_backend, pad_token_id=pad)
+        self.engine = Engine(model, attn_backend, pad_token_id=pad, decode=decode)
 
     @property
     def device(self) -> torch.device:
@@ -136,7 +136,7 @@ def _cut_at_stop(text: str, stop: list[str] | None) -> str:
 
 
 def load(path: str | Path | None = None, drop_attn=None, drop_mlp=None, dtype=None, device=None,
-         attn_backend: str | None = None, kernels: str | None = None) -> LLM:
+         attn_backend: str | None = None, kernels: str | None = None, decode: str = "auto") -> LLM:
     """Load a Llama/Mistral checkpoint folder (default: the embedded SmolLM2-135M-Instruct).
 
     drop_attn / drop_mlp: layer indices (or a boolean mask) to drop, overriding config.json's
@@ -145,6 +145,8 @@ def load(path: str | Path | None = None, drop_attn=None, drop_mlp=None, dtype=No
     attn_backend: "sdpa" (default) or "reference".
     kernels: "auto" (Triton on CUDA, torch elsewhere), "triton" or "torch"; a process-wide switch
     (see llmdrop_rt.ops), default: leave it as it is (LLMDROP_RT_KERNELS or "auto").
+    decode: "auto" (CUDA-graph replay of a static-shape step on CUDA, plain eager steps elsewhere), "graph",
+    "static" or "dynamic" (see llmdrop_rt.engine.Engine).
     """
     if kernels is not None:
         ops.set_kernels(kernels)
@@ -163,4 +165,4 @@ def load(path: str | Path | None = None, drop_attn=None, drop_mlp=None, dtype=No
         raise ValueError(f"attn_backend {backend!r} is not one of {BACKENDS}")
     tokenizer = Tokenizer(folder)
     model = build_transformer(cfg, plan, CheckpointReader(folder), resolve_dtype(dtype, device), device)
-    return LLM(folder, cfg, plan, model, tokenizer, backend)
+    return LLM(folder, cfg, plan, model, tokenizer, backend, decode)

@@ -105,3 +105,24 @@ def test_too_long_prompt_is_a_clear_error(tiny_checkpoints):
         llm.generate_ids([[5] * 250], max_new_tokens=10)
     with pytest.raises(ValueError, match="exceed the model's context"):
         llm.logits([[5] * 300])
+
+
+@pytest.mark.parametrize("name", ["mistral", "llama3"])
+def test_static_shape_decode_equals_dynamic(tiny_checkpoints, name):
+    """The CUDA-graph step's static path (run eagerly here) decodes exactly like the ordinary path,
+    padding and sliding window included."""
+    llm = llmdrop_rt.load(tiny_checkpoints[name], drop_attn=[1])
+    batch = prompts(seed=4)
+    dynamic = llm.engine.generate(batch, 20, Sampling())
+    llm.engine.decode = "static"
+    assert llm.engine.generate(batch, 20, Sampling()) == dynamic
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+def test_cuda_graph_decode_equals_dynamic(tiny_checkpoints):
+    llm = llmdrop_rt.load(tiny_checkpoints["llama3"], drop_attn=[2], device="cuda", dtype="float32")
+    batch = prompts(seed=5)
+    llm.engine.decode = "dynamic"
+    dynamic = llm.engine.generate(batch, 20, Sampling())
+    llm.engine.decode = "graph"
+    assert llm.engine.generate(batch, 20, Sampling()) == dynamic
