@@ -4,6 +4,10 @@ Backends:
 - `sdpa`: PyTorch scaled_dot_product_attention (FlashAttention / memory-efficient kernels on CUDA, a fused CPU
   kernel on CPU); GQA through `enable_gqa`, so K/V heads are never repeated in memory.
 - `reference`: explicit fp32 softmax(QK^T)V; slow and simple, for debugging and tests.
+- `flash`: the `flash-attn` package's `flash_attn_with_kvcache` for cached steps of un-padded batches (it appends
+  K/V to the cache itself and handles GQA and the sliding window natively); other steps use `sdpa`. Chosen by
+  default on CUDA when flash-attn is importable. (flash-attn ships only as an sdist that compiles for hours, so it
+  is optional.)
 
 Shapes: q [B, Hq, T, D]; k, v [B, Hkv, S, D]; mask None or bool [B, 1, T, S] (True = may attend).
 """
@@ -12,7 +16,16 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-BACKENDS = ("sdpa", "reference")
+BACKENDS = ("sdpa", "reference", "flash")
+
+try:
+    from flash_attn import flash_attn_with_kvcache
+except ImportError:
+    flash_attn_with_kvcache = None
+
+
+def default_backend(device: torch.device) -> str:
+    return "flash" if device.type == "cuda" and flash_attn_with_kvcache is not None else "sdpa"
 
 
 def build_mask(

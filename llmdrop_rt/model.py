@@ -13,7 +13,7 @@ from torch import nn
 import kernels
 
 from . import ops
-from .attention import attention, build_mask
+from .attention import attention, build_mask, flash_attn_with_kvcache
 from .cache import KVCache
 from .checkpoint import CheckpointReader
 from .config import DropPlan, ModelConfig
@@ -51,12 +51,21 @@ class Attention(nn.Module):
         self.qkv = qkv  # one projection producing [q | k | v]
         self.o_proj = o_proj
         self.scale = cfg.head_dim**-0.5
+        # flash-attn's (left, right) window: a key is visible iff query - key < sliding_window.
+        self.flash_window = (-1, -1) if cfg.sliding_window is None else (cfg.sliding_window - 1, 0)
 
     def forward(self, x, ctx: StepContext):
         b, t, _ = x.shape
         hq, hkv, d = self.num_heads, self.num_kv_heads, self.head_dim
         q, k, v = self.qkv(x).split([hq * d, hkv * d, hkv * d], dim=-1)
         q, k = ops.apply_rope_(q.view(b, t, hq, d), k.view(b, t, hkv, d), ctx.cos, ctx.sin)
+        if ctx.cache is not None and ctx.attn_backend == "flash" and ctx.mask is None and isinstance(ctx.start, int):
+            # flash-attn appends k/v to the cache itself; it wants [B, S, H, D], a transposed view of our slots.
+            k_cache, v_cache = ctx.cache.layer(self.layer)
+            out = flash_attn_with_kvcache(
+                q, k_cache.transpose(1, 2), v_cache.transpose(1, 2), k=k, v=v.view(b, t, hkv, d),
+                cache_seqlens=ctx.start, softmax_scale=self.scale, causal=True, window_size=self.flash_window)
+            return self.o_proj(out.reshape(b, t, hq * d))
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.view(b, t, hkv, d).transpose(1, 2)
         if ctx.cache is not None:
             k_cache, v_cache = ctx.cache.layer(self.layer)
@@ -70,7 +79,7 @@ class Attention(nn.Module):
                 k_cache[:, :, ctx.start : end] = k
                 v_cache[:, :, ctx.start : end] = v
                 k, v = k_cache[:, :, :end], v_cache[:, :, :end]
-        out = attention(q, k, v, ctx.mask, self.scale, ctx.attn_backend)
+        out = attention(q, k, v, ctx.mask, self.scale, "reference" if ctx.attn_backend == "reference" else "sdpa")
         return self.o_proj(out.transpose(1, 2).reshape(b, t, hq * d))
 
 
@@ -157,7 +166,10 @@ class Transformer(nn.Module):
     def context(self, positions, cache=None, start=0, key_valid=None, attn_backend="sdpa") -> StepContext:
         """Everything the layers of one step share, built once: rotary tables and the attention mask."""
         cos, sin = self.rope_tables(positions)
-        mask = build_mask(positions.shape[1], start, key_valid, self.cfg.sliding_window, positions.device)
+        if attn_backend == "flash" and cache is not None and key_valid is None:
+            mask = None  # flash_attn_with_kvcache applies causality and the sliding window itself
+        else:
+            mask = build_mask(positions.shape[1], start, key_valid, self.cfg.sliding_window, positions.device)
         return StepContext(cos, sin, cache, start, mask, attn_backend)
 
     def logits(self, hidden):

@@ -7,7 +7,7 @@ from typing import Iterator
 import torch
 
 from . import ops
-from .attention import BACKENDS
+from .attention import BACKENDS, default_backend, flash_attn_with_kvcache
 from .cache import KVCache
 from .checkpoint import CheckpointReader
 from .config import ConfigError, DropPlan, ModelConfig, read_json
@@ -142,7 +142,7 @@ def load(path: str | Path | None = None, drop_attn=None, drop_mlp=None, dtype=No
     drop_attn / drop_mlp: layer indices (or a boolean mask) to drop, overriding config.json's
     `drop_attn_list` / `drop_mlp_list`; dropped modules are never built and their weights never read.
     dtype: "float32" | "bfloat16" | "float16" | torch.dtype (default fp32 on CPU, bf16 on GPU).
-    attn_backend: "sdpa" (default) or "reference".
+    attn_backend: "flash" (default on CUDA when flash-attn is installed), "sdpa" (default otherwise) or "reference".
     kernels: "auto" (Triton on CUDA, torch elsewhere), "triton" or "torch"; a process-wide switch
     (see llmdrop_rt.ops), default: leave it as it is (LLMDROP_RT_KERNELS or "auto").
     decode: "auto" (CUDA-graph replay of a static-shape step on CUDA, plain eager steps elsewhere), "graph",
@@ -160,9 +160,11 @@ def load(path: str | Path | None = None, drop_attn=None, drop_mlp=None, dtype=No
         raise ConfigError(f"{folder}: quantized checkpoints ({cfg.quantization.get('quant_method')!r}) are not supported yet")
     plan = DropPlan.from_config(cfg, drop_attn, drop_mlp)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    backend = attn_backend or "sdpa"
+    backend = attn_backend or default_backend(device)
     if backend not in BACKENDS:
         raise ValueError(f"attn_backend {backend!r} is not one of {BACKENDS}")
+    if backend == "flash" and flash_attn_with_kvcache is None:
+        raise ValueError("attn_backend='flash' asked for, but the flash-attn package is not importable")
     tokenizer = Tokenizer(folder)
     model = build_transformer(cfg, plan, CheckpointReader(folder), resolve_dtype(dtype, device), device)
     return LLM(folder, cfg, plan, model, tokenizer, backend, decode)
