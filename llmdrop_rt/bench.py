@@ -7,7 +7,8 @@ Every configuration runs in its own subprocess with the same thread count, so pe
 configuration warms caches for another. Reported per configuration: prefill tokens/s (batch 1), decode tokens/s
 per batch size (time from the first to the last generated token), peak memory (GPU: max allocated; CPU: peak
 RSS of the process, which includes the Python/torch runtime), weight bytes, KV-cache bytes for the run.
-Ratios are against our full model in the same run. Prints a table and writes JSON.
+On CUDA one more row runs the full model with plain torch ops and no CUDA graphs, to show what the Triton
+kernels and graph replay buy. Ratios are against our full model in the same run. Prints a table and writes JSON.
 """
 from __future__ import annotations
 
@@ -84,7 +85,8 @@ class _Ours(_Runner):
         import llmdrop_rt
 
         self.llm = llmdrop_rt.load(self.job["model"], drop_attn=self.job["drop_attn"], drop_mlp=[],
-                                   dtype=self.job["dtype"], device=self.device)
+                                   dtype=self.job["dtype"], device=self.device, kernels=self.job["kernels"],
+                                   decode=self.job["decode"])
         self.vocab = self.llm.cfg.vocab_size
 
     def weight_bytes(self):
@@ -247,7 +249,11 @@ def main(argv=None):
     jobs = []
     for fraction in [float(f) for f in args.drop.split(",")]:
         drop = attention_layers_to_drop(cfg.num_layers, fraction)
-        jobs.append(dict(common, impl="llmdrop_rt", drop_attn=drop, label=f"llmdrop_rt attn-{len(drop)}"))
+        jobs.append(dict(common, impl="llmdrop_rt", drop_attn=drop, label=f"llmdrop_rt attn-{len(drop)}",
+                         kernels="auto", decode="auto"))
+    if device == "cuda":  # what the fused kernels and CUDA graphs buy, on the full model
+        jobs.append(dict(common, impl="llmdrop_rt", drop_attn=[], label="llmdrop_rt attn-0 torch ops, no graphs",
+                         kernels="torch", decode="dynamic"))
     if not args.no_transformers:
         jobs.append(dict(common, impl="transformers", drop_attn=[], label="transformers"))
         half = attention_layers_to_drop(cfg.num_layers, 0.5)
