@@ -1,0 +1,267 @@
+// CPU int4 linear: y[m, o] = sum_i x[m, i] * (q[o, i] - zero[o, g(i)]) * scale[o, g(i)].
+//
+// Layout (built by llmdrop_rt.quant.QuantLinear): qweight int32 [out, in/8], word k of row o holds
+// q[o, 8k + j] in bits 4j..4j+3; scales / zeros [out, groups] (fp16, bf16 or fp32), g(i) = i / group_size.
+//
+// Few rows (decode): a fused GEMV that never materialises weights. Per group it accumulates
+// sum q_i x_i and uses sum_i (q_i - z) s x_i = s (sum q_i x_i - z sum x_i), with the per-group sums
+// of x computed once per call. Many rows (prefill): dequantise a tile of output rows to fp32 and let
+// ATen's GEMM do the rest. Parallelism is at::parallel_for (torch's OpenMP pool) over output rows.
+// x86-64 builds carry an AVX2+FMA version selected at run time; everything else uses portable loops.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#define LLMDROP_HAVE_AVX2_PATH 1
+#endif
+
+namespace {
+
+constexpr int64_t kGemvMaxRows = 8;  // keep in step with quant.GEMV_MAX_ROWS
+constexpr int64_t kRowBlock = 4;     // activation rows per pass of the GEMV inner loop
+
+template <typename S>
+inline float to_float(S v) { return static_cast<float>(v); }
+
+// Problem description shared by the kernels; pointers are to contiguous fp32 / int32 data except
+// scales and zeros, which keep their checkpoint dtype S.
+template <typename S>
+struct Int4Problem {
+  const float* x;        // [rows, in]
+  const int32_t* qweight;  // [out, in/8]
+  const S* scales;       // [out, groups]
+  const S* zeros;        // [out, groups]
+  float* y;              // [rows, out]
+  int64_t rows, in, out, groups, group_size;
+};
+
+// ---------------------------------------------------------------------------------------------
+// Portable kernels
+// ---------------------------------------------------------------------------------------------
+// Sum of q_j * x_j over words [k_begin, k_end) of one packed row, for one activation row.
+inline float packed_dot_portable(const int32_t* qrow, const float* x, int64_t k_begin, int64_t k_end) {
+  float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  for (int64_t k = k_begin; k < k_end; ++k) {
+    const uint32_t word = static_cast<uint32_t>(qrow[k]);
+    const float* xk = x + 8 * k;
+    for (int j = 0; j < 8; ++j) acc[j] += static_cast<float>((word >> (4 * j)) & 0xF) * xk[j];
+  }
+  return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+}
+
+inline void dequant_row_portable(const int32_t* qrow, const float* scale, const float* zero_scaled,
+                                 int64_t words, int64_t group_size, float* w) {
+  for (int64_t k = 0; k < words; ++k) {
+    const uint32_t word = static_cast<uint32_t>(qrow[k]);
+    const int64_t g = (8 * k) / group_size;
+    for (int j = 0; j < 8; ++j)
+      w[8 * k + j] = static_cast<float>((word >> (4 * j)) & 0xF) * scale[g] - zero_scaled[g];
+  }
+}
+
+#ifdef LLMDROP_HAVE_AVX2_PATH
+// ---------------------------------------------------------------------------------------------
+// AVX2 + FMA kernels (compiled for x86-64 baseline, used only when the CPU reports avx2 and fma)
+// ---------------------------------------------------------------------------------------------
+__attribute__((target("avx2,fma"))) inline __m256 nibbles_avx2(int32_t word) {
+  const __m256i shifts = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);
+  const __m256i mask = _mm256_set1_epi32(0xF);
+  return _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(word), shifts), mask));
+}
+
+__attribute__((target("avx2,fma"))) inline float hsum_avx2(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+  return _mm_cvtss_f32(s);
+}
+
+// dots[r] = sum over words [k_begin, k_end) of q * x[r], for `nrows` (<= kRowBlock) activation rows.
+__attribute__((target("avx2,fma"))) void packed_dot_avx2(const int32_t* qrow, const float* x, int64_t ldx,
+                                                         int64_t nrows, int64_t k_begin, int64_t k_end,
+                                                         float* dots) {
+  __m256 acc_even[kRowBlock], acc_odd[kRowBlock];  // two chains per row hide the FMA latency
+  for (int r = 0; r < kRowBlock; ++r) acc_even[r] = acc_odd[r] = _mm256_setzero_ps();
+  int64_t k = k_begin;
+  for (; k + 1 < k_end; k += 2) {
+    const __m256 q0 = nibbles_avx2(qrow[k]);
+    const __m256 q1 = nibbles_avx2(qrow[k + 1]);
+    for (int r = 0; r < kRowBlock; ++r) {
+      if (r >= nrows) break;
+      const float* xr = x + r * ldx + 8 * k;
+      acc_even[r] = _mm256_fmadd_ps(q0, _mm256_loadu_ps(xr), acc_even[r]);
+      acc_odd[r] = _mm256_fmadd_ps(q1, _mm256_loadu_ps(xr + 8), acc_odd[r]);
+    }
+  }
+  if (k < k_end) {
+    const __m256 q0 = nibbles_avx2(qrow[k]);
+    for (int r = 0; r < nrows; ++r)
+      acc_even[r] = _mm256_fmadd_ps(q0, _mm256_loadu_ps(x + r * ldx + 8 * k), acc_even[r]);
+  }
+  for (int r = 0; r < nrows; ++r) dots[r] = hsum_avx2(_mm256_add_ps(acc_even[r], acc_odd[r]));
+}
+
+__attribute__((target("avx2,fma"))) void dequant_row_avx2(const int32_t* qrow, const float* scale,
+                                                          const float* zero_scaled, int64_t words,
+                                                          int64_t group_size, float* w) {
+  for (int64_t k = 0; k < words; ++k) {
+    const int64_t g = (8 * k) / group_size;
+    const __m256 q = nibbles_avx2(qrow[k]);
+    _mm256_storeu_ps(w + 8 * k, _mm256_fmsub_ps(q, _mm256_set1_ps(scale[g]), _mm256_set1_ps(zero_scaled[g])));
+  }
+}
+
+bool cpu_has_avx2_fma() {
+  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return has;
+}
+#else
+bool cpu_has_avx2_fma() { return false; }
+#endif
+
+// ---------------------------------------------------------------------------------------------
+// Drivers
+// ---------------------------------------------------------------------------------------------
+template <typename S>
+void int4_gemv(const Int4Problem<S>& p) {
+  const int64_t words = p.in / 8;
+  // Per-(row, group) sums of x, for the zero-point term.
+  std::vector<float> xsum(p.rows * p.groups, 0.f);
+  for (int64_t m = 0; m < p.rows; ++m)
+    for (int64_t i = 0; i < p.in; ++i) xsum[m * p.groups + i / p.group_size] += p.x[m * p.in + i];
+  const bool avx2 = cpu_has_avx2_fma();
+
+  at::parallel_for(0, p.out, 16, [&](int64_t o_begin, int64_t o_end) {
+    for (int64_t o = o_begin; o < o_end; ++o) {
+      const int32_t* qrow = p.qweight + o * words;
+      for (int64_t m0 = 0; m0 < p.rows; m0 += kRowBlock) {
+        const int64_t nrows = std::min(kRowBlock, p.rows - m0);
+        float total[kRowBlock] = {0, 0, 0, 0};
+        for (int64_t g = 0; g < p.groups; ++g) {
+          const int64_t k_begin = g * p.group_size / 8;
+          const int64_t k_end = std::min(words, (g + 1) * p.group_size / 8);
+          float dots[kRowBlock];
+#ifdef LLMDROP_HAVE_AVX2_PATH
+          if (avx2) {
+            packed_dot_avx2(qrow, p.x + m0 * p.in, p.in, nrows, k_begin, k_end, dots);
+          } else
+#endif
+          {
+            for (int64_t r = 0; r < nrows; ++r)
+              dots[r] = packed_dot_portable(qrow, p.x + (m0 + r) * p.in, k_begin, k_end);
+          }
+          const float s = to_float(p.scales[o * p.groups + g]);
+          const float z = to_float(p.zeros[o * p.groups + g]);
+          for (int64_t r = 0; r < nrows; ++r) total[r] += s * (dots[r] - z * xsum[(m0 + r) * p.groups + g]);
+        }
+        for (int64_t r = 0; r < nrows; ++r) p.y[(m0 + r) * p.out + o] = total[r];
+      }
+    }
+  });
+}
+
+// Dequantise rows [o_begin, o_end) of the weight into w (fp32, [o_end - o_begin, in]).
+template <typename S>
+void dequant_rows(const Int4Problem<S>& p, int64_t o_begin, int64_t o_end, float* w) {
+  const int64_t words = p.in / 8;
+  const bool avx2 = cpu_has_avx2_fma();
+  at::parallel_for(o_begin, o_end, 8, [&](int64_t begin, int64_t end) {
+    std::vector<float> scale(p.groups), zero_scaled(p.groups);
+    for (int64_t o = begin; o < end; ++o) {
+      for (int64_t g = 0; g < p.groups; ++g) {
+        scale[g] = to_float(p.scales[o * p.groups + g]);
+        zero_scaled[g] = to_float(p.zeros[o * p.groups + g]) * scale[g];
+      }
+      float* wrow = w + (o - o_begin) * p.in;
+#ifdef LLMDROP_HAVE_AVX2_PATH
+      if (avx2) {
+        dequant_row_avx2(p.qweight + o * words, scale.data(), zero_scaled.data(), words, p.group_size, wrow);
+        continue;
+      }
+#endif
+      dequant_row_portable(p.qweight + o * words, scale.data(), zero_scaled.data(), words, p.group_size, wrow);
+    }
+  });
+}
+
+void check_inputs(const torch::Tensor& x, const torch::Tensor& qweight, const torch::Tensor& scales,
+                  const torch::Tensor& zeros, int64_t group_size) {
+  TORCH_CHECK(x.device().is_cpu() && qweight.device().is_cpu() && scales.device().is_cpu() &&
+                  zeros.device().is_cpu(), "int4_linear (cpu): all tensors must be on the CPU");
+  TORCH_CHECK(x.dim() == 2, "int4_linear: x must be 2-D [rows, in], got ", x.sizes());
+  TORCH_CHECK(qweight.dim() == 2 && qweight.scalar_type() == torch::kInt32 && qweight.is_contiguous(),
+              "int4_linear: qweight must be contiguous int32 [out, in/8], got ", qweight.scalar_type(), " ",
+              qweight.sizes());
+  const int64_t in = x.size(1), out = qweight.size(0);
+  TORCH_CHECK(qweight.size(1) * 8 == in, "int4_linear: qweight has ", qweight.size(1), " words per row, x has ",
+              in, " features (expected ", in / 8, ")");
+  TORCH_CHECK(group_size > 0 && group_size % 8 == 0, "int4_linear: group_size must be a positive multiple of 8, got ",
+              group_size);
+  const int64_t groups = (in + group_size - 1) / group_size;
+  TORCH_CHECK(scales.dim() == 2 && scales.size(0) == out && scales.size(1) == groups && scales.is_contiguous(),
+              "int4_linear: scales must be contiguous [", out, ", ", groups, "], got ", scales.sizes());
+  TORCH_CHECK(zeros.sizes() == scales.sizes() && zeros.scalar_type() == scales.scalar_type() && zeros.is_contiguous(),
+              "int4_linear: zeros must match scales' shape and dtype, got ", zeros.sizes(), " ", zeros.scalar_type());
+}
+
+}  // namespace
+
+// y = x @ W.T for the packed int4 W; x is fp32, fp16 or bf16 [rows, in], y has x's dtype.
+torch::Tensor int4_linear(torch::Tensor x, torch::Tensor qweight, torch::Tensor scales, torch::Tensor zeros,
+                          int64_t group_size) {
+  check_inputs(x, qweight, scales, zeros, group_size);
+  const auto out_dtype = x.scalar_type();
+  const torch::Tensor xf = x.to(torch::kFloat32).contiguous();
+  const int64_t rows = xf.size(0), in = xf.size(1), out = qweight.size(0);
+  const int64_t groups = (in + group_size - 1) / group_size;
+  torch::Tensor y = torch::empty({rows, out}, xf.options());
+  if (rows == 0) return y.to(out_dtype);
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, scales.scalar_type(), "int4_linear_cpu", [&] {
+    Int4Problem<scalar_t> p{xf.data_ptr<float>(), qweight.data_ptr<int32_t>(), scales.data_ptr<scalar_t>(),
+                            zeros.data_ptr<scalar_t>(), y.data_ptr<float>(), rows, in, out, groups, group_size};
+    if (rows <= kGemvMaxRows) {
+      int4_gemv(p);
+      return;
+    }
+    // ~4M floats (16 MB) of dequantised weights per tile, at least 64 output rows.
+    const int64_t tile = std::max<int64_t>(64, ((int64_t{1} << 22) / in) / 8 * 8);
+    torch::Tensor w = torch::empty({std::min(tile, out), in}, xf.options());
+    for (int64_t o0 = 0; o0 < out; o0 += tile) {
+      const int64_t o1 = std::min(out, o0 + tile);
+      dequant_rows(p, o0, o1, w.data_ptr<float>());
+      y.narrow(1, o0, o1 - o0).copy_(torch::mm(xf, w.narrow(0, 0, o1 - o0).t()));
+    }
+  });
+  return out_dtype == torch::kFloat32 ? y : y.to(out_dtype);
+}
+
+// The fp32 weight [out, in] of the packed layout (tests and debugging).
+torch::Tensor int4_dequantize(torch::Tensor qweight, torch::Tensor scales, torch::Tensor zeros, int64_t group_size) {
+  const int64_t in = qweight.size(1) * 8;
+  check_inputs(torch::empty({0, in}), qweight, scales, zeros, group_size);
+  const int64_t out = qweight.size(0), groups = (in + group_size - 1) / group_size;
+  torch::Tensor w = torch::empty({out, in}, torch::kFloat32);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, scales.scalar_type(), "int4_dequantize_cpu", [&] {
+    Int4Problem<scalar_t> p{nullptr, qweight.data_ptr<int32_t>(), scales.data_ptr<scalar_t>(),
+                            zeros.data_ptr<scalar_t>(), nullptr, 0, in, out, groups, group_size};
+    dequant_rows(p, 0, out, w.data_ptr<float>());
+  });
+  return w;
+}
+
+bool uses_avx2() { return cpu_has_avx2_fma(); }
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "llmdrop-rt int4 CPU kernels";
+  m.def("int4_linear", &int4_linear, "y = x @ W.T for packed int4 W", py::arg("x"), py::arg("qweight"),
+        py::arg("scales"), py::arg("zeros"), py::arg("group_size"));
+  m.def("int4_dequantize", &int4_dequantize, "fp32 weight [out, in] from the packed layout", py::arg("qweight"),
+        py::arg("scales"), py::arg("zeros"), py::arg("group_size"));
+  m.def("uses_avx2", &uses_avx2, "whether the AVX2+FMA kernels are in use on this CPU");
+}
