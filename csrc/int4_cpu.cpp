@@ -8,8 +8,12 @@
 // of x computed once per call. Many rows (prefill): dequantise a tile of output rows to fp32 and let
 // ATen's GEMM do the rest. Parallelism is at::parallel_for (torch's OpenMP pool) over output rows.
 // x86-64 builds carry an AVX2+FMA version selected at run time; everything else uses portable loops.
-#include <torch/extension.h>
+// Bindings are TORCH_LIBRARY ops (torch.ops.llmdrop_int4_cpu.*); importing the shared object as the
+// Python module llmdrop_rt._int4_cpu registers them. ATen-only headers keep the build short.
+#include <Python.h>
+#include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <torch/library.h>
 
 #include <algorithm>
 #include <cstdint>
@@ -22,8 +26,8 @@
 
 namespace {
 
-constexpr int64_t kGemvMaxRows = 8;  // keep in step with quant.GEMV_MAX_ROWS
-constexpr int64_t kRowBlock = 4;     // activation rows per pass of the GEMV inner loop
+constexpr int64_t kGemvMaxRows = 8;  // more activation rows than this: dequantised tiles + GEMM
+constexpr int64_t kRowBlock = 4;     // activation rows per pass of the GEMV inner loop (packed_dot_avx2_rows)
 
 template <typename S>
 inline float to_float(S v) { return static_cast<float>(v); }
@@ -81,18 +85,18 @@ __attribute__((target("avx2,fma"))) inline float hsum_avx2(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
-// dots[r] = sum over words [k_begin, k_end) of q * x[r], for `nrows` (<= kRowBlock) activation rows.
+// dots[r] = sum over words [k_begin, k_end) of q * x[r], for NROWS activation rows (compile-time, so the
+// accumulators stay in registers).
+template <int NROWS>
 __attribute__((target("avx2,fma"))) void packed_dot_avx2(const int32_t* qrow, const float* x, int64_t ldx,
-                                                         int64_t nrows, int64_t k_begin, int64_t k_end,
-                                                         float* dots) {
-  __m256 acc_even[kRowBlock], acc_odd[kRowBlock];  // two chains per row hide the FMA latency
-  for (int r = 0; r < kRowBlock; ++r) acc_even[r] = acc_odd[r] = _mm256_setzero_ps();
+                                                         int64_t k_begin, int64_t k_end, float* dots) {
+  __m256 acc_even[NROWS], acc_odd[NROWS];  // two chains per row hide the FMA latency
+  for (int r = 0; r < NROWS; ++r) acc_even[r] = acc_odd[r] = _mm256_setzero_ps();
   int64_t k = k_begin;
   for (; k + 1 < k_end; k += 2) {
     const __m256 q0 = nibbles_avx2(qrow[k]);
     const __m256 q1 = nibbles_avx2(qrow[k + 1]);
-    for (int r = 0; r < kRowBlock; ++r) {
-      if (r >= nrows) break;
+    for (int r = 0; r < NROWS; ++r) {
       const float* xr = x + r * ldx + 8 * k;
       acc_even[r] = _mm256_fmadd_ps(q0, _mm256_loadu_ps(xr), acc_even[r]);
       acc_odd[r] = _mm256_fmadd_ps(q1, _mm256_loadu_ps(xr + 8), acc_odd[r]);
@@ -100,10 +104,20 @@ __attribute__((target("avx2,fma"))) void packed_dot_avx2(const int32_t* qrow, co
   }
   if (k < k_end) {
     const __m256 q0 = nibbles_avx2(qrow[k]);
-    for (int r = 0; r < nrows; ++r)
+    for (int r = 0; r < NROWS; ++r)
       acc_even[r] = _mm256_fmadd_ps(q0, _mm256_loadu_ps(x + r * ldx + 8 * k), acc_even[r]);
   }
-  for (int r = 0; r < nrows; ++r) dots[r] = hsum_avx2(_mm256_add_ps(acc_even[r], acc_odd[r]));
+  for (int r = 0; r < NROWS; ++r) dots[r] = hsum_avx2(_mm256_add_ps(acc_even[r], acc_odd[r]));
+}
+
+void packed_dot_avx2_rows(const int32_t* qrow, const float* x, int64_t ldx, int64_t nrows, int64_t k_begin,
+                          int64_t k_end, float* dots) {
+  switch (nrows) {
+    case 1: packed_dot_avx2<1>(qrow, x, ldx, k_begin, k_end, dots); break;
+    case 2: packed_dot_avx2<2>(qrow, x, ldx, k_begin, k_end, dots); break;
+    case 3: packed_dot_avx2<3>(qrow, x, ldx, k_begin, k_end, dots); break;
+    default: packed_dot_avx2<4>(qrow, x, ldx, k_begin, k_end, dots); break;
+  }
 }
 
 __attribute__((target("avx2,fma"))) void dequant_row_avx2(const int32_t* qrow, const float* scale,
@@ -148,7 +162,7 @@ void int4_gemv(const Int4Problem<S>& p) {
           float dots[kRowBlock];
 #ifdef LLMDROP_HAVE_AVX2_PATH
           if (avx2) {
-            packed_dot_avx2(qrow, p.x + m0 * p.in, p.in, nrows, k_begin, k_end, dots);
+            packed_dot_avx2_rows(qrow, p.x + m0 * p.in, p.in, nrows, k_begin, k_end, dots);
           } else
 #endif
           {
@@ -189,12 +203,12 @@ void dequant_rows(const Int4Problem<S>& p, int64_t o_begin, int64_t o_end, float
   });
 }
 
-void check_inputs(const torch::Tensor& x, const torch::Tensor& qweight, const torch::Tensor& scales,
-                  const torch::Tensor& zeros, int64_t group_size) {
+void check_inputs(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+                  const at::Tensor& zeros, int64_t group_size) {
   TORCH_CHECK(x.device().is_cpu() && qweight.device().is_cpu() && scales.device().is_cpu() &&
                   zeros.device().is_cpu(), "int4_linear (cpu): all tensors must be on the CPU");
   TORCH_CHECK(x.dim() == 2, "int4_linear: x must be 2-D [rows, in], got ", x.sizes());
-  TORCH_CHECK(qweight.dim() == 2 && qweight.scalar_type() == torch::kInt32 && qweight.is_contiguous(),
+  TORCH_CHECK(qweight.dim() == 2 && qweight.scalar_type() == at::kInt && qweight.is_contiguous(),
               "int4_linear: qweight must be contiguous int32 [out, in/8], got ", qweight.scalar_type(), " ",
               qweight.sizes());
   const int64_t in = x.size(1), out = qweight.size(0);
@@ -212,14 +226,14 @@ void check_inputs(const torch::Tensor& x, const torch::Tensor& qweight, const to
 }  // namespace
 
 // y = x @ W.T for the packed int4 W; x is fp32, fp16 or bf16 [rows, in], y has x's dtype.
-torch::Tensor int4_linear(torch::Tensor x, torch::Tensor qweight, torch::Tensor scales, torch::Tensor zeros,
+at::Tensor int4_linear(at::Tensor x, at::Tensor qweight, at::Tensor scales, at::Tensor zeros,
                           int64_t group_size) {
   check_inputs(x, qweight, scales, zeros, group_size);
   const auto out_dtype = x.scalar_type();
-  const torch::Tensor xf = x.to(torch::kFloat32).contiguous();
+  const at::Tensor xf = x.to(at::kFloat).contiguous();
   const int64_t rows = xf.size(0), in = xf.size(1), out = qweight.size(0);
   const int64_t groups = (in + group_size - 1) / group_size;
-  torch::Tensor y = torch::empty({rows, out}, xf.options());
+  at::Tensor y = at::empty({rows, out}, xf.options());
   if (rows == 0) return y.to(out_dtype);
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, scales.scalar_type(), "int4_linear_cpu", [&] {
@@ -231,22 +245,22 @@ torch::Tensor int4_linear(torch::Tensor x, torch::Tensor qweight, torch::Tensor 
     }
     // ~4M floats (16 MB) of dequantised weights per tile, at least 64 output rows.
     const int64_t tile = std::max<int64_t>(64, ((int64_t{1} << 22) / in) / 8 * 8);
-    torch::Tensor w = torch::empty({std::min(tile, out), in}, xf.options());
+    at::Tensor w = at::empty({std::min(tile, out), in}, xf.options());
     for (int64_t o0 = 0; o0 < out; o0 += tile) {
       const int64_t o1 = std::min(out, o0 + tile);
       dequant_rows(p, o0, o1, w.data_ptr<float>());
-      y.narrow(1, o0, o1 - o0).copy_(torch::mm(xf, w.narrow(0, 0, o1 - o0).t()));
+      y.narrow(1, o0, o1 - o0).copy_(at::mm(xf, w.narrow(0, 0, o1 - o0).t()));
     }
   });
-  return out_dtype == torch::kFloat32 ? y : y.to(out_dtype);
+  return out_dtype == at::kFloat ? y : y.to(out_dtype);
 }
 
 // The fp32 weight [out, in] of the packed layout (tests and debugging).
-torch::Tensor int4_dequantize(torch::Tensor qweight, torch::Tensor scales, torch::Tensor zeros, int64_t group_size) {
+at::Tensor int4_dequantize(at::Tensor qweight, at::Tensor scales, at::Tensor zeros, int64_t group_size) {
   const int64_t in = qweight.size(1) * 8;
-  check_inputs(torch::empty({0, in}), qweight, scales, zeros, group_size);
+  check_inputs(at::empty({0, in}), qweight, scales, zeros, group_size);
   const int64_t out = qweight.size(0), groups = (in + group_size - 1) / group_size;
-  torch::Tensor w = torch::empty({out, in}, torch::kFloat32);
+  at::Tensor w = at::empty({out, in}, at::kFloat);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, scales.scalar_type(), "int4_dequantize_cpu", [&] {
     Int4Problem<scalar_t> p{nullptr, qweight.data_ptr<int32_t>(), scales.data_ptr<scalar_t>(),
                             zeros.data_ptr<scalar_t>(), nullptr, 0, in, out, groups, group_size};
@@ -257,11 +271,14 @@ torch::Tensor int4_dequantize(torch::Tensor qweight, torch::Tensor scales, torch
 
 bool uses_avx2() { return cpu_has_avx2_fma(); }
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "llmdrop-rt int4 CPU kernels";
-  m.def("int4_linear", &int4_linear, "y = x @ W.T for packed int4 W", py::arg("x"), py::arg("qweight"),
-        py::arg("scales"), py::arg("zeros"), py::arg("group_size"));
-  m.def("int4_dequantize", &int4_dequantize, "fp32 weight [out, in] from the packed layout", py::arg("qweight"),
-        py::arg("scales"), py::arg("zeros"), py::arg("group_size"));
-  m.def("uses_avx2", &uses_avx2, "whether the AVX2+FMA kernels are in use on this CPU");
+TORCH_LIBRARY(llmdrop_int4_cpu, m) {
+  m.def("int4_linear(Tensor x, Tensor qweight, Tensor scales, Tensor zeros, int group_size) -> Tensor", &int4_linear);
+  m.def("int4_dequantize(Tensor qweight, Tensor scales, Tensor zeros, int group_size) -> Tensor", &int4_dequantize);
+  m.def("uses_avx2() -> bool", &uses_avx2);
+}
+
+// An empty Python module: importing it loads this library, which registers the ops above.
+extern "C" PyMODINIT_FUNC PyInit__int4_cpu(void) {
+  static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_int4_cpu", "llmdrop-rt int4 CPU kernels (torch.ops.llmdrop_int4_cpu)", -1, nullptr};
+  return PyModule_Create(&module);
 }

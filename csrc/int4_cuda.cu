@@ -6,17 +6,22 @@
 // dequantise the 8 nibbles in registers, accumulate in fp32 for up to 4 activation rows at a time,
 // and reduce with warp shuffles. Prefill (more rows): a kernel dequantises the weight to the
 // activation dtype once, then cuBLAS (via at::matmul) runs the GEMM on tensor cores.
-#include <torch/extension.h>
+// Bindings are TORCH_LIBRARY ops (torch.ops.llmdrop_int4_cuda.*), registered when the Python module
+// llmdrop_rt._int4_cuda is imported.
+#include <Python.h>
+#include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <torch/library.h>
+
 #include <cstdint>
 
 namespace {
 
-constexpr int kGemvMaxRows = 8;     // keep in step with quant.GEMV_MAX_ROWS
+constexpr int kGemvMaxRows = 8;     // more activation rows than this: dequantise + cuBLAS
 constexpr int kRowBlock = 4;        // activation rows per GEMV block (blockIdx.y walks the rest)
 constexpr int kWarpsPerBlock = 8;   // output rows per GEMV block
 
@@ -95,14 +100,14 @@ template <typename T> struct CudaType { using type = T; };
 template <> struct CudaType<at::Half> { using type = __half; };
 template <> struct CudaType<at::BFloat16> { using type = __nv_bfloat16; };
 
-void check_inputs(const torch::Tensor& x, const torch::Tensor& qweight, const torch::Tensor& scales,
-                  const torch::Tensor& zeros, int64_t group_size) {
+void check_inputs(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+                  const at::Tensor& zeros, int64_t group_size) {
   TORCH_CHECK(x.is_cuda() && qweight.is_cuda() && scales.is_cuda() && zeros.is_cuda(),
               "int4_linear (cuda): all tensors must be CUDA tensors");
   TORCH_CHECK(x.get_device() == qweight.get_device() && x.get_device() == scales.get_device() &&
                   x.get_device() == zeros.get_device(), "int4_linear (cuda): all tensors must be on one device");
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "int4_linear: x must be contiguous 2-D [rows, in], got ", x.sizes());
-  TORCH_CHECK(qweight.dim() == 2 && qweight.scalar_type() == torch::kInt32 && qweight.is_contiguous(),
+  TORCH_CHECK(qweight.dim() == 2 && qweight.scalar_type() == at::kInt && qweight.is_contiguous(),
               "int4_linear: qweight must be contiguous int32 [out, in/8], got ", qweight.scalar_type(), " ",
               qweight.sizes());
   const int64_t in = x.size(1), out = qweight.size(0);
@@ -119,8 +124,8 @@ void check_inputs(const torch::Tensor& x, const torch::Tensor& qweight, const to
 }
 
 template <typename T, typename S>
-void launch_dequantize(const torch::Tensor& qweight, const torch::Tensor& scales, const torch::Tensor& zeros,
-                       torch::Tensor& w, int group_size, cudaStream_t stream) {
+void launch_dequantize(const at::Tensor& qweight, const at::Tensor& scales, const at::Tensor& zeros,
+                       at::Tensor& w, int group_size, cudaStream_t stream) {
   const int in = static_cast<int>(w.size(1)), out = static_cast<int>(w.size(0));
   const int groups = static_cast<int>(scales.size(1));
   const int64_t total = static_cast<int64_t>(out) * (in / 8);
@@ -136,14 +141,14 @@ void launch_dequantize(const torch::Tensor& qweight, const torch::Tensor& scales
 }  // namespace
 
 // y = x @ W.T for the packed int4 W; x is fp16, bf16 or fp32 [rows, in], y has x's dtype.
-torch::Tensor int4_linear(torch::Tensor x, torch::Tensor qweight, torch::Tensor scales, torch::Tensor zeros,
+at::Tensor int4_linear(at::Tensor x, at::Tensor qweight, at::Tensor scales, at::Tensor zeros,
                           int64_t group_size) {
   check_inputs(x, qweight, scales, zeros, group_size);
   const c10::cuda::CUDAGuard guard(x.device());
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const int rows = static_cast<int>(x.size(0)), in = static_cast<int>(x.size(1));
   const int out = static_cast<int>(qweight.size(0)), groups = static_cast<int>(scales.size(1));
-  torch::Tensor y = torch::empty({rows, out}, x.options());
+  at::Tensor y = at::empty({rows, out}, x.options());
   if (rows == 0) return y;
 
   INT4_DISPATCH_FLOAT_TYPES(x.scalar_type(), "int4_linear_cuda_x", [&] {
@@ -161,7 +166,7 @@ torch::Tensor int4_linear(torch::Tensor x, torch::Tensor qweight, torch::Tensor 
                 static_cast<int>(group_size));
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       } else {
-        torch::Tensor w = torch::empty({out, in}, x.options());
+        at::Tensor w = at::empty({out, in}, x.options());
         launch_dequantize<XT, ST>(qweight, scales, zeros, w, static_cast<int>(group_size), stream);
         y = at::matmul(x, w.t());
       }
@@ -171,12 +176,12 @@ torch::Tensor int4_linear(torch::Tensor x, torch::Tensor qweight, torch::Tensor 
 }
 
 // The weight [out, in] of the packed layout in `dtype` (tests and debugging).
-torch::Tensor int4_dequantize(torch::Tensor qweight, torch::Tensor scales, torch::Tensor zeros, int64_t group_size,
+at::Tensor int4_dequantize(at::Tensor qweight, at::Tensor scales, at::Tensor zeros, int64_t group_size,
                               c10::ScalarType dtype) {
   const int64_t in = qweight.size(1) * 8;
-  check_inputs(torch::empty({0, in}, scales.options().dtype(dtype)), qweight, scales, zeros, group_size);
+  check_inputs(at::empty({0, in}, scales.options().dtype(dtype)), qweight, scales, zeros, group_size);
   const c10::cuda::CUDAGuard guard(qweight.device());
-  torch::Tensor w = torch::empty({qweight.size(0), in}, scales.options().dtype(dtype));
+  at::Tensor w = at::empty({qweight.size(0), in}, scales.options().dtype(dtype));
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   INT4_DISPATCH_FLOAT_TYPES(dtype, "int4_dequantize_cuda_w", [&] {
     using WT = scalar_t;
@@ -187,10 +192,14 @@ torch::Tensor int4_dequantize(torch::Tensor qweight, torch::Tensor scales, torch
   return w;
 }
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "llmdrop-rt int4 CUDA kernels";
-  m.def("int4_linear", &int4_linear, "y = x @ W.T for packed int4 W", py::arg("x"), py::arg("qweight"),
-        py::arg("scales"), py::arg("zeros"), py::arg("group_size"));
-  m.def("int4_dequantize", &int4_dequantize, "weight [out, in] from the packed layout", py::arg("qweight"),
-        py::arg("scales"), py::arg("zeros"), py::arg("group_size"), py::arg("dtype"));
+TORCH_LIBRARY(llmdrop_int4_cuda, m) {
+  m.def("int4_linear(Tensor x, Tensor qweight, Tensor scales, Tensor zeros, int group_size) -> Tensor", &int4_linear);
+  m.def("int4_dequantize(Tensor qweight, Tensor scales, Tensor zeros, int group_size, ScalarType dtype) -> Tensor",
+        &int4_dequantize);
+}
+
+// An empty Python module: importing it loads this library, which registers the ops above.
+extern "C" PyMODINIT_FUNC PyInit__int4_cuda(void) {
+  static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_int4_cuda", "llmdrop-rt int4 CUDA kernels (torch.ops.llmdrop_int4_cuda)", -1, nullptr};
+  return PyModule_Create(&module);
 }

@@ -17,6 +17,7 @@ tested against.
 """
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import os
@@ -36,9 +37,6 @@ NIBBLES_PER_WORD = 8
 BACKEND_ENV = "LLMDROP_RT_INT4_BACKEND"
 BACKENDS = ("reference", "cpp", "cuda")
 
-# Above this many activation rows the kernels dequantize weight tiles and use a dense GEMM.
-GEMV_MAX_ROWS = 8
-
 
 # --------------------------------------------------------------------------------------------------
 # Config
@@ -49,7 +47,9 @@ class QuantConfig:
 
     method: "awq" or "gptq". checkpoint_format: "awq_gemm", "gptq" (v1, stored zero = zero - 1) or
     "gptq_v2" (stored zero = zero). group_size: input columns per scale/zero group, -1 = one group.
-    zero_point: asymmetric (AWQ zero_point / GPTQ not sym). desc_act: GPTQ act-order (g_idx not monotone).
+    zero_point: asymmetric (AWQ zero_point / GPTQ not sym); an AWQ checkpoint without zero points has
+    no qzeros and is read with zero 8 (GPTQ always stores qzeros). desc_act: GPTQ act-order (g_idx not
+    monotone).
     """
 
     method: str
@@ -281,16 +281,18 @@ def dequantize_reference(weights: Int4Weights, dtype: torch.dtype = torch.float3
 # --------------------------------------------------------------------------------------------------
 # Compiled kernels (optional)
 # --------------------------------------------------------------------------------------------------
-def _import_extension(name: str):
+def _load_ops(module: str, namespace: str):
+    """Import a compiled module (which registers its TORCH_LIBRARY ops) and return the ops namespace,
+    or None when it was not built."""
     try:
-        module = __import__(f"llmdrop_rt.{name}", fromlist=[name])
+        importlib.import_module(f"llmdrop_rt.{module}")
     except ImportError:
         return None
-    return module
+    return getattr(torch.ops, namespace)
 
 
-_int4_cpu = _import_extension("_int4_cpu")
-_int4_cuda = _import_extension("_int4_cuda")
+_int4_cpu = _load_ops("_int4_cpu", "llmdrop_int4_cpu")
+_int4_cuda = _load_ops("_int4_cuda", "llmdrop_int4_cuda")
 
 
 def available_backends() -> dict[str, bool]:
@@ -368,18 +370,22 @@ class QuantLinear(torch.nn.Module):
     def from_checkpoint(cls, get_tensor: Callable[[str], torch.Tensor], prefix: str, in_features: int,
                         out_features: int, qconfig: QuantConfig, bias: bool) -> "QuantLinear":
         """Read ``prefix.qweight``/``.qzeros``/``.scales`` (+ ``.g_idx`` for GPTQ, ``.bias`` when `bias`)
-        through `get_tensor(full_name)`, validate every shape and dtype, and repack for the kernels."""
+        through `get_tensor(full_name)` (which raises KeyError for a missing name), validate every shape
+        and dtype, and repack for the kernels. Raises ValueError naming the tensor, expected vs got."""
         if in_features % NIBBLES_PER_WORD or out_features % NIBBLES_PER_WORD:
             raise ValueError(f"{prefix}: in_features={in_features} and out_features={out_features} "
                              "must be multiples of 8 for 4-bit packing")
         group_size = qconfig.group_size_for(in_features)
         groups = math.ceil(in_features / group_size)
 
-        def read(name: str, shape: tuple[int, ...], dtypes: tuple[torch.dtype, ...]) -> torch.Tensor:
+        def read(name: str, shape: tuple[int, ...], dtypes: tuple[torch.dtype, ...],
+                 optional: bool = False) -> torch.Tensor | None:
             full = f"{prefix}.{name}"
             try:
                 tensor = get_tensor(full)
             except KeyError as e:
+                if optional:
+                    return None
                 raise ValueError(f"{full}: missing from the checkpoint") from e
             if not isinstance(tensor, torch.Tensor):
                 raise ValueError(f"{full}: expected a tensor, got {type(tensor).__name__}")
@@ -403,12 +409,14 @@ class QuantLinear(torch.nn.Module):
             qweight = read("qweight", (in_features // 8, out_features), (torch.int32,))
             qzeros = read("qzeros", (groups, out_features // 8), (torch.int32,))
             scales = read("scales", (groups, out_features), float_dtypes)
-            g_idx = read("g_idx", (in_features,), (torch.int32, torch.int64))
-            g_idx = g_idx.to(torch.int64)
+            canonical = torch.arange(in_features) // group_size
+            # Older checkpoints without act-order may omit g_idx.
+            g_idx = read("g_idx", (in_features,), (torch.int32, torch.int64), optional=not qconfig.desc_act)
+            g_idx = canonical if g_idx is None else g_idx.to(torch.int64)
             if g_idx.numel() and (int(g_idx.min()) < 0 or int(g_idx.max()) >= groups):
                 bad = int(((g_idx < 0) | (g_idx >= groups)).nonzero()[0])
                 raise ValueError(f"{prefix}.g_idx: entry {bad} is {int(g_idx[bad])}, expected 0..{groups - 1}")
-            if not qconfig.desc_act and not torch.equal(g_idx, torch.arange(in_features) // group_size):
+            if not qconfig.desc_act and not torch.equal(g_idx, canonical.to(g_idx.device)):
                 raise ValueError(f"{prefix}.g_idx: not i // {group_size} although desc_act is false")
             weights = unpack_gptq(qweight, qzeros, scales, g_idx, group_size, qconfig.zero_offset)
         else:

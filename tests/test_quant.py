@@ -362,10 +362,16 @@ def test_bad_tensor_is_named(good_gptq, name, bad, message):
         load({**tensors, name: bad}, "layer", 128, 32, cfg)
 
 
-def test_missing_tensor_and_bad_dims_are_named(good_gptq, awq_gemm_module):
+def test_missing_tensor_and_bad_dims_are_named(good_gptq, awq_gemm_module, autogptq_module):
     tensors, cfg = good_gptq
     with pytest.raises(ValueError, match=r"layer\.g_idx: missing"):
         load({k: v for k, v in tensors.items() if k != "g_idx"}, "layer", 128, 32, cfg)
+    # Without act-order a missing g_idx means i // group_size.
+    weights, w = gptq_case(32, 128, 32, False, False, seed=6)
+    plain = gptq_v1_checkpoint(autogptq_module, w, weights, 32)
+    del plain["g_idx"]
+    layer = load(plain, "layer", 128, 32, _with_group(cfg, desc_act=False))
+    assert torch.equal(dequantize_reference(layer.int4_weights()), w)
     with pytest.raises(ValueError, match=r"layer\.bias: missing"):
         load(tensors, "layer", 128, 32, cfg, bias=True)
     with pytest.raises(ValueError, match=r"layer: in_features=100"):

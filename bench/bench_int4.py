@@ -1,0 +1,132 @@
+"""int4 linear vs dense linear at SmolLM2-135M and Llama-7B projection shapes, same machine, same run.
+
+CPU: the C++ int4 kernel (llmdrop_rt._int4_cpu) vs fp32 torch.nn.functional.linear.
+CUDA (when a GPU and the CUDA extension are present): the CUDA int4 kernel on fp16 activations vs fp16
+F.linear, and the fp32 comparison too. Prints a table; --out writes the rows as JSON.
+
+    python bench/bench_int4.py --out bench/out/int4_cpu.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+
+import torch
+import torch.nn.functional as F
+
+from llmdrop_rt import quant
+from llmdrop_rt.quant import Int4Weights, QuantLinear, dequantize_reference
+
+SHAPES = {  # model -> [(name, out_features, in_features)]
+    "SmolLM2-135M": [("q_proj", 576, 576), ("up_proj", 1536, 576), ("down_proj", 576, 1536)],
+    "Llama-7B": [("q_proj", 4096, 4096), ("up_proj", 11008, 4096), ("down_proj", 4096, 11008)],
+}
+GROUP_SIZE = 128
+
+
+def random_layer(out_features: int, in_features: int, device: torch.device) -> tuple[QuantLinear, torch.Tensor]:
+    groups = in_features // GROUP_SIZE if in_features % GROUP_SIZE == 0 else -(-in_features // GROUP_SIZE)
+    weights = Int4Weights(
+        torch.randint(0, 16, (out_features, in_features), dtype=torch.uint8),
+        torch.randint(0, 16, (groups, out_features), dtype=torch.int16),
+        (torch.rand(groups, out_features) * 0.01 + 0.001).half(),
+        torch.arange(in_features) // GROUP_SIZE,
+    )
+    layer = QuantLinear.from_int4(weights, GROUP_SIZE).to(device)
+    return layer, dequantize_reference(weights).to(device)
+
+
+def seconds_per_call(fn, device: torch.device, min_time: float = 0.3, min_calls: int = 5) -> float:
+    """Median wall time of one call, after a warm-up, over batches that together run >= min_time."""
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    for _ in range(3):
+        fn()
+    sync()
+    start = time.perf_counter()
+    fn()
+    sync()
+    once = max(time.perf_counter() - start, 1e-6)
+    calls_per_sample = max(1, int(0.05 / once))
+    samples = []
+    elapsed = 0.0
+    while elapsed < min_time or len(samples) < min_calls:
+        start = time.perf_counter()
+        for _ in range(calls_per_sample):
+            fn()
+        sync()
+        took = time.perf_counter() - start
+        samples.append(took / calls_per_sample)
+        elapsed += took
+    return statistics.median(samples)
+
+
+def bench(device: torch.device, rows_list: list[int], models: list[str]) -> list[dict]:
+    results = []
+    for model in models:
+        for name, out_features, in_features in SHAPES[model]:
+            layer, weight32 = random_layer(out_features, in_features, device)
+            comparisons = [("fp32", torch.float32, weight32)]
+            if device.type == "cuda":
+                comparisons.append(("fp16", torch.float16, weight32.half()))
+            for rows in rows_list:
+                for label, dtype, dense_weight in comparisons:
+                    x = torch.randn(rows, in_features, device=device, dtype=dtype)
+                    with torch.inference_mode():
+                        err = (layer(x).float() - F.linear(x, dense_weight).float()).abs().max().item()
+                        t_int4 = seconds_per_call(lambda: layer(x), device)
+                        t_dense = seconds_per_call(lambda: F.linear(x, dense_weight), device)
+                    results.append({
+                        "model": model, "layer": name, "out_features": out_features, "in_features": in_features,
+                        "rows": rows, "activations": label, "backend": layer.backend_for(x),
+                        "int4_ms": t_int4 * 1e3, f"dense_{label}_ms": t_dense * 1e3, "dense_ms": t_dense * 1e3,
+                        "speedup_vs_dense": t_dense / t_int4, "max_abs_diff": err,
+                        "int4_weight_bytes": layer.weight_bytes(),
+                        "dense_weight_bytes": dense_weight.numel() * dense_weight.element_size(),
+                    })
+                    r = results[-1]
+                    print(f"{model:13s} {name:10s} {out_features:6d}x{in_features:<6d} rows={rows:<4d} {label} "
+                          f"{r['backend']:9s} int4 {r['int4_ms']:8.3f} ms  dense {r['dense_ms']:8.3f} ms  "
+                          f"dense/int4 {r['speedup_vs_dense']:5.2f}x  maxdiff {err:.1e}", flush=True)
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--rows", type=int, nargs="+", default=[1, 4, 32])
+    parser.add_argument("--models", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice)")
+    parser.add_argument("--out", help="write the results as JSON here")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    print(f"device={device} threads={torch.get_num_threads()} backends={quant.available_backends()}"
+          + (f" avx2={quant._int4_cpu.uses_avx2()}" if quant._int4_cpu is not None else ""))
+    results = bench(device, args.rows, args.models)
+    if args.out:
+        report = {
+            "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
+            "torch": torch.__version__, "threads": torch.get_num_threads(), "group_size": GROUP_SIZE,
+            "backends": quant.available_backends(), "results": results,
+        }
+        directory = os.path.dirname(os.path.abspath(args.out))
+        os.makedirs(directory, exist_ok=True)
+        with tempfile.NamedTemporaryFile("w", dir=directory, delete=False, suffix=".tmp") as f:
+            json.dump(report, f, indent=2)
+        os.replace(f.name, args.out)
+        print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
