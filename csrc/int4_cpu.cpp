@@ -3,9 +3,10 @@
 // Layout (built by llmdrop_rt.quant.QuantLinear): qweight int32 [out, in/8], word k of row o holds
 // q[o, 8k + j] in bits 4j..4j+3; scales / zeros [out, groups] (fp16, bf16 or fp32), g(i) = i / group_size.
 //
-// Few rows (decode): a fused GEMV that never materialises weights. Per group it accumulates
-// sum q_i x_i and uses sum_i (q_i - z) s x_i = s (sum q_i x_i - z sum x_i), with the per-group sums
-// of x computed once per call. Many rows (prefill): dequantise a tile of output rows to fp32 and let
+// Few rows (decode): a fused GEMV that never materialises weights. It uses
+// sum_i (q_i - z_g) s_g x_i = sum_g s_g (sum_{i in g} q_i x_i) - sum_g s_g z_g (sum_{i in g} x_i):
+// the inner loop only decodes nibbles and multiplies them with x, the per-group sums of x are
+// computed once per call, and the zero term is a short scalar loop per output row. Many rows (prefill): dequantise a tile of output rows to fp32 and let
 // ATen's GEMM do the rest. Parallelism is at::parallel_for (torch's OpenMP pool) over output rows.
 // x86-64 builds carry an AVX2+FMA version selected at run time; everything else uses portable loops.
 // Bindings are TORCH_LIBRARY ops (torch.ops.llmdrop_int4_cpu.*); importing the shared object as the
@@ -27,7 +28,7 @@
 namespace {
 
 constexpr int64_t kGemvMaxRows = 8;  // more activation rows than this: dequantised tiles + GEMM
-constexpr int64_t kRowBlock = 4;     // activation rows per pass of the GEMV inner loop (packed_dot_avx2_rows)
+constexpr int64_t kRowBlock = 4;     // activation rows per pass of the GEMV inner loop (scaled_row_dot_avx2_rows)
 
 template <typename S>
 inline float to_float(S v) { return static_cast<float>(v); }
@@ -58,6 +59,17 @@ inline float packed_dot_portable(const int32_t* qrow, const float* x, int64_t k_
   return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
 }
 
+// dots[r] = sum_g scale[g] * sum_{k in g} q . x[r] over a whole packed row, for `nrows` activation rows.
+inline void scaled_row_dot_portable(const int32_t* qrow, const float* x, int64_t ldx, int64_t nrows, int64_t words,
+                                    int64_t words_per_group, const float* scale, float* dots) {
+  for (int64_t r = 0; r < nrows; ++r) {
+    float total = 0.f;
+    for (int64_t k0 = 0, g = 0; k0 < words; k0 += words_per_group, ++g)
+      total += scale[g] * packed_dot_portable(qrow, x + r * ldx, k0, std::min(words, k0 + words_per_group));
+    dots[r] = total;
+  }
+}
+
 inline void dequant_row_portable(const int32_t* qrow, const float* scale, const float* zero_scaled,
                                  int64_t words, int64_t group_size, float* w) {
   for (int64_t k = 0; k < words; ++k) {
@@ -85,38 +97,46 @@ __attribute__((target("avx2,fma"))) inline float hsum_avx2(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
-// dots[r] = sum over words [k_begin, k_end) of q * x[r], for NROWS activation rows (compile-time, so the
-// accumulators stay in registers).
+// dots[r] = sum_g scale[g] * sum_{k in g} q . x[r] over a whole packed row, for NROWS activation rows
+// (compile-time, so the accumulators stay in registers; one horizontal sum per row, not per group).
 template <int NROWS>
-__attribute__((target("avx2,fma"))) void packed_dot_avx2(const int32_t* qrow, const float* x, int64_t ldx,
-                                                         int64_t k_begin, int64_t k_end, float* dots) {
-  __m256 acc_even[NROWS], acc_odd[NROWS];  // two chains per row hide the FMA latency
-  for (int r = 0; r < NROWS; ++r) acc_even[r] = acc_odd[r] = _mm256_setzero_ps();
-  int64_t k = k_begin;
-  for (; k + 1 < k_end; k += 2) {
-    const __m256 q0 = nibbles_avx2(qrow[k]);
-    const __m256 q1 = nibbles_avx2(qrow[k + 1]);
-    for (int r = 0; r < NROWS; ++r) {
-      const float* xr = x + r * ldx + 8 * k;
-      acc_even[r] = _mm256_fmadd_ps(q0, _mm256_loadu_ps(xr), acc_even[r]);
-      acc_odd[r] = _mm256_fmadd_ps(q1, _mm256_loadu_ps(xr + 8), acc_odd[r]);
+__attribute__((target("avx2,fma"))) void scaled_row_dot_avx2(const int32_t* qrow, const float* x, int64_t ldx,
+                                                             int64_t words, int64_t words_per_group,
+                                                             const float* scale, float* dots) {
+  __m256 total[NROWS];
+  for (int r = 0; r < NROWS; ++r) total[r] = _mm256_setzero_ps();
+  for (int64_t k0 = 0, g = 0; k0 < words; k0 += words_per_group, ++g) {
+    const int64_t k_end = std::min(words, k0 + words_per_group);
+    __m256 acc_even[NROWS], acc_odd[NROWS];  // two chains per row hide the FMA latency
+    for (int r = 0; r < NROWS; ++r) acc_even[r] = acc_odd[r] = _mm256_setzero_ps();
+    int64_t k = k0;
+    for (; k + 1 < k_end; k += 2) {
+      const __m256 q0 = nibbles_avx2(qrow[k]);
+      const __m256 q1 = nibbles_avx2(qrow[k + 1]);
+      for (int r = 0; r < NROWS; ++r) {
+        const float* xr = x + r * ldx + 8 * k;
+        acc_even[r] = _mm256_fmadd_ps(q0, _mm256_loadu_ps(xr), acc_even[r]);
+        acc_odd[r] = _mm256_fmadd_ps(q1, _mm256_loadu_ps(xr + 8), acc_odd[r]);
+      }
     }
+    if (k < k_end) {
+      const __m256 q0 = nibbles_avx2(qrow[k]);
+      for (int r = 0; r < NROWS; ++r)
+        acc_even[r] = _mm256_fmadd_ps(q0, _mm256_loadu_ps(x + r * ldx + 8 * k), acc_even[r]);
+    }
+    const __m256 s = _mm256_set1_ps(scale[g]);
+    for (int r = 0; r < NROWS; ++r) total[r] = _mm256_fmadd_ps(_mm256_add_ps(acc_even[r], acc_odd[r]), s, total[r]);
   }
-  if (k < k_end) {
-    const __m256 q0 = nibbles_avx2(qrow[k]);
-    for (int r = 0; r < NROWS; ++r)
-      acc_even[r] = _mm256_fmadd_ps(q0, _mm256_loadu_ps(x + r * ldx + 8 * k), acc_even[r]);
-  }
-  for (int r = 0; r < NROWS; ++r) dots[r] = hsum_avx2(_mm256_add_ps(acc_even[r], acc_odd[r]));
+  for (int r = 0; r < NROWS; ++r) dots[r] = hsum_avx2(total[r]);
 }
 
-void packed_dot_avx2_rows(const int32_t* qrow, const float* x, int64_t ldx, int64_t nrows, int64_t k_begin,
-                          int64_t k_end, float* dots) {
+void scaled_row_dot_avx2_rows(const int32_t* qrow, const float* x, int64_t ldx, int64_t nrows, int64_t words,
+                              int64_t words_per_group, const float* scale, float* dots) {
   switch (nrows) {
-    case 1: packed_dot_avx2<1>(qrow, x, ldx, k_begin, k_end, dots); break;
-    case 2: packed_dot_avx2<2>(qrow, x, ldx, k_begin, k_end, dots); break;
-    case 3: packed_dot_avx2<3>(qrow, x, ldx, k_begin, k_end, dots); break;
-    default: packed_dot_avx2<4>(qrow, x, ldx, k_begin, k_end, dots); break;
+    case 1: scaled_row_dot_avx2<1>(qrow, x, ldx, words, words_per_group, scale, dots); break;
+    case 2: scaled_row_dot_avx2<2>(qrow, x, ldx, words, words_per_group, scale, dots); break;
+    case 3: scaled_row_dot_avx2<3>(qrow, x, ldx, words, words_per_group, scale, dots); break;
+    default: scaled_row_dot_avx2<4>(qrow, x, ldx, words, words_per_group, scale, dots); break;
   }
 }
 
@@ -143,7 +163,7 @@ bool cpu_has_avx2_fma() { return false; }
 // ---------------------------------------------------------------------------------------------
 template <typename S>
 void int4_gemv(const Int4Problem<S>& p) {
-  const int64_t words = p.in / 8;
+  const int64_t words = p.in / 8, words_per_group = p.group_size / 8;
   // Per-(row, group) sums of x, for the zero-point term.
   std::vector<float> xsum(p.rows * p.groups, 0.f);
   for (int64_t m = 0; m < p.rows; ++m)
@@ -151,29 +171,30 @@ void int4_gemv(const Int4Problem<S>& p) {
   const bool avx2 = cpu_has_avx2_fma();
 
   at::parallel_for(0, p.out, 16, [&](int64_t o_begin, int64_t o_end) {
+    std::vector<float> scale(p.groups), zero_scaled(p.groups);
     for (int64_t o = o_begin; o < o_end; ++o) {
+      for (int64_t g = 0; g < p.groups; ++g) {
+        scale[g] = to_float(p.scales[o * p.groups + g]);
+        zero_scaled[g] = to_float(p.zeros[o * p.groups + g]) * scale[g];
+      }
       const int32_t* qrow = p.qweight + o * words;
       for (int64_t m0 = 0; m0 < p.rows; m0 += kRowBlock) {
         const int64_t nrows = std::min(kRowBlock, p.rows - m0);
-        float total[kRowBlock] = {0, 0, 0, 0};
-        for (int64_t g = 0; g < p.groups; ++g) {
-          const int64_t k_begin = g * p.group_size / 8;
-          const int64_t k_end = std::min(words, (g + 1) * p.group_size / 8);
-          float dots[kRowBlock];
+        float dots[kRowBlock];
 #ifdef LLMDROP_HAVE_AVX2_PATH
-          if (avx2) {
-            packed_dot_avx2_rows(qrow, p.x + m0 * p.in, p.in, nrows, k_begin, k_end, dots);
-          } else
+        if (avx2) {
+          scaled_row_dot_avx2_rows(qrow, p.x + m0 * p.in, p.in, nrows, words, words_per_group, scale.data(), dots);
+        } else
 #endif
-          {
-            for (int64_t r = 0; r < nrows; ++r)
-              dots[r] = packed_dot_portable(qrow, p.x + (m0 + r) * p.in, k_begin, k_end);
-          }
-          const float s = to_float(p.scales[o * p.groups + g]);
-          const float z = to_float(p.zeros[o * p.groups + g]);
-          for (int64_t r = 0; r < nrows; ++r) total[r] += s * (dots[r] - z * xsum[(m0 + r) * p.groups + g]);
+        {
+          scaled_row_dot_portable(qrow, p.x + m0 * p.in, p.in, nrows, words, words_per_group, scale.data(), dots);
         }
-        for (int64_t r = 0; r < nrows; ++r) p.y[(m0 + r) * p.out + o] = total[r];
+        for (int64_t r = 0; r < nrows; ++r) {
+          const float* xs = xsum.data() + (m0 + r) * p.groups;
+          float zero_term = 0.f;
+          for (int64_t g = 0; g < p.groups; ++g) zero_term += zero_scaled[g] * xs[g];
+          p.y[(m0 + r) * p.out + o] = dots[r] - zero_term;
+        }
       }
     }
   });

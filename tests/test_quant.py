@@ -329,6 +329,19 @@ def test_backend_override_and_reference_path(cpu_ext, monkeypatch):
         layer(x)
 
 
+def test_without_extensions_the_reference_runs(monkeypatch):
+    monkeypatch.setattr(quant, "_int4_cpu", None)
+    monkeypatch.setattr(quant, "_int4_cuda", None)
+    weights, w = make_fake_quant(24, 96, 32, sym=False, seed=8)
+    layer = QuantLinear.from_int4(weights, 32)
+    x = torch.randn(3, 96)
+    assert layer.backend_for(x) == "reference"
+    assert_matches_float64(layer(x), x, w)
+    monkeypatch.setenv(BACKEND_ENV, "cpp")
+    with pytest.raises(RuntimeError, match="cpp"):
+        layer(x)
+
+
 def test_weight_bytes_counts_packed_tensors():
     weights, _ = make_fake_quant(64, 256, 128, sym=False)
     layer = QuantLinear.from_int4(weights, 128, bias=torch.zeros(64, dtype=torch.float16))
