@@ -17,6 +17,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <vector>
 
@@ -158,6 +159,11 @@ bool cpu_has_avx2_fma() {
 bool cpu_has_avx2_fma() { return false; }
 #endif
 
+// Tests switch the AVX2 kernels off to exercise the portable ones on AVX2 machines.
+std::atomic<bool> avx2_allowed{true};
+
+bool use_avx2() { return avx2_allowed.load() && cpu_has_avx2_fma(); }
+
 // ---------------------------------------------------------------------------------------------
 // Drivers
 // ---------------------------------------------------------------------------------------------
@@ -168,7 +174,7 @@ void int4_gemv(const Int4Problem<S>& p) {
   std::vector<float> xsum(p.rows * p.groups, 0.f);
   for (int64_t m = 0; m < p.rows; ++m)
     for (int64_t i = 0; i < p.in; ++i) xsum[m * p.groups + i / p.group_size] += p.x[m * p.in + i];
-  const bool avx2 = cpu_has_avx2_fma();
+  const bool avx2 = use_avx2();
 
   at::parallel_for(0, p.out, 16, [&](int64_t o_begin, int64_t o_end) {
     std::vector<float> scale(p.groups), zero_scaled(p.groups);
@@ -204,7 +210,7 @@ void int4_gemv(const Int4Problem<S>& p) {
 template <typename S>
 void dequant_rows(const Int4Problem<S>& p, int64_t o_begin, int64_t o_end, float* w) {
   const int64_t words = p.in / 8;
-  const bool avx2 = cpu_has_avx2_fma();
+  const bool avx2 = use_avx2();
   at::parallel_for(o_begin, o_end, 8, [&](int64_t begin, int64_t end) {
     std::vector<float> scale(p.groups), zero_scaled(p.groups);
     for (int64_t o = begin; o < end; ++o) {
@@ -290,12 +296,19 @@ at::Tensor int4_dequantize(at::Tensor qweight, at::Tensor scales, at::Tensor zer
   return w;
 }
 
-bool uses_avx2() { return cpu_has_avx2_fma(); }
+// Allow or forbid the AVX2 kernels; returns whether they are now in use.
+bool set_avx2_enabled(bool enabled) {
+  avx2_allowed.store(enabled);
+  return use_avx2();
+}
+
+bool uses_avx2() { return use_avx2(); }
 
 TORCH_LIBRARY(llmdrop_int4_cpu, m) {
   m.def("int4_linear(Tensor x, Tensor qweight, Tensor scales, Tensor zeros, int group_size) -> Tensor", &int4_linear);
   m.def("int4_dequantize(Tensor qweight, Tensor scales, Tensor zeros, int group_size) -> Tensor", &int4_dequantize);
   m.def("uses_avx2() -> bool", &uses_avx2);
+  m.def("set_avx2_enabled(bool enabled) -> bool", &set_avx2_enabled);
 }
 
 // An empty Python module: importing it loads this library, which registers the ops above.

@@ -55,12 +55,16 @@ def autogptq_module():
     return module
 
 
-@pytest.fixture(scope="module")
-def cpu_ext():
-    assert quant._int4_cpu is not None, (
+@pytest.fixture(scope="module", params=["simd", "portable"])
+def cpu_ext(request):
+    """The C++ ops, once with the AVX2 kernels (where the CPU has them) and once with the portable ones."""
+    ops = quant._int4_cpu
+    assert ops is not None, (
         "llmdrop_rt._int4_cpu is not built: install with `pip install --no-build-isolation -e .` "
         "or run `python setup.py build_ext --inplace` with torch present")
-    return quant._int4_cpu
+    ops.set_avx2_enabled(request.param == "simd")
+    yield ops
+    ops.set_avx2_enabled(True)
 
 
 @pytest.fixture(autouse=True)
