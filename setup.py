@@ -4,7 +4,7 @@ When torch is importable at build time (`pip install --no-build-isolation -e .`)
 cpp_extension builds `llmdrop_rt._int4_cpu` (csrc/int4_cpu.cpp) and, only where torch has CUDA and
 nvcc is found, `llmdrop_rt._int4_cuda` (csrc/int4_cuda.cu). Without torch, or if a compile fails,
 the package still installs and runs on the pure-torch reference paths (llmdrop_rt.quant detects
-which compiled modules import).
+which compiled modules import); set LLMDROP_RT_REQUIRE_EXT=1 to make a failed compile fail the build.
 """
 import os
 import sys
