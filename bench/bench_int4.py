@@ -112,7 +112,7 @@ def main() -> None:
     device = torch.device(args.device)
     torch.manual_seed(0)
     print(f"device={device} threads={torch.get_num_threads()} backends={quant.available_backends()}"
-          + (f" avx2={quant._int4_cpu.uses_avx2()}" if quant._int4_cpu is not None else ""))
+          + (f" cpu_simd_bits={quant._int4_cpu.simd_width()}" if quant._int4_cpu is not None else ""))
     results = bench(device, args.rows, args.models)
     if args.out:
         report = {

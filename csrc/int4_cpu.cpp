@@ -8,7 +8,8 @@
 // the inner loop only decodes nibbles and multiplies them with x, the per-group sums of x are
 // computed once per call, and the zero term is a short scalar loop per output row. Many rows (prefill): dequantise a tile of output rows to fp32 and let
 // ATen's GEMM do the rest. Parallelism is at::parallel_for (torch's OpenMP pool) over output rows.
-// x86-64 builds carry an AVX2+FMA version selected at run time; everything else uses portable loops.
+// x86-64 builds carry AVX2+FMA and AVX-512 versions selected at run time (functions compiled with
+// target attributes, so the build itself needs only the baseline ISA); elsewhere portable loops run.
 // Bindings are TORCH_LIBRARY ops (torch.ops.llmdrop_int4_cpu.*); importing the shared object as the
 // Python module llmdrop_rt._int4_cpu registers them. ATen-only headers keep the build short.
 #include <Python.h>
@@ -19,30 +20,28 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
+#include <cstring>
 #include <vector>
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
-#define LLMDROP_HAVE_AVX2_PATH 1
+#define LLMDROP_HAVE_X86_SIMD 1
 #endif
 
 namespace {
 
 constexpr int64_t kGemvMaxRows = 8;  // more activation rows than this: dequantised tiles + GEMM
-constexpr int64_t kRowBlock = 4;     // activation rows per pass of the GEMV inner loop (scaled_row_dot_avx2_rows)
+constexpr int64_t kRowBlock = 4;     // activation rows per pass of the GEMV inner loop (scaled_row_dot_*_rows)
 
-template <typename S>
-inline float to_float(S v) { return static_cast<float>(v); }
-
-// Problem description shared by the kernels; pointers are to contiguous fp32 / int32 data except
-// scales and zeros, which keep their checkpoint dtype S.
-template <typename S>
+// Problem description shared by the drivers; all pointers are to contiguous data. Scales and
+// zero * scale are converted to fp32 once per call (a bulk ATen conversion, ~1/64 of the weight
+// traffic), so the kernels never convert fp16/bf16 scalars.
 struct Int4Problem {
-  const float* x;        // [rows, in]
-  const int32_t* qweight;  // [out, in/8]
-  const S* scales;       // [out, groups]
-  const S* zeros;        // [out, groups]
-  float* y;              // [rows, out]
+  const float* x;            // [rows, in]
+  const int32_t* qweight;    // [out, in/8]
+  const float* scales;       // [out, groups]
+  const float* zero_scaled;  // [out, groups], zero * scale
+  float* y;                  // [rows, out]
   int64_t rows, in, out, groups, group_size;
 };
 
@@ -81,9 +80,9 @@ inline void dequant_row_portable(const int32_t* qrow, const float* scale, const 
   }
 }
 
-#ifdef LLMDROP_HAVE_AVX2_PATH
+#ifdef LLMDROP_HAVE_X86_SIMD
 // ---------------------------------------------------------------------------------------------
-// AVX2 + FMA kernels (compiled for x86-64 baseline, used only when the CPU reports avx2 and fma)
+// AVX2 + FMA kernels (used only when the CPU reports avx2 and fma)
 // ---------------------------------------------------------------------------------------------
 __attribute__((target("avx2,fma"))) inline __m256 nibbles_avx2(int32_t word) {
   const __m256i shifts = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);
@@ -151,49 +150,121 @@ __attribute__((target("avx2,fma"))) void dequant_row_avx2(const int32_t* qrow, c
   }
 }
 
-bool cpu_has_avx2_fma() {
-  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return has;
+// ---------------------------------------------------------------------------------------------
+// AVX-512 GEMV (twice the lanes per nibble decode). One 64-bit broadcast puts words k and k+1 in
+// alternate lanes; shifting lane pair j by 4j gives lanes [q(8k), q(8k+8), q(8k+1), q(8k+9), ...], so
+// x is interleaved the same way once per call (interleave_pairs) instead of shuffling every word.
+// Needs group_size and in to be multiples of 16 (whole word pairs per group).
+// ---------------------------------------------------------------------------------------------
+__attribute__((target("avx512f"))) inline __m512 nibble_pairs_avx512(const int32_t* two_words) {
+  int64_t pair;
+  std::memcpy(&pair, two_words, sizeof(pair));
+  const __m512i shifts = _mm512_setr_epi32(0, 0, 4, 4, 8, 8, 12, 12, 16, 16, 20, 20, 24, 24, 28, 28);
+  const __m512i nibbles = _mm512_and_si512(_mm512_srlv_epi32(_mm512_set1_epi64(pair), shifts), _mm512_set1_epi32(0xF));
+  return _mm512_cvtepi32_ps(nibbles);
+}
+
+template <int NROWS>
+__attribute__((target("avx512f"))) void scaled_row_dot_avx512(const int32_t* qrow, const float* x_pairs, int64_t ldx,
+                                                               int64_t words, int64_t words_per_group,
+                                                               const float* scale, float* dots) {
+  __m512 total[NROWS];
+  for (int r = 0; r < NROWS; ++r) total[r] = _mm512_setzero_ps();
+  for (int64_t k0 = 0, g = 0; k0 < words; k0 += words_per_group, ++g) {
+    const int64_t k_end = std::min(words, k0 + words_per_group);
+    __m512 acc_a[NROWS], acc_b[NROWS];
+    for (int r = 0; r < NROWS; ++r) acc_a[r] = acc_b[r] = _mm512_setzero_ps();
+    int64_t k = k0;
+    for (; k + 3 < k_end; k += 4) {
+      const __m512 q0 = nibble_pairs_avx512(qrow + k);
+      const __m512 q1 = nibble_pairs_avx512(qrow + k + 2);
+      for (int r = 0; r < NROWS; ++r) {
+        const float* xr = x_pairs + r * ldx + 8 * k;
+        acc_a[r] = _mm512_fmadd_ps(q0, _mm512_loadu_ps(xr), acc_a[r]);
+        acc_b[r] = _mm512_fmadd_ps(q1, _mm512_loadu_ps(xr + 16), acc_b[r]);
+      }
+    }
+    if (k < k_end) {  // one word pair left
+      const __m512 q0 = nibble_pairs_avx512(qrow + k);
+      for (int r = 0; r < NROWS; ++r)
+        acc_a[r] = _mm512_fmadd_ps(q0, _mm512_loadu_ps(x_pairs + r * ldx + 8 * k), acc_a[r]);
+    }
+    const __m512 s = _mm512_set1_ps(scale[g]);
+    for (int r = 0; r < NROWS; ++r) total[r] = _mm512_fmadd_ps(_mm512_add_ps(acc_a[r], acc_b[r]), s, total[r]);
+  }
+  for (int r = 0; r < NROWS; ++r) dots[r] = _mm512_reduce_add_ps(total[r]);
+}
+
+void scaled_row_dot_avx512_rows(const int32_t* qrow, const float* x_pairs, int64_t ldx, int64_t nrows, int64_t words,
+                                int64_t words_per_group, const float* scale, float* dots) {
+  switch (nrows) {
+    case 1: scaled_row_dot_avx512<1>(qrow, x_pairs, ldx, words, words_per_group, scale, dots); break;
+    case 2: scaled_row_dot_avx512<2>(qrow, x_pairs, ldx, words, words_per_group, scale, dots); break;
+    case 3: scaled_row_dot_avx512<3>(qrow, x_pairs, ldx, words, words_per_group, scale, dots); break;
+    default: scaled_row_dot_avx512<4>(qrow, x_pairs, ldx, words, words_per_group, scale, dots); break;
+  }
+}
+
+int cpu_simd_bits() {
+  static const int bits = __builtin_cpu_supports("avx512f")                                 ? 512
+                          : (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) ? 256
+                                                                                              : 0;
+  return bits;
 }
 #else
-bool cpu_has_avx2_fma() { return false; }
+int cpu_simd_bits() { return 0; }
 #endif
 
-// Tests switch the AVX2 kernels off to exercise the portable ones on AVX2 machines.
-std::atomic<bool> avx2_allowed{true};
+// Tests cap the vector width to exercise every path (AVX-512, AVX2, portable) on one machine.
+std::atomic<int> simd_bits_cap{512};
 
-bool use_avx2() { return avx2_allowed.load() && cpu_has_avx2_fma(); }
+// 512: AVX-512 GEMV (+ AVX2 dequantisation), 256: AVX2 + FMA, 0: portable loops.
+int simd_bits() { return std::min(cpu_simd_bits(), simd_bits_cap.load()); }
+
+// x [rows, in] -> the lane order of nibble_pairs_avx512: within each block of 16 inputs,
+// [x0, x8, x1, x9, ..., x7, x15].
+std::vector<float> interleave_pairs(const float* x, int64_t rows, int64_t in) {
+  std::vector<float> out(rows * in);
+  for (int64_t m = 0; m < rows; ++m)
+    for (int64_t b = 0; b < in; b += 16)
+      for (int64_t i = 0; i < 8; ++i) {
+        out[m * in + b + 2 * i] = x[m * in + b + i];
+        out[m * in + b + 2 * i + 1] = x[m * in + b + 8 + i];
+      }
+  return out;
+}
 
 // ---------------------------------------------------------------------------------------------
 // Drivers
 // ---------------------------------------------------------------------------------------------
-template <typename S>
-void int4_gemv(const Int4Problem<S>& p) {
+void int4_gemv(const Int4Problem& p) {
   const int64_t words = p.in / 8, words_per_group = p.group_size / 8;
   // Per-(row, group) sums of x, for the zero-point term.
   std::vector<float> xsum(p.rows * p.groups, 0.f);
   for (int64_t m = 0; m < p.rows; ++m)
     for (int64_t i = 0; i < p.in; ++i) xsum[m * p.groups + i / p.group_size] += p.x[m * p.in + i];
-  const bool avx2 = use_avx2();
+  const int bits = simd_bits();
+  const bool wide = bits >= 512 && p.group_size % 16 == 0 && p.in % 16 == 0;
+  const std::vector<float> x_pairs = wide ? interleave_pairs(p.x, p.rows, p.in) : std::vector<float>();
 
   at::parallel_for(0, p.out, 16, [&](int64_t o_begin, int64_t o_end) {
-    std::vector<float> scale(p.groups), zero_scaled(p.groups);
     for (int64_t o = o_begin; o < o_end; ++o) {
-      for (int64_t g = 0; g < p.groups; ++g) {
-        scale[g] = to_float(p.scales[o * p.groups + g]);
-        zero_scaled[g] = to_float(p.zeros[o * p.groups + g]) * scale[g];
-      }
+      const float* scale = p.scales + o * p.groups;
+      const float* zero_scaled = p.zero_scaled + o * p.groups;
       const int32_t* qrow = p.qweight + o * words;
       for (int64_t m0 = 0; m0 < p.rows; m0 += kRowBlock) {
         const int64_t nrows = std::min(kRowBlock, p.rows - m0);
         float dots[kRowBlock];
-#ifdef LLMDROP_HAVE_AVX2_PATH
-        if (avx2) {
-          scaled_row_dot_avx2_rows(qrow, p.x + m0 * p.in, p.in, nrows, words, words_per_group, scale.data(), dots);
+#ifdef LLMDROP_HAVE_X86_SIMD
+        if (wide) {
+          scaled_row_dot_avx512_rows(qrow, x_pairs.data() + m0 * p.in, p.in, nrows, words, words_per_group, scale,
+                                     dots);
+        } else if (bits >= 256) {
+          scaled_row_dot_avx2_rows(qrow, p.x + m0 * p.in, p.in, nrows, words, words_per_group, scale, dots);
         } else
 #endif
         {
-          scaled_row_dot_portable(qrow, p.x + m0 * p.in, p.in, nrows, words, words_per_group, scale.data(), dots);
+          scaled_row_dot_portable(qrow, p.x + m0 * p.in, p.in, nrows, words, words_per_group, scale, dots);
         }
         for (int64_t r = 0; r < nrows; ++r) {
           const float* xs = xsum.data() + (m0 + r) * p.groups;
@@ -207,25 +278,21 @@ void int4_gemv(const Int4Problem<S>& p) {
 }
 
 // Dequantise rows [o_begin, o_end) of the weight into w (fp32, [o_end - o_begin, in]).
-template <typename S>
-void dequant_rows(const Int4Problem<S>& p, int64_t o_begin, int64_t o_end, float* w) {
+void dequant_rows(const Int4Problem& p, int64_t o_begin, int64_t o_end, float* w) {
   const int64_t words = p.in / 8;
-  const bool avx2 = use_avx2();
+  const bool avx2 = simd_bits() >= 256;
   at::parallel_for(o_begin, o_end, 8, [&](int64_t begin, int64_t end) {
-    std::vector<float> scale(p.groups), zero_scaled(p.groups);
     for (int64_t o = begin; o < end; ++o) {
-      for (int64_t g = 0; g < p.groups; ++g) {
-        scale[g] = to_float(p.scales[o * p.groups + g]);
-        zero_scaled[g] = to_float(p.zeros[o * p.groups + g]) * scale[g];
-      }
+      const float* scale = p.scales + o * p.groups;
+      const float* zero_scaled = p.zero_scaled + o * p.groups;
       float* wrow = w + (o - o_begin) * p.in;
-#ifdef LLMDROP_HAVE_AVX2_PATH
+#ifdef LLMDROP_HAVE_X86_SIMD
       if (avx2) {
-        dequant_row_avx2(p.qweight + o * words, scale.data(), zero_scaled.data(), words, p.group_size, wrow);
+        dequant_row_avx2(p.qweight + o * words, scale, zero_scaled, words, p.group_size, wrow);
         continue;
       }
 #endif
-      dequant_row_portable(p.qweight + o * words, scale.data(), zero_scaled.data(), words, p.group_size, wrow);
+      dequant_row_portable(p.qweight + o * words, scale, zero_scaled, words, p.group_size, wrow);
     }
   });
 }
@@ -263,13 +330,13 @@ at::Tensor int4_linear(at::Tensor x, at::Tensor qweight, at::Tensor scales, at::
   at::Tensor y = at::empty({rows, out}, xf.options());
   if (rows == 0) return y.to(out_dtype);
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, scales.scalar_type(), "int4_linear_cpu", [&] {
-    Int4Problem<scalar_t> p{xf.data_ptr<float>(), qweight.data_ptr<int32_t>(), scales.data_ptr<scalar_t>(),
-                            zeros.data_ptr<scalar_t>(), y.data_ptr<float>(), rows, in, out, groups, group_size};
-    if (rows <= kGemvMaxRows) {
-      int4_gemv(p);
-      return;
-    }
+  const at::Tensor scale_f = scales.to(at::kFloat).contiguous();
+  const at::Tensor zero_scaled = (zeros.to(at::kFloat) * scale_f).contiguous();
+  const Int4Problem p{xf.data_ptr<float>(), qweight.data_ptr<int32_t>(), scale_f.data_ptr<float>(),
+                      zero_scaled.data_ptr<float>(), y.data_ptr<float>(), rows, in, out, groups, group_size};
+  if (rows <= kGemvMaxRows) {
+    int4_gemv(p);
+  } else {
     // ~4M floats (16 MB) of dequantised weights per tile, at least 64 output rows.
     const int64_t tile = std::max<int64_t>(64, ((int64_t{1} << 22) / in) / 8 * 8);
     at::Tensor w = at::empty({std::min(tile, out), in}, xf.options());
@@ -278,7 +345,7 @@ at::Tensor int4_linear(at::Tensor x, at::Tensor qweight, at::Tensor scales, at::
       dequant_rows(p, o0, o1, w.data_ptr<float>());
       y.narrow(1, o0, o1 - o0).copy_(at::mm(xf, w.narrow(0, 0, o1 - o0).t()));
     }
-  });
+  }
   return out_dtype == at::kFloat ? y : y.to(out_dtype);
 }
 
@@ -288,27 +355,27 @@ at::Tensor int4_dequantize(at::Tensor qweight, at::Tensor scales, at::Tensor zer
   check_inputs(at::empty({0, in}), qweight, scales, zeros, group_size);
   const int64_t out = qweight.size(0), groups = (in + group_size - 1) / group_size;
   at::Tensor w = at::empty({out, in}, at::kFloat);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, scales.scalar_type(), "int4_dequantize_cpu", [&] {
-    Int4Problem<scalar_t> p{nullptr, qweight.data_ptr<int32_t>(), scales.data_ptr<scalar_t>(),
-                            zeros.data_ptr<scalar_t>(), nullptr, 0, in, out, groups, group_size};
-    dequant_rows(p, 0, out, w.data_ptr<float>());
-  });
+  const at::Tensor scale_f = scales.to(at::kFloat).contiguous();
+  const at::Tensor zero_scaled = (zeros.to(at::kFloat) * scale_f).contiguous();
+  const Int4Problem p{nullptr, qweight.data_ptr<int32_t>(), scale_f.data_ptr<float>(), zero_scaled.data_ptr<float>(),
+                      nullptr, 0, in, out, groups, group_size};
+  dequant_rows(p, 0, out, w.data_ptr<float>());
   return w;
 }
 
-// Allow or forbid the AVX2 kernels; returns whether they are now in use.
-bool set_avx2_enabled(bool enabled) {
-  avx2_allowed.store(enabled);
-  return use_avx2();
+// Cap the vector width the kernels may use (512, 256 or 0 bits); returns the width now in use.
+int64_t set_max_simd_bits(int64_t bits) {
+  simd_bits_cap.store(static_cast<int>(bits));
+  return simd_bits();
 }
 
-bool uses_avx2() { return use_avx2(); }
+int64_t simd_width() { return simd_bits(); }
 
 TORCH_LIBRARY(llmdrop_int4_cpu, m) {
   m.def("int4_linear(Tensor x, Tensor qweight, Tensor scales, Tensor zeros, int group_size) -> Tensor", &int4_linear);
   m.def("int4_dequantize(Tensor qweight, Tensor scales, Tensor zeros, int group_size) -> Tensor", &int4_dequantize);
-  m.def("uses_avx2() -> bool", &uses_avx2);
-  m.def("set_avx2_enabled(bool enabled) -> bool", &set_avx2_enabled);
+  m.def("simd_width() -> int", &simd_width);
+  m.def("set_max_simd_bits(int bits) -> int", &set_max_simd_bits);
 }
 
 // An empty Python module: importing it loads this library, which registers the ops above.

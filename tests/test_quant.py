@@ -55,16 +55,17 @@ def autogptq_module():
     return module
 
 
-@pytest.fixture(scope="module", params=["simd", "portable"])
+@pytest.fixture(scope="module", params=[512, 256, 0], ids=["avx512", "avx2", "portable"])
 def cpu_ext(request):
-    """The C++ ops, once with the AVX2 kernels (where the CPU has them) and once with the portable ones."""
+    """The C++ ops with the vector width capped at AVX-512, AVX2 and none (portable loops); a CPU
+    without a width runs the next narrower one."""
     ops = quant._int4_cpu
     assert ops is not None, (
         "llmdrop_rt._int4_cpu is not built: install with `pip install --no-build-isolation -e .` "
         "or run `python setup.py build_ext --inplace` with torch present")
-    ops.set_avx2_enabled(request.param == "simd")
+    assert ops.set_max_simd_bits(request.param) <= request.param
     yield ops
-    ops.set_avx2_enabled(True)
+    ops.set_max_simd_bits(512)
 
 
 @pytest.fixture(autouse=True)
