@@ -41,31 +41,34 @@ def random_layer(out_features: int, in_features: int, device: torch.device) -> t
     return layer, dequantize_reference(weights).to(device)
 
 
-def seconds_per_call(fn, device: torch.device, min_time: float = 0.3, min_calls: int = 5) -> float:
-    """Median wall time of one call, after a warm-up, over batches that together run >= min_time."""
+def seconds_per_call(fns, device: torch.device, min_time: float = 0.6, min_samples: int = 7) -> list[float]:
+    """Median wall time of one call of each function. Samples of the functions alternate, so a machine
+    whose load drifts (shared CI runners) slows them alike and the ratio stays meaningful."""
     def sync():
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    for _ in range(3):
-        fn()
-    sync()
-    start = time.perf_counter()
-    fn()
-    sync()
-    once = max(time.perf_counter() - start, 1e-6)
-    calls_per_sample = max(1, int(0.05 / once))
-    samples = []
-    elapsed = 0.0
-    while elapsed < min_time or len(samples) < min_calls:
-        start = time.perf_counter()
-        for _ in range(calls_per_sample):
+    calls_per_sample = []
+    for fn in fns:
+        for _ in range(3):
             fn()
         sync()
-        took = time.perf_counter() - start
-        samples.append(took / calls_per_sample)
-        elapsed += took
-    return statistics.median(samples)
+        start = time.perf_counter()
+        fn()
+        sync()
+        calls_per_sample.append(max(1, int(0.02 / max(time.perf_counter() - start, 1e-6))))
+    samples = [[] for _ in fns]
+    elapsed = 0.0
+    while elapsed < min_time or len(samples[0]) < min_samples:
+        for fn, calls, times in zip(fns, calls_per_sample, samples):
+            start = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            sync()
+            took = time.perf_counter() - start
+            times.append(took / calls)
+            elapsed += took
+    return [statistics.median(times) for times in samples]
 
 
 def bench(device: torch.device, rows_list: list[int], models: list[str]) -> list[dict]:
@@ -81,8 +84,8 @@ def bench(device: torch.device, rows_list: list[int], models: list[str]) -> list
                     x = torch.randn(rows, in_features, device=device, dtype=dtype)
                     with torch.inference_mode():
                         err = (layer(x).float() - F.linear(x, dense_weight).float()).abs().max().item()
-                        t_int4 = seconds_per_call(lambda: layer(x), device)
-                        t_dense = seconds_per_call(lambda: F.linear(x, dense_weight), device)
+                        t_int4, t_dense = seconds_per_call([lambda: layer(x), lambda: F.linear(x, dense_weight)],
+                                                           device)
                     results.append({
                         "model": model, "layer": name, "out_features": out_features, "in_features": in_features,
                         "rows": rows, "activations": label, "backend": layer.backend_for(x),

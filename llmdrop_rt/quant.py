@@ -1,6 +1,6 @@
 """4-bit AWQ / GPTQ checkpoints: config parsing, exact unpacking, a pure-torch reference, and `QuantLinear`.
 
-Formats (see /work/shared/reference/methods.md, "Quantized checkpoint formats"):
+Formats:
 
 * AWQ "gemm" (AutoAWQ, GPTQModel's AWQ): ``qweight`` int32 [in, out/8] packed along the OUTPUT dim;
   nibble ``i`` (bits 4i..4i+3) of word ``c`` holds output column ``8c + AWQ_PACK_ORDER[i]``.
@@ -29,9 +29,9 @@ import torch
 import torch.nn.functional as F
 
 # Nibble i of an AWQ word holds output column 8c + AWQ_PACK_ORDER[i]; AWQ_UNPACK_ORDER is its inverse
-# (column 8c + j lives in nibble AWQ_UNPACK_ORDER[j]).
+# (column 8c + j lives in nibble AWQ_UNPACK_ORDER[j]), i.e. (0, 4, 1, 5, 2, 6, 3, 7).
 AWQ_PACK_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
-AWQ_UNPACK_ORDER = (0, 4, 1, 5, 2, 6, 3, 7)
+AWQ_UNPACK_ORDER = tuple(sorted(range(8), key=AWQ_PACK_ORDER.__getitem__))
 NIBBLES_PER_WORD = 8
 
 BACKEND_ENV = "LLMDROP_RT_INT4_BACKEND"
