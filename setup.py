@@ -1,9 +1,55 @@
-"""Build script: the package itself is pure Python; csrc/ holds the optional C++/CUDA extension.
+"""Build script: the package itself is pure Python; csrc/ holds the optional C++/CUDA int4 extension.
 
-The extension is built here with torch's cpp_extension when torch is importable at build time
-(`pip install --no-build-isolation -e .`); without it the package installs and runs on the
-pure-torch paths.
+When torch is importable at build time (`pip install --no-build-isolation -e .`), torch's
+cpp_extension builds `llmdrop_rt._int4_cpu` (csrc/int4_cpu.cpp) and, only where torch has CUDA and
+nvcc is found, `llmdrop_rt._int4_cuda` (csrc/int4_cuda.cu). Without torch, or if a compile fails,
+the package still installs and runs on the pure-torch reference paths (llmdrop_rt.quant detects
+which compiled modules import); set LLMDROP_RT_REQUIRE_EXT=1 to make a failed compile fail the build.
 """
+import os
+import sys
+
 from setuptools import setup
 
-setup()
+
+def extension_build_kwargs():
+    try:
+        import torch
+        from torch.utils import cpp_extension
+    except ImportError:
+        print("llmdrop-rt: torch not importable at build time; skipping the int4 extension", file=sys.stderr)
+        return {}
+
+    extensions = [
+        cpp_extension.CppExtension(
+            "llmdrop_rt._int4_cpu",
+            ["csrc/int4_cpu.cpp"],
+            # Baseline ISA only: the AVX2 kernels are compiled per function and picked at run time.
+            extra_compile_args=["-O3"],
+        )
+    ]
+    if torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None:
+        extensions.append(
+            cpp_extension.CUDAExtension(
+                "llmdrop_rt._int4_cuda",
+                ["csrc/int4_cuda.cu"],
+                extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3"]},
+            )
+        )
+
+    class OptionalBuildExt(cpp_extension.BuildExtension):
+        """A failed compile leaves the pure-torch fallback instead of failing the install."""
+
+        def build_extension(self, ext):
+            try:
+                super().build_extension(ext)
+            except Exception as e:  # noqa: BLE001 - any compiler failure means "no extension"
+                if os.environ.get("LLMDROP_RT_REQUIRE_EXT"):
+                    raise
+                print(f"llmdrop-rt: building {ext.name} failed ({e}); using the pure-torch fallback",
+                      file=sys.stderr)
+
+    return {"ext_modules": extensions, "cmdclass": {"build_ext": OptionalBuildExt.with_options(use_ninja=True)}}
+
+
+setup(**extension_build_kwargs())

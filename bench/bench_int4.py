@@ -1,0 +1,141 @@
+"""int4 linear vs dense linear at SmolLM2-135M and Llama-7B projection shapes, same machine, same run.
+
+CPU: the C++ int4 kernel (llmdrop_rt._int4_cpu) vs fp32 torch.nn.functional.linear (dense weights
+equal to the dequantized int4 ones, group size 128).
+CUDA (when a GPU and the CUDA extension are present): the CUDA int4 kernel on fp16 activations vs fp16
+F.linear, and the fp32 comparison too. Prints a table; --out writes the rows as JSON.
+
+    python bench/bench_int4.py --out bench/out/int4_cpu.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+
+import torch
+import torch.nn.functional as F
+
+from llmdrop_rt import quant
+from llmdrop_rt.quant import Int4Weights, QuantLinear, dequantize_reference
+
+SHAPES = {  # model -> [(name, out_features, in_features)]
+    "SmolLM2-135M": [("q_proj", 576, 576), ("up_proj", 1536, 576), ("down_proj", 576, 1536)],
+    "Llama-7B": [("q_proj", 4096, 4096), ("up_proj", 11008, 4096), ("down_proj", 4096, 11008)],
+}
+GROUP_SIZE = 128
+
+
+def random_layer(out_features: int, in_features: int, device: torch.device) -> tuple[QuantLinear, torch.Tensor]:
+    groups = in_features // GROUP_SIZE if in_features % GROUP_SIZE == 0 else -(-in_features // GROUP_SIZE)
+    weights = Int4Weights(
+        torch.randint(0, 16, (out_features, in_features), dtype=torch.uint8),
+        torch.randint(0, 16, (groups, out_features), dtype=torch.int16),
+        (torch.rand(groups, out_features) * 0.01 + 0.001).half(),
+        torch.arange(in_features) // GROUP_SIZE,
+    )
+    layer = QuantLinear.from_int4(weights, GROUP_SIZE).to(device)
+    return layer, dequantize_reference(weights).to(device)
+
+
+def seconds_per_call(fns, device: torch.device, min_time: float = 0.6,
+                     min_samples: int = 7) -> list[tuple[float, float]]:
+    """(median, best) wall time of one call of each function. Samples of the functions alternate, so a
+    machine whose load drifts (shared runners) slows them alike; the best sample estimates the
+    unloaded speed."""
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    calls_per_sample = []
+    for fn in fns:
+        for _ in range(3):
+            fn()
+        sync()
+        start = time.perf_counter()
+        fn()
+        sync()
+        calls_per_sample.append(max(1, int(0.02 / max(time.perf_counter() - start, 1e-6))))
+    samples = [[] for _ in fns]
+    elapsed = 0.0
+    while elapsed < min_time or len(samples[0]) < min_samples:
+        for fn, calls, times in zip(fns, calls_per_sample, samples):
+            start = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            sync()
+            took = time.perf_counter() - start
+            times.append(took / calls)
+            elapsed += took
+    return [(statistics.median(times), min(times)) for times in samples]
+
+
+def bench(device: torch.device, rows_list: list[int], models: list[str]) -> list[dict]:
+    results = []
+    for model in models:
+        for name, out_features, in_features in SHAPES[model]:
+            layer, weight32 = random_layer(out_features, in_features, device)
+            comparisons = [("fp32", torch.float32, weight32)]
+            if device.type == "cuda":
+                comparisons.append(("fp16", torch.float16, weight32.half()))
+            for rows in rows_list:
+                for label, dtype, dense_weight in comparisons:
+                    x = torch.randn(rows, in_features, device=device, dtype=dtype)
+                    with torch.inference_mode():
+                        err = (layer(x).float() - F.linear(x, dense_weight).float()).abs().max().item()
+                        (t_int4, best_int4), (t_dense, best_dense) = seconds_per_call(
+                            [lambda: layer(x), lambda: F.linear(x, dense_weight)], device)
+                    results.append({
+                        "model": model, "layer": name, "out_features": out_features, "in_features": in_features,
+                        "rows": rows, "activations": label, "backend": layer.backend_for(x),
+                        "int4_ms": t_int4 * 1e3, "dense_ms": t_dense * 1e3, "speedup_vs_dense": t_dense / t_int4,
+                        "int4_best_ms": best_int4 * 1e3, "dense_best_ms": best_dense * 1e3,
+                        "best_speedup_vs_dense": best_dense / best_int4, "max_abs_diff": err,
+                        "int4_weight_bytes": layer.weight_bytes(),
+                        "dense_weight_bytes": dense_weight.numel() * dense_weight.element_size(),
+                    })
+                    r = results[-1]
+                    print(f"{model:13s} {name:10s} {out_features:6d}x{in_features:<6d} rows={rows:<4d} {label} "
+                          f"{r['backend']:9s} median: int4 {r['int4_ms']:8.3f} ms dense {r['dense_ms']:8.3f} ms "
+                          f"dense/int4 {r['speedup_vs_dense']:5.2f}x | best: int4 {r['int4_best_ms']:8.3f} ms "
+                          f"dense {r['dense_best_ms']:8.3f} ms dense/int4 {r['best_speedup_vs_dense']:5.2f}x  "
+                          f"maxdiff {err:.1e}", flush=True)
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--rows", type=int, nargs="+", default=[1, 4, 32])
+    parser.add_argument("--models", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice)")
+    parser.add_argument("--out", help="write the results as JSON here")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    print(f"device={device} threads={torch.get_num_threads()} backends={quant.available_backends()}"
+          + (f" cpu_simd_bits={quant._int4_cpu.simd_width()}" if quant._int4_cpu is not None else ""))
+    results = bench(device, args.rows, args.models)
+    if args.out:
+        report = {
+            "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
+            "torch": torch.__version__, "threads": torch.get_num_threads(), "group_size": GROUP_SIZE,
+            "backends": quant.available_backends(), "results": results,
+        }
+        directory = os.path.dirname(os.path.abspath(args.out))
+        os.makedirs(directory, exist_ok=True)
+        with tempfile.NamedTemporaryFile("w", dir=directory, delete=False, suffix=".tmp") as f:
+            json.dump(report, f, indent=2)
+        os.replace(f.name, args.out)
+        print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

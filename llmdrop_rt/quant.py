@@ -1,0 +1,487 @@
+"""4-bit AWQ / GPTQ checkpoints: config parsing, exact unpacking, a pure-torch reference, and `QuantLinear`.
+
+Formats:
+
+* AWQ "gemm" (AutoAWQ, GPTQModel's AWQ): ``qweight`` int32 [in, out/8] packed along the OUTPUT dim;
+  nibble ``i`` (bits 4i..4i+3) of word ``c`` holds output column ``8c + AWQ_PACK_ORDER[i]``.
+  ``qzeros`` int32 [in/g, out/8] packed the same way, ``scales`` fp16 [in/g, out]. Input column ``i``
+  belongs to group ``i // g``.
+* GPTQ: ``qweight`` int32 [in/8, out] packed along the INPUT dim, low nibble first; ``qzeros`` int32
+  [ceil(in/g), out/8] packed along the output dim, low nibble first; ``scales`` [ceil(in/g), out];
+  ``g_idx`` int32 [in], the group of each input column (not monotone with desc_act). The "gptq" (v1)
+  checkpoint format stores zero - 1 in each nibble, "gptq_v2" the true zero.
+
+Every format dequantizes as ``W[o, i] = (q[o, i] - zero[g_idx[i], o]) * scale[g_idx[i], o]``, so unpacking
+produces one canonical `Int4Weights` and `dequantize_reference` is the single oracle every kernel is
+tested against.
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Mapping
+
+import torch
+import torch.nn.functional as F
+
+# Nibble i of an AWQ word holds output column 8c + AWQ_PACK_ORDER[i]; AWQ_UNPACK_ORDER is its inverse
+# (column 8c + j lives in nibble AWQ_UNPACK_ORDER[j]), i.e. (0, 4, 1, 5, 2, 6, 3, 7).
+AWQ_PACK_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
+AWQ_UNPACK_ORDER = tuple(sorted(range(8), key=AWQ_PACK_ORDER.__getitem__))
+NIBBLES_PER_WORD = 8
+
+BACKEND_ENV = "LLMDROP_RT_INT4_BACKEND"
+BACKENDS = ("reference", "cpp", "cuda")
+
+
+# --------------------------------------------------------------------------------------------------
+# Config
+# --------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class QuantConfig:
+    """What a 4-bit checkpoint's tensors mean.
+
+    method: "awq" or "gptq". checkpoint_format: "awq_gemm", "gptq" (v1, stored zero = zero - 1) or
+    "gptq_v2" (stored zero = zero). group_size: input columns per scale/zero group, -1 = one group.
+    zero_point: asymmetric (AWQ zero_point / GPTQ not sym); an AWQ checkpoint without zero points has
+    no qzeros and is read with zero 8 (GPTQ always stores qzeros). desc_act: GPTQ act-order (g_idx not
+    monotone).
+    """
+
+    method: str
+    checkpoint_format: str
+    bits: int = 4
+    group_size: int = 128
+    zero_point: bool = True
+    desc_act: bool = False
+
+    def group_size_for(self, in_features: int) -> int:
+        """The effective group size for a layer (-1 means the whole input dimension)."""
+        return in_features if self.group_size == -1 else self.group_size
+
+    @property
+    def zero_offset(self) -> int:
+        """What to add to a stored zero nibble to get the true zero."""
+        return 1 if self.checkpoint_format == "gptq" else 0
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: invalid JSON ({e})") from e
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def parse_quant_config(config_dict: Mapping, folder: str | os.PathLike | None = None) -> QuantConfig | None:
+    """Read the quantization settings of a checkpoint, or None when it is not quantized.
+
+    Sources: ``config_dict["quantization_config"]`` (config.json) and ``folder/quantize_config.json``
+    (AutoGPTQ / GPTQModel). When both exist, config.json wins and the two must agree on the keys
+    that change the meaning of the tensors. Only 4-bit AWQ "gemm" and 4-bit GPTQ (v1 / v2) are
+    accepted; anything else raises ValueError naming the field and value.
+    """
+    from_config = config_dict.get("quantization_config") if config_dict else None
+    if from_config is not None and not isinstance(from_config, Mapping):
+        raise ValueError(f"config.json quantization_config: expected an object, got {type(from_config).__name__}")
+    side_path = Path(folder) / "quantize_config.json" if folder is not None else None
+    from_side = _read_json(side_path) if side_path is not None and side_path.is_file() else None
+    if from_config is None and from_side is None:
+        return None
+
+    merged: dict = {}
+    if from_side is not None:
+        merged.update(from_side)
+        merged.setdefault("quant_method", "gptq")  # AutoGPTQ's quantize_config.json has no quant_method
+    if from_config is not None:
+        if from_side is not None:
+            for key in ("bits", "group_size", "sym", "desc_act", "checkpoint_format", "zero_point"):
+                if key in from_config and key in from_side and from_config[key] != from_side[key]:
+                    raise ValueError(
+                        f"quantization settings disagree on {key!r}: config.json has {from_config[key]!r}, "
+                        f"quantize_config.json has {from_side[key]!r}"
+                    )
+        merged.update(from_config)
+
+    method = str(merged.get("quant_method", "")).lower()
+    if method == "awq":
+        return _parse_awq(merged)
+    if method == "gptq":
+        return _parse_gptq(merged)
+    raise ValueError(
+        f"quantization_config.quant_method={merged.get('quant_method')!r} is not supported "
+        "(supported: 'awq' with version 'gemm', 'gptq')"
+    )
+
+
+def _require_bits(cfg: Mapping, *names: str) -> int:
+    for name in names:
+        if name in cfg:
+            if cfg[name] != 4:
+                raise ValueError(f"quantization_config.{name}={cfg[name]!r} is not supported (only 4-bit)")
+            return 4
+    raise ValueError(f"quantization_config has no bit width (expected one of {names})")
+
+
+def _parse_group_size(cfg: Mapping, *names: str) -> int:
+    for name in names:
+        if name in cfg:
+            value = cfg[name]
+            if not isinstance(value, int) or isinstance(value, bool) or not (value == -1 or value > 0):
+                raise ValueError(f"quantization_config.{name}={value!r}: expected a positive integer or -1")
+            if value != -1 and value % NIBBLES_PER_WORD != 0:
+                raise ValueError(f"quantization_config.{name}={value!r}: must be a multiple of 8 or -1")
+            return value
+    raise ValueError(f"quantization_config has no group size (expected one of {names})")
+
+
+def _parse_awq(cfg: Mapping) -> QuantConfig:
+    version = str(cfg.get("version", "gemm")).lower()
+    if version != "gemm":
+        raise ValueError(
+            f"quantization_config.version={cfg.get('version')!r} is not supported for AWQ (only 'gemm'; "
+            "'gemv', 'gemv_fast', 'exllama', 'marlin', 'ipex' use other packings)"
+        )
+    bits = _require_bits(cfg, "bits", "w_bit")
+    group_size = _parse_group_size(cfg, "group_size", "q_group_size")
+    zero_point = cfg.get("zero_point", True)
+    if not isinstance(zero_point, bool):
+        raise ValueError(f"quantization_config.zero_point={zero_point!r}: expected true or false")
+    return QuantConfig("awq", "awq_gemm", bits, group_size, zero_point, desc_act=False)
+
+
+def _parse_gptq(cfg: Mapping) -> QuantConfig:
+    if cfg.get("is_marlin_format"):
+        raise ValueError("quantization_config.is_marlin_format=True is not supported (Marlin repacked weights)")
+    fmt_key = "checkpoint_format" if "checkpoint_format" in cfg else "format"
+    fmt = str(cfg.get(fmt_key, "gptq")).lower()
+    if fmt not in ("gptq", "gptq_v2"):
+        raise ValueError(
+            f"quantization_config.{fmt_key}={cfg.get(fmt_key)!r} is not supported (only 'gptq' and 'gptq_v2')"
+        )
+    pack_dtype = str(cfg.get("pack_dtype", "int32")).replace("torch.", "")
+    if pack_dtype != "int32":
+        raise ValueError(f"quantization_config.pack_dtype={cfg.get('pack_dtype')!r} is not supported (only int32)")
+    if cfg.get("dynamic"):
+        raise ValueError("quantization_config.dynamic (per-module overrides) is not supported")
+    bits = _require_bits(cfg, "bits")
+    group_size = _parse_group_size(cfg, "group_size")
+    sym = cfg.get("sym", True)
+    desc_act = cfg.get("desc_act", False)
+    for name, value in (("sym", sym), ("desc_act", desc_act)):
+        if not isinstance(value, bool):
+            raise ValueError(f"quantization_config.{name}={value!r}: expected true or false")
+    return QuantConfig("gptq", fmt, bits, group_size, zero_point=not sym, desc_act=desc_act)
+
+
+# --------------------------------------------------------------------------------------------------
+# Unpacking: packed checkpoint tensors -> canonical Int4Weights
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class Int4Weights:
+    """Unpacked 4-bit weights in one canonical form, whatever the checkpoint format.
+
+    qvalues: uint8 [out, in], each in 0..15. zeros: int16 [groups, out], true zeros (a v1 GPTQ
+    nibble of 15 means 16). scales: [groups, out] in the checkpoint dtype. g_idx: int64 [in], the
+    group of each input column.
+    """
+
+    qvalues: torch.Tensor
+    zeros: torch.Tensor
+    scales: torch.Tensor
+    g_idx: torch.Tensor
+
+    @property
+    def out_features(self) -> int:
+        return self.qvalues.shape[0]
+
+    @property
+    def in_features(self) -> int:
+        return self.qvalues.shape[1]
+
+
+def unpack_nibbles(packed: torch.Tensor, dim: int) -> torch.Tensor:
+    """Split each int32 into 8 nibbles, low bits first, laid out consecutively along `dim` (uint8)."""
+    shifts = torch.arange(0, 32, 4, dtype=torch.int32, device=packed.device)
+    nibbles = (packed.to(torch.int32).unsqueeze(-1) >> shifts) & 0xF  # [..., 8] (>> is arithmetic; & fixes it)
+    nibbles = nibbles.to(torch.uint8)
+    dim = dim % packed.dim()
+    # Put the 8 nibbles right after `dim` and merge them into it.
+    nibbles = nibbles.movedim(-1, dim + 1)
+    shape = list(packed.shape)
+    shape[dim] *= NIBBLES_PER_WORD
+    return nibbles.reshape(shape)
+
+
+def pack_nibbles(values: torch.Tensor, dim: int) -> torch.Tensor:
+    """Inverse of `unpack_nibbles`: 8 consecutive values along `dim` (0..15) -> one int32, low bits first."""
+    dim = dim % values.dim()
+    if values.shape[dim] % NIBBLES_PER_WORD:
+        raise ValueError(f"pack_nibbles: size {values.shape[dim]} along dim {dim} is not a multiple of 8")
+    shape = list(values.shape)
+    shape[dim] //= NIBBLES_PER_WORD
+    shape.insert(dim + 1, NIBBLES_PER_WORD)
+    grouped = values.to(torch.int64).reshape(shape).movedim(dim + 1, -1)
+    shifts = torch.arange(0, 32, 4, dtype=torch.int64, device=values.device)
+    words = (grouped << shifts).sum(-1)
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+
+
+def _awq_unorder(unpacked: torch.Tensor) -> torch.Tensor:
+    """Undo AWQ's interleave along the last dim: column 8c + j is nibble AWQ_UNPACK_ORDER[j] of word c."""
+    cols = unpacked.shape[-1]
+    order = torch.tensor(AWQ_UNPACK_ORDER, device=unpacked.device)
+    index = (torch.arange(0, cols, NIBBLES_PER_WORD, device=unpacked.device).unsqueeze(1) + order).reshape(-1)
+    return unpacked[..., index]
+
+
+def unpack_awq_gemm(qweight: torch.Tensor, qzeros: torch.Tensor | None, scales: torch.Tensor,
+                    group_size: int) -> Int4Weights:
+    """AWQ "gemm" tensors -> Int4Weights. qzeros None means symmetric (zero 8). Shapes are not re-checked here."""
+    in_features = qweight.shape[0]
+    q_in_out = _awq_unorder(unpack_nibbles(qweight, dim=1))  # [in, out]
+    if qzeros is None:
+        zeros = torch.full(scales.shape, 8, dtype=torch.int16, device=scales.device)
+    else:
+        zeros = _awq_unorder(unpack_nibbles(qzeros, dim=1)).to(torch.int16)
+    g = in_features if group_size == -1 else group_size
+    g_idx = torch.arange(in_features, device=qweight.device) // g
+    return Int4Weights(q_in_out.t().contiguous(), zeros, scales, g_idx)
+
+
+def unpack_gptq(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, g_idx: torch.Tensor | None,
+                group_size: int, zero_offset: int) -> Int4Weights:
+    """GPTQ tensors -> Int4Weights. zero_offset is 1 for the v1 "gptq" format, 0 for "gptq_v2".
+
+    Without g_idx, input column i belongs to group i // group_size.
+    """
+    in_features = qweight.shape[0] * NIBBLES_PER_WORD
+    q_in_out = unpack_nibbles(qweight, dim=0)  # [in, out]
+    zeros = unpack_nibbles(qzeros, dim=1).to(torch.int16) + zero_offset
+    if g_idx is None:
+        g = in_features if group_size == -1 else group_size
+        g_idx = torch.arange(in_features, device=qweight.device) // g
+    return Int4Weights(q_in_out.t().contiguous(), zeros, scales, g_idx.to(torch.int64))
+
+
+def dequantize_reference(weights: Int4Weights, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """W [out, in] = (q - zero[g_idx]) * scale[g_idx], computed in float32 (exact for fp16 scales), then cast."""
+    zeros = weights.zeros.t()[:, weights.g_idx].to(torch.float32)  # [out, in]
+    scales = weights.scales.t()[:, weights.g_idx].to(torch.float32)
+    return ((weights.qvalues.to(torch.float32) - zeros) * scales).to(dtype)
+
+
+# --------------------------------------------------------------------------------------------------
+# Compiled kernels (optional)
+# --------------------------------------------------------------------------------------------------
+def _load_ops(module: str, namespace: str):
+    """Import a compiled module (which registers its TORCH_LIBRARY ops) and return the ops namespace,
+    or None when it was not built."""
+    try:
+        importlib.import_module(f"llmdrop_rt.{module}")
+    except ImportError:
+        return None
+    return getattr(torch.ops, namespace)
+
+
+_int4_cpu = _load_ops("_int4_cpu", "llmdrop_int4_cpu")
+_int4_cuda = _load_ops("_int4_cuda", "llmdrop_int4_cuda")
+
+
+def available_backends() -> dict[str, bool]:
+    """Which int4 backends this installation can run."""
+    return {"reference": True, "cpp": _int4_cpu is not None, "cuda": _int4_cuda is not None}
+
+
+def _backend_override() -> str | None:
+    value = os.environ.get(BACKEND_ENV, "").strip().lower()
+    if not value:
+        return None
+    if value not in BACKENDS:
+        raise ValueError(f"{BACKEND_ENV}={value!r}: expected one of {BACKENDS}")
+    return value
+
+
+# --------------------------------------------------------------------------------------------------
+# QuantLinear
+# --------------------------------------------------------------------------------------------------
+class QuantLinear(torch.nn.Module):
+    """A linear layer with 4-bit weights, y = x @ W.T + bias.
+
+    Kernel layout (the same for AWQ and GPTQ, built once at load time):
+
+    * ``qweight`` int32 [out, in/8]: word k of row o holds q[o, 8k + j] in bits 4j..4j+3 (low first),
+      over the input columns in *kernel order*.
+    * ``scales`` / ``zeros`` [out, groups] in the scale dtype (fp16 for checkpoints; zeros are small
+      integers, exact in fp16), group of kernel column c = c // group_size.
+    * ``input_perm`` int64 [in] or None: with GPTQ desc_act, input columns are sorted by group so that
+      groups are contiguous; the forward then gathers ``x[..., input_perm]`` before the kernel.
+
+    Backend: ``LLMDROP_RT_INT4_BACKEND=reference|cpp|cuda`` forces one; otherwise CUDA tensors use the
+    CUDA extension, CPU tensors the C++ extension, and the pure-torch reference when neither is built.
+    """
+
+    def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
+                 in_features: int, out_features: int, input_perm: torch.Tensor | None = None,
+                 bias: torch.Tensor | None = None):
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.group_size = group_size
+        self.register_buffer("qweight", qweight)
+        self.register_buffer("scales", scales)
+        self.register_buffer("zeros", zeros)
+        self.register_buffer("input_perm", input_perm)
+        self.register_buffer("bias", bias)
+
+    # ---- construction -------------------------------------------------------------------------------
+    @classmethod
+    def from_int4(cls, weights: Int4Weights, group_size: int, bias: torch.Tensor | None = None) -> "QuantLinear":
+        """Build the kernel layout from canonical weights. g_idx must put exactly `group_size` columns in
+        each group (fewer in the last), as every AWQ/GPTQ quantizer does."""
+        out_features, in_features = weights.qvalues.shape
+        g_idx = weights.g_idx
+        canonical = torch.arange(in_features, device=g_idx.device) // group_size
+        if torch.equal(g_idx, canonical):
+            input_perm = None
+            qvalues = weights.qvalues
+        else:
+            input_perm = torch.argsort(g_idx, stable=True)
+            if not torch.equal(g_idx[input_perm], canonical):
+                counts = torch.bincount(g_idx, minlength=weights.scales.shape[0]).tolist()
+                raise ValueError(
+                    f"g_idx: each group must hold {group_size} input columns (the last may hold fewer); "
+                    f"got counts {counts[:8]}{'...' if len(counts) > 8 else ''}"
+                )
+            qvalues = weights.qvalues[:, input_perm]
+        qweight = pack_nibbles(qvalues, dim=1).contiguous()
+        scales = weights.scales.t().contiguous()
+        zeros = weights.zeros.t().to(scales.dtype).contiguous()
+        return cls(qweight, scales, zeros, group_size, in_features, out_features, input_perm, bias)
+
+    @classmethod
+    def from_checkpoint(cls, get_tensor: Callable[[str], torch.Tensor], prefix: str, in_features: int,
+                        out_features: int, qconfig: QuantConfig, bias: bool) -> "QuantLinear":
+        """Read ``prefix.qweight``/``.qzeros``/``.scales`` (+ ``.g_idx`` for GPTQ, ``.bias`` when `bias`)
+        through `get_tensor(full_name)` (which raises KeyError for a missing name), validate every shape
+        and dtype, and repack for the kernels. Raises ValueError naming the tensor, expected vs got."""
+        if in_features % NIBBLES_PER_WORD or out_features % NIBBLES_PER_WORD:
+            raise ValueError(f"{prefix}: in_features={in_features} and out_features={out_features} "
+                             "must be multiples of 8 for 4-bit packing")
+        group_size = qconfig.group_size_for(in_features)
+        groups = math.ceil(in_features / group_size)
+
+        def read(name: str, shape: tuple[int, ...], dtypes: tuple[torch.dtype, ...],
+                 optional: bool = False) -> torch.Tensor | None:
+            full = f"{prefix}.{name}"
+            try:
+                tensor = get_tensor(full)
+            except KeyError as e:
+                if optional:
+                    return None
+                raise ValueError(f"{full}: missing from the checkpoint") from e
+            if not isinstance(tensor, torch.Tensor):
+                raise ValueError(f"{full}: expected a tensor, got {type(tensor).__name__}")
+            if tuple(tensor.shape) != shape:
+                raise ValueError(f"{full}: expected shape {list(shape)}, got {list(tensor.shape)} "
+                                 f"({qconfig.checkpoint_format}, in={in_features}, out={out_features}, "
+                                 f"group_size={qconfig.group_size})")
+            if tensor.dtype not in dtypes:
+                raise ValueError(f"{full}: expected dtype {' or '.join(map(str, dtypes))}, got {tensor.dtype}")
+            return tensor
+
+        float_dtypes = (torch.float16, torch.bfloat16, torch.float32)
+        if qconfig.method == "awq":
+            if in_features % group_size:
+                raise ValueError(f"{prefix}: AWQ group_size={group_size} must divide in_features={in_features}")
+            qweight = read("qweight", (in_features, out_features // 8), (torch.int32,))
+            qzeros = read("qzeros", (groups, out_features // 8), (torch.int32,)) if qconfig.zero_point else None
+            scales = read("scales", (groups, out_features), float_dtypes)
+            weights = unpack_awq_gemm(qweight, qzeros, scales, group_size)
+        elif qconfig.method == "gptq":
+            qweight = read("qweight", (in_features // 8, out_features), (torch.int32,))
+            qzeros = read("qzeros", (groups, out_features // 8), (torch.int32,))
+            scales = read("scales", (groups, out_features), float_dtypes)
+            canonical = torch.arange(in_features) // group_size
+            # Older checkpoints without act-order may omit g_idx.
+            g_idx = read("g_idx", (in_features,), (torch.int32, torch.int64), optional=not qconfig.desc_act)
+            g_idx = canonical if g_idx is None else g_idx.to(torch.int64)
+            if g_idx.numel() and (int(g_idx.min()) < 0 or int(g_idx.max()) >= groups):
+                bad = int(((g_idx < 0) | (g_idx >= groups)).nonzero()[0])
+                raise ValueError(f"{prefix}.g_idx: entry {bad} is {int(g_idx[bad])}, expected 0..{groups - 1}")
+            if not qconfig.desc_act and not torch.equal(g_idx, canonical.to(g_idx.device)):
+                raise ValueError(f"{prefix}.g_idx: not i // {group_size} although desc_act is false")
+            weights = unpack_gptq(qweight, qzeros, scales, g_idx, group_size, qconfig.zero_offset)
+        else:
+            raise ValueError(f"QuantConfig.method={qconfig.method!r} is not supported")
+        if not torch.isfinite(weights.scales).all():
+            raise ValueError(f"{prefix}.scales: contains NaN or infinity")
+        bias_tensor = read("bias", (out_features,), float_dtypes) if bias else None
+        try:
+            return cls.from_int4(weights, group_size, bias_tensor)
+        except ValueError as e:
+            raise ValueError(f"{prefix}.{e}") from e
+
+    # ---- introspection -----------------------------------------------------------------------------
+    def int4_weights(self) -> Int4Weights:
+        """The canonical weights back from the kernel layout (original input-column order)."""
+        qvalues = unpack_nibbles(self.qweight, dim=1)
+        g_idx = torch.arange(self.in_features, device=self.qweight.device) // self.group_size
+        if self.input_perm is not None:
+            restore = torch.argsort(self.input_perm)
+            qvalues, g_idx = qvalues[:, restore], g_idx[restore]
+        return Int4Weights(qvalues, self.zeros.t().to(torch.int16), self.scales.t(), g_idx)
+
+    def weight_bytes(self) -> int:
+        """Bytes held by this layer's tensors (packed weights, scales, zeros, permutation, bias)."""
+        tensors = (self.qweight, self.scales, self.zeros, self.input_perm, self.bias)
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"group_size={self.group_size}, bias={self.bias is not None}, act_order={self.input_perm is not None}")
+
+    # ---- forward -----------------------------------------------------------------------------------
+    def backend_for(self, x: torch.Tensor) -> str:
+        """The backend `forward` will use for this input."""
+        forced = _backend_override()
+        if forced is not None:
+            if not available_backends()[forced]:
+                raise RuntimeError(f"{BACKEND_ENV}={forced}: that extension is not built in this installation")
+            return forced
+        if x.is_cuda and _int4_cuda is not None:
+            return "cuda"
+        if x.device.type == "cpu" and _int4_cpu is not None:
+            return "cpp"
+        return "reference"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"QuantLinear: input has {x.shape[-1]} features, expected {self.in_features}")
+        backend = self.backend_for(x)
+        leading = x.shape[:-1]
+        rows = x.reshape(-1, self.in_features)
+        if self.input_perm is not None:
+            rows = rows.index_select(1, self.input_perm)
+        if backend == "reference":
+            weight = self._dequantize_kernel_order(rows.dtype)
+            out = F.linear(rows, weight)
+        else:
+            kernel = _int4_cpu if backend == "cpp" else _int4_cuda
+            out = kernel.int4_linear(rows.contiguous(), self.qweight, self.scales, self.zeros, self.group_size)
+        if self.bias is not None:
+            out = out + self.bias.to(out.dtype)
+        return out.reshape(*leading, self.out_features)
+
+    def _dequantize_kernel_order(self, dtype: torch.dtype) -> torch.Tensor:
+        qvalues = unpack_nibbles(self.qweight, dim=1).to(torch.float32)
+        groups = torch.arange(self.in_features, device=self.qweight.device) // self.group_size
+        weight = (qvalues - self.zeros[:, groups].to(torch.float32)) * self.scales[:, groups].to(torch.float32)
+        return weight.to(dtype)
