@@ -74,7 +74,6 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     torch_dtype: str | None = None
-    quantization: dict | None = None  # raw quantization_config; interpreted by llmdrop_rt.quant
     raw: dict = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
@@ -134,7 +133,6 @@ class ModelConfig:
             bos_token_id=cfg.get("bos_token_id"),
             eos_token_ids=eos_ids,
             torch_dtype=cfg.get("torch_dtype") or cfg.get("dtype"),
-            quantization=cfg.get("quantization_config"),
             raw=cfg,
         )
 

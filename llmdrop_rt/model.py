@@ -17,6 +17,7 @@ from .attention import attention, build_mask, flash_attn_with_kvcache
 from .cache import KVCache
 from .checkpoint import CheckpointReader
 from .config import DropPlan, ModelConfig
+from .quant import QuantLinear, parse_quant_config
 
 
 class RMSNorm(nn.Module):
@@ -208,6 +209,32 @@ def dense_linear(weights: list[torch.Tensor], biases: list[torch.Tensor] | None)
     return linear
 
 
+class ConcatProjection(nn.Module):
+    """Several projections of one input whose outputs are concatenated (quantized layers that cannot be merged)."""
+
+    def __init__(self, parts: list[nn.Module]):
+        super().__init__()
+        self.parts = nn.ModuleList(parts)
+
+    def forward(self, x):
+        return torch.cat([part(x) for part in self.parts], dim=-1)
+
+
+def concat_quant_linear(layers: list[QuantLinear]) -> nn.Module:
+    """One QuantLinear over q|k|v (or gate|up) by stacking output rows, when their group layout agrees."""
+    if len(layers) == 1:
+        return layers[0]
+    first = layers[0]
+    mergeable = all(l.input_perm is None and l.group_size == first.group_size and
+                    (l.bias is None) == (first.bias is None) and l.scales.dtype == first.scales.dtype for l in layers)
+    if not mergeable:  # act-order layers each keep their own input permutation
+        return ConcatProjection(layers)
+    bias = None if first.bias is None else torch.cat([l.bias for l in layers])
+    return QuantLinear(torch.cat([l.qweight for l in layers]), torch.cat([l.scales for l in layers]),
+                       torch.cat([l.zeros for l in layers]), first.group_size, first.in_features,
+                       sum(l.out_features for l in layers), None, bias)
+
+
 class ModelBuilder:
     """Reads only the tensors of kept modules, casts them once, and assembles the modules.
 
@@ -216,16 +243,27 @@ class ModelBuilder:
 
     def __init__(self, cfg: ModelConfig, plan: DropPlan, reader: CheckpointReader, dtype, device):
         self.cfg, self.plan, self.reader, self.dtype, self.device = cfg, plan, reader, dtype, device
+        self.qconfig = parse_quant_config(cfg.raw, getattr(reader, "folder", None))
         # Fold MLP norms into gate/up when the fused Triton kernel will run (decided once, at load time).
-        self.fold_mlp_norm = ops.uses_triton(torch.device(device)) and not cfg.mlp_bias
+        self.fold_mlp_norm = ops.uses_triton(torch.device(device)) and not cfg.mlp_bias and self.qconfig is None
 
     def tensor(self, name, shape):
         return self.reader.get(name, shape).to(device=self.device, dtype=self.dtype)
 
     def projection(self, prefixes: list[str], in_features: int, out_features: list[int], bias: bool) -> nn.Module:
+        if self.qconfig is not None:
+            layers = [QuantLinear.from_checkpoint(self.quant_tensor, p, in_features, o, self.qconfig, bias)
+                      for p, o in zip(prefixes, out_features)]
+            return concat_quant_linear(layers).to(self.device)
         weights = [self.tensor(f"{p}.weight", (o, in_features)) for p, o in zip(prefixes, out_features)]
         biases = [self.tensor(f"{p}.bias", (o,)) for p, o in zip(prefixes, out_features)] if bias else None
         return dense_linear(weights, biases)
+
+    def quant_tensor(self, name: str) -> torch.Tensor:
+        """Packed tensors as stored (QuantLinear validates and repacks them); KeyError when absent."""
+        if not self.reader.has(name):
+            raise KeyError(name)
+        return self.reader.get(name)
 
     def norm(self, name):
         return RMSNorm(self.tensor(name, (self.cfg.hidden_size,)), self.cfg.rms_norm_eps)

@@ -10,7 +10,7 @@ from . import ops
 from .attention import BACKENDS, default_backend, flash_attn_with_kvcache
 from .cache import KVCache
 from .checkpoint import CheckpointReader
-from .config import ConfigError, DropPlan, ModelConfig, read_json
+from .config import DropPlan, ModelConfig, read_json
 from .engine import Engine, Sampling
 from .model import Transformer, build_transformer
 from .tokenizer import Tokenizer
@@ -156,8 +156,6 @@ def load(path: str | Path | None = None, drop_attn=None, drop_mlp=None, dtype=No
         path = default_model_path()
     folder = Path(path)
     cfg = ModelConfig.from_folder(folder)
-    if cfg.quantization is not None:
-        raise ConfigError(f"{folder}: quantized checkpoints ({cfg.quantization.get('quant_method')!r}) are not supported yet")
     plan = DropPlan.from_config(cfg, drop_attn, drop_mlp)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     backend = attn_backend or default_backend(device)

@@ -6,14 +6,13 @@ zero offset (each stored zero nibble + 1, i.e. + 0x11111111 per word when no nib
 packaged `__init__`s import things that break with transformers 5, so the packer submodules are loaded
 under a bare parent package.
 """
-import importlib.util
+import importlib
 import json
-import sys
-import types
 
 import pytest
 import torch
 
+from int4_packers import awq_checkpoint, gptq_v1_checkpoint, import_bypassing_package_init
 from llmdrop_rt import quant
 from llmdrop_rt.quant import (
     BACKEND_ENV,
@@ -29,28 +28,16 @@ def _with_group(cfg: QuantConfig, **changes) -> QuantConfig:
     return QuantConfig(**{**cfg.__dict__, **changes})
 
 
-def _import_bypassing_package_init(package: str, submodule: str):
-    """Import package.submodule without running package/__init__.py (it pulls in broken dependencies)."""
-    if package not in sys.modules or not hasattr(sys.modules[package], "__path__"):
-        spec = importlib.util.find_spec(package)
-        if spec is None:
-            return None
-        bare = types.ModuleType(package)
-        bare.__path__ = list(spec.submodule_search_locations)
-        sys.modules[package] = bare
-    return importlib.import_module(f"{package}.{submodule}")
-
-
 @pytest.fixture(scope="module")
 def awq_gemm_module():
-    module = _import_bypassing_package_init("awq", "modules.linear.gemm")
+    module = import_bypassing_package_init("awq", "modules.linear.gemm")
     assert module is not None, "autoawq is not installed (see the Makefile's venv recipe)"
     return module
 
 
 @pytest.fixture(scope="module")
 def autogptq_module():
-    module = _import_bypassing_package_init("auto_gptq", "nn_modules.qlinear.qlinear_cuda")
+    module = import_bypassing_package_init("auto_gptq", "nn_modules.qlinear.qlinear_cuda")
     assert module is not None, "auto-gptq is not installed (see the Makefile's venv recipe)"
     return module
 
@@ -92,28 +79,6 @@ def make_fake_quant(out_features, in_features, group_size, *, sym, g_idx=None, z
     weights = Int4Weights(q, zeros, scales, g_idx.to(torch.int64))
     w = (q.float() - zeros.t()[:, g_idx].float()) * scales.t()[:, g_idx].float()
     return weights, w
-
-
-def awq_checkpoint(awq_gemm_module, w, weights, group_size):
-    """Pack W with AutoAWQ; return the tensors a checkpoint would hold."""
-    linear = torch.nn.Linear(w.shape[1], w.shape[0], bias=False)
-    linear.weight.data = w.clone()
-    if group_size == -1:  # from_linear indexes groups with idx // group_size; the config keeps -1
-        group_size = w.shape[1]
-    packed = awq_gemm_module.WQLinear_GEMM.from_linear(
-        linear, 4, group_size, scales=weights.scales.float(), zeros=weights.zeros.float())
-    return {"qweight": packed.qweight, "qzeros": packed.qzeros, "scales": packed.scales}
-
-
-def gptq_v1_checkpoint(autogptq_module, w, weights, group_size):
-    """Pack W with auto-gptq (v1: stored zero = zero - 1); scales / zeros go in as [out, groups]."""
-    out_features, in_features = w.shape
-    layer = autogptq_module.QuantLinear(4, group_size, in_features, out_features, bias=False)
-    linear = torch.nn.Linear(in_features, out_features, bias=False)
-    linear.weight.data = w.clone()
-    layer.pack(linear, weights.scales.t().float(), weights.zeros.t().float(), weights.g_idx.to(torch.int32))
-    return {"qweight": layer.qweight, "qzeros": layer.qzeros, "scales": layer.scales.half(),
-            "g_idx": layer.g_idx.to(torch.int32)}
 
 
 def v1_to_v2_qzeros(qzeros_v1):
