@@ -34,7 +34,7 @@ class StaticDecoder:
         visible = self.key_index <= self.start
         if window is not None:
             visible = visible & (self.key_index > self.start - window)
-        ctx = StepContext(*self.model.rope_tables(self.positions), self.cache, self.start,
+        ctx = StepContext(self.model.rope_tables(self.positions), self.cache, self.start,
                           self.key_valid & visible, self.attn_backend)
         return self.model.run(self.tokens, ctx)
 

@@ -34,8 +34,7 @@ class RMSNorm(nn.Module):
 class StepContext:
     """What every layer of one forward step shares: rotary tables, cache, where to write, the mask."""
 
-    cos: torch.Tensor  # [B, T, D/2]
-    sin: torch.Tensor
+    rope: ops.RopeTables
     cache: KVCache | None = None
     # Cache index of the step's first token. A 0-dim tensor instead of an int selects the static-shape path
     # (CUDA-graph capturable): K/V written by index_copy_, attention over the whole cache under `mask`.
@@ -59,7 +58,7 @@ class Attention(nn.Module):
         b, t, _ = x.shape
         hq, hkv, d = self.num_heads, self.num_kv_heads, self.head_dim
         q, k, v = self.qkv(x).split([hq * d, hkv * d, hkv * d], dim=-1)
-        q, k = ops.apply_rope_(q.view(b, t, hq, d), k.view(b, t, hkv, d), ctx.cos, ctx.sin)
+        q, k = ops.apply_rope(q.view(b, t, hq, d), k.view(b, t, hkv, d), ctx.rope)
         if ctx.cache is not None and ctx.attn_backend == "flash" and ctx.mask is None and isinstance(ctx.start, int):
             # flash-attn appends k/v to the cache itself; it wants [B, S, H, D], a transposed view of our slots.
             k_cache, v_cache = ctx.cache.layer(self.layer)
@@ -159,19 +158,19 @@ class Transformer(nn.Module):
         self.lm_head = self.embed.weight if lm_head is None else nn.Parameter(lm_head, requires_grad=False)
         self.register_buffer("inv_freq", cfg.rope.inverse_frequencies(cfg.head_dim), persistent=False)
 
-    def rope_tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """fp32 cos/sin [B, T, D/2] at the given positions."""
+    def rope_tables(self, positions: torch.Tensor) -> ops.RopeTables:
+        """Rotary tables at the given positions [B, T] (angles in fp32, as transformers computes them)."""
         angles = positions[..., None].float() * self.inv_freq
-        return angles.cos(), angles.sin()
+        return ops.RopeTables(angles.cos(), angles.sin())
 
     def context(self, positions, cache=None, start=0, key_valid=None, attn_backend="sdpa") -> StepContext:
         """Everything the layers of one step share, built once: rotary tables and the attention mask."""
-        cos, sin = self.rope_tables(positions)
+        rope = self.rope_tables(positions)
         if attn_backend == "flash" and cache is not None and key_valid is None:
             mask = None  # flash_attn_with_kvcache applies causality and the sliding window itself
         else:
             mask = build_mask(positions.shape[1], start, key_valid, self.cfg.sliding_window, positions.device)
-        return StepContext(cos, sin, cache, start, mask, attn_backend)
+        return StepContext(rope, cache, start, mask, attn_backend)
 
     def logits(self, hidden):
         return ops.linear(self.norm(hidden), self.lm_head)

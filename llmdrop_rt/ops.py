@@ -44,9 +44,33 @@ def add_rms_norm_(residual, delta, weight, eps):
     return fn(residual, delta, weight, eps)
 
 
-def apply_rope_(q, k, cos, sin):
-    """Rotate-half RoPE in place on q [B, T, Hq, D] and k [B, T, Hkv, D]; cos/sin fp32 [B, T, D/2]."""
-    return (kernels.apply_rope_ if uses_triton(q.device) else kernels.apply_rope_reference)(q, k, cos, sin)
+class RopeTables:
+    """One step's rotary tables, built once and shared by every layer.
+
+    `cos`/`sin` are fp32 [B, T, D/2] (what the Triton kernel reads). The torch path uses full-width tables in the
+    activation dtype with the rotate-half sign folded into sin, so one rotation is 4 ops:
+    x * cos + roll(x, D/2) * [-sin, sin].
+    """
+
+    def __init__(self, cos: torch.Tensor, sin: torch.Tensor):
+        self.cos, self.sin = cos, sin
+        self._full: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def full(self, dtype):
+        if dtype not in self._full:
+            cos = torch.cat([self.cos, self.cos], dim=-1)[:, :, None].to(dtype)
+            sin = torch.cat([-self.sin, self.sin], dim=-1)[:, :, None].to(dtype)
+            self._full[dtype] = (cos, sin)
+        return self._full[dtype]
+
+
+def apply_rope(q, k, rope: RopeTables):
+    """Rotate-half RoPE on q [B, T, Hq, D] and k [B, T, Hkv, D] (views of the qkv output; may be done in place)."""
+    if uses_triton(q.device):
+        return kernels.apply_rope_(q, k, rope.cos, rope.sin)
+    cos, sin = rope.full(q.dtype)
+    half = q.shape[-1] // 2
+    return q * cos + q.roll(half, -1) * sin, k * cos + k.roll(half, -1) * sin
 
 
 def norm_swiglu(x, folded: kernels.NormMLPWeights, eps):
