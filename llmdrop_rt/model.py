@@ -39,6 +39,19 @@ class StepContext:
     attn_backend: str = "sdpa"
 
 
+def rope_tables(inv_freq: torch.Tensor, positions: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    angles = positions[..., None].float() * inv_freq.to(positions.device)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def step_context(cfg: ModelConfig, inv_freq: torch.Tensor, positions, dtype, cache=None, start=0, key_valid=None,
+                 attn_backend="sdpa") -> StepContext:
+    """A step's shared context without a whole Transformer (the layer-streaming scorer holds no model)."""
+    cos, sin = rope_tables(inv_freq, positions, dtype)
+    mask = build_mask(positions.shape[1], start, key_valid, cfg.sliding_window, positions.device)
+    return StepContext(cos, sin, cache, start, mask, attn_backend)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int, qkv: nn.Module, o_proj: nn.Module):
         super().__init__()
@@ -109,14 +122,12 @@ class Transformer(nn.Module):
         self.register_buffer("inv_freq", cfg.rope.inverse_frequencies(cfg.head_dim), persistent=False)
 
     def rope_tables(self, positions: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        angles = positions[..., None].float() * self.inv_freq.to(positions.device)
-        return angles.cos().to(dtype), angles.sin().to(dtype)
+        return rope_tables(self.inv_freq, positions, dtype)
 
     def context(self, positions, cache=None, start=0, key_valid=None, attn_backend="sdpa") -> StepContext:
         """Everything the layers of one step share, built once: rotary tables and the attention mask."""
-        cos, sin = self.rope_tables(positions, self.embed.weight.dtype)
-        mask = build_mask(positions.shape[1], start, key_valid, self.cfg.sliding_window, positions.device)
-        return StepContext(cos, sin, cache, start, mask, attn_backend)
+        return step_context(self.cfg, self.inv_freq, positions, self.embed.weight.dtype, cache, start, key_valid,
+                            attn_backend)
 
     def logits(self, hidden):
         return ops.linear(self.norm(hidden), self.lm_head)
