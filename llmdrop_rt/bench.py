@@ -160,11 +160,8 @@ class _Transformers(_Runner):
 
 
 def _skip_attention(layer):
-    class Skipped(torch.nn.Module):
-        def forward(self, hidden_states, *args, **kwargs):
-            return torch.zeros_like(hidden_states), None
-
-    layer.self_attn = Skipped()
+    """Skip the module in the forward but leave its weights allocated, as LLM-Drop's transformers code does."""
+    layer.self_attn.forward = lambda hidden_states, *args, **kwargs: (torch.zeros_like(hidden_states), None)
 
 
 def worker(job: dict) -> dict:

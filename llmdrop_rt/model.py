@@ -10,6 +10,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+import kernels
+
 from . import ops
 from .attention import attention, build_mask
 from .cache import KVCache
@@ -39,15 +41,17 @@ class StepContext:
     attn_backend: str = "sdpa"
 
 
-def rope_tables(inv_freq: torch.Tensor, positions: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    angles = positions[..., None].float() * inv_freq.to(positions.device)
-    return angles.cos().to(dtype), angles.sin().to(dtype)
+def rope_tables(inv_freq: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 cos/sin [B, T, D/2] at the given positions."""
+    angles = positions[..., None].float() * inv_freq
+    return angles.cos(), angles.sin()
 
 
-def step_context(cfg: ModelConfig, inv_freq: torch.Tensor, positions, dtype, cache=None, start=0, key_valid=None,
+def step_context(cfg: ModelConfig, inv_freq: torch.Tensor, positions, cache=None, start=0, key_valid=None,
                  attn_backend="sdpa") -> StepContext:
-    """A step's shared context without a whole Transformer (the layer-streaming scorer holds no model)."""
-    cos, sin = rope_tables(inv_freq, positions, dtype)
+    """A step's shared context (rotary tables + mask) without a whole Transformer: the layer-streaming scorer
+    holds no model."""
+    cos, sin = rope_tables(inv_freq, positions)
     mask = build_mask(positions.shape[1], start, key_valid, cfg.sliding_window, positions.device)
     return StepContext(cos, sin, cache, start, mask, attn_backend)
 
@@ -65,7 +69,7 @@ class Attention(nn.Module):
         b, t, _ = x.shape
         hq, hkv, d = self.num_heads, self.num_kv_heads, self.head_dim
         q, k, v = self.qkv(x).split([hq * d, hkv * d, hkv * d], dim=-1)
-        q, k = ops.apply_rope(q.view(b, t, hq, d), k.view(b, t, hkv, d), ctx.cos, ctx.sin)
+        q, k = ops.apply_rope_(q.view(b, t, hq, d), k.view(b, t, hkv, d), ctx.cos, ctx.sin)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.view(b, t, hkv, d).transpose(1, 2)
         if ctx.cache is not None:
             k_cache, v_cache = ctx.cache.layer(self.layer)
@@ -78,13 +82,19 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, gate_up: nn.Module, down: nn.Module):
+    """SwiGLU MLP. With `folded` (the Triton path) its norm weight is folded into gate/up and the norm, both
+    projections and SiLU*up run as one kernel; `gate_up` is then None."""
+
+    def __init__(self, gate_up: nn.Module | None, down: nn.Module, folded: kernels.NormMLPWeights | None = None):
         super().__init__()
         self.gate_up = gate_up  # one projection producing [gate | up]
         self.down = down
+        self.folded = folded
+        if folded is not None:
+            self.register_buffer("folded_gate_up", folded.gate_up, persistent=False)  # counted, moved with .to()
 
-    def forward(self, x):
-        gate, up = self.gate_up(x).chunk(2, dim=-1)
+    def forward(self, normed):
+        gate, up = self.gate_up(normed).chunk(2, dim=-1)
         return self.down(ops.silu_mul(gate, up))
 
 
@@ -100,14 +110,39 @@ class DecoderLayer(nn.Module):
         return self.attn(self.attn_norm(x), ctx)
 
     def mlp_delta(self, x):
+        """What the MLP sub-block (norm + MLP) adds to the residual stream."""
+        if self.mlp.folded is not None:
+            return self.mlp.down(ops.norm_swiglu(x, self.mlp.folded, self.mlp_norm.eps))
         return self.mlp(self.mlp_norm(x))
 
     def forward(self, x, ctx: StepContext):
+        """x -> the layer's output, x untouched (what scoring compares)."""
         if self.attn is not None:
             x = x + self.attn_delta(x, ctx)
         if self.mlp is not None:
             x = x + self.mlp_delta(x)
         return x
+
+    def forward_fused(self, x, pending, ctx: StepContext):
+        """The hot path. The residual stream x is updated in place, and each sub-block's output is returned as
+        `pending` so that adding it is fused into the next RMSNorm (add_rms_norm_) instead of a separate pass."""
+        if self.attn is not None:
+            pending = self.attn(add_norm_(x, pending, self.attn_norm), ctx)
+        if self.mlp is not None:
+            if self.mlp.folded is not None:  # the norm lives inside the fused MLP kernel
+                if pending is not None:
+                    x += pending
+                pending = self.mlp.down(ops.norm_swiglu(x, self.mlp.folded, self.mlp_norm.eps))
+            else:
+                pending = self.mlp(add_norm_(x, pending, self.mlp_norm))
+        return pending
+
+
+def add_norm_(x, pending, norm: RMSNorm):
+    """norm(x + pending), with x updated in place; just norm(x) when nothing is pending."""
+    if pending is None:
+        return norm(x)
+    return ops.add_rms_norm_(x, pending, norm.weight, norm.eps)
 
 
 class Transformer(nn.Module):
@@ -121,13 +156,13 @@ class Transformer(nn.Module):
         self.lm_head = self.embed.weight if lm_head is None else nn.Parameter(lm_head, requires_grad=False)
         self.register_buffer("inv_freq", cfg.rope.inverse_frequencies(cfg.head_dim), persistent=False)
 
-    def rope_tables(self, positions: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        return rope_tables(self.inv_freq, positions, dtype)
+    def rope_tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """fp32 cos/sin [B, T, D/2] at the given positions."""
+        return rope_tables(self.inv_freq, positions)
 
     def context(self, positions, cache=None, start=0, key_valid=None, attn_backend="sdpa") -> StepContext:
         """Everything the layers of one step share, built once: rotary tables and the attention mask."""
-        return step_context(self.cfg, self.inv_freq, positions, self.embed.weight.dtype, cache, start, key_valid,
-                            attn_backend)
+        return step_context(self.cfg, self.inv_freq, positions, cache, start, key_valid, attn_backend)
 
     def logits(self, hidden):
         return ops.linear(self.norm(hidden), self.lm_head)
@@ -140,11 +175,13 @@ class Transformer(nn.Module):
         """
         ctx = self.context(positions, cache, start, key_valid, attn_backend)
         x = self.embed(tokens)
+        pending = None
         for layer in self.layers:
-            x = layer(x, ctx)
+            pending = layer.forward_fused(x, pending, ctx)
         if last_only:
-            x = x[:, -1:]
-        return self.logits(x)
+            x = x[:, -1:].contiguous()
+            pending = None if pending is None else pending[:, -1:]
+        return ops.linear(add_norm_(x, pending, self.norm), self.lm_head)
 
 
 # ---- building from a checkpoint ------------------------------------------------------------------------------
@@ -168,6 +205,8 @@ class ModelBuilder:
 
     def __init__(self, cfg: ModelConfig, plan: DropPlan, reader: CheckpointReader, dtype, device):
         self.cfg, self.plan, self.reader, self.dtype, self.device = cfg, plan, reader, dtype, device
+        # Fold MLP norms into gate/up when the fused Triton kernel will run (decided once, at load time).
+        self.fold_mlp_norm = ops.uses_triton(torch.device(device)) and not cfg.mlp_bias
 
     def tensor(self, name, shape):
         return self.reader.get(name, shape).to(device=self.device, dtype=self.dtype)
@@ -194,7 +233,12 @@ class ModelBuilder:
             h, inter = cfg.hidden_size, cfg.intermediate_size
             gate_up = self.projection([f"{p}.mlp.gate_proj", f"{p}.mlp.up_proj"], h, [inter, inter], cfg.mlp_bias)
             down = self.projection([f"{p}.mlp.down_proj"], inter, [h], cfg.mlp_bias)
-            mlp_norm, mlp = self.norm(f"{p}.post_attention_layernorm.weight"), MLP(gate_up, down)
+            mlp_norm = self.norm(f"{p}.post_attention_layernorm.weight")
+            if self.fold_mlp_norm:
+                gate, up = gate_up.weight.chunk(2)
+                mlp = MLP(None, down, kernels.prepare_norm_mlp(mlp_norm.weight, gate, up))
+            else:
+                mlp = MLP(gate_up, down)
         return DecoderLayer(i, attn_norm, attn, mlp_norm, mlp)
 
     def embedding(self) -> torch.Tensor:

@@ -6,6 +6,7 @@ from typing import Iterator
 
 import torch
 
+from . import ops
 from .attention import BACKENDS
 from .cache import KVCache
 from .checkpoint import CheckpointReader
@@ -113,8 +114,9 @@ class LLM:
                                  self.dtype)
 
     def param_bytes(self) -> int:
-        """Bytes of the weights actually held (a tied embedding counted once)."""
-        unique = {t.data_ptr(): t.nbytes for t in self.model.parameters()}
+        """Bytes of the weights actually held (a tied embedding counted once; folded kernel weights included)."""
+        tensors = list(self.model.parameters()) + list(self.model.buffers())
+        unique = {t.data_ptr(): t.nbytes for t in tensors}
         return sum(unique.values())
 
 
@@ -134,14 +136,18 @@ def _cut_at_stop(text: str, stop: list[str] | None) -> str:
 
 
 def load(path: str | Path | None = None, drop_attn=None, drop_mlp=None, dtype=None, device=None,
-         attn_backend: str | None = None) -> LLM:
+         attn_backend: str | None = None, kernels: str | None = None) -> LLM:
     """Load a Llama/Mistral checkpoint folder (default: the embedded SmolLM2-135M-Instruct).
 
     drop_attn / drop_mlp: layer indices (or a boolean mask) to drop, overriding config.json's
     `drop_attn_list` / `drop_mlp_list`; dropped modules are never built and their weights never read.
     dtype: "float32" | "bfloat16" | "float16" | torch.dtype (default fp32 on CPU, bf16 on GPU).
     attn_backend: "sdpa" (default) or "reference".
+    kernels: "auto" (Triton on CUDA, torch elsewhere), "triton" or "torch"; a process-wide switch
+    (see llmdrop_rt.ops), default: leave it as it is (LLMDROP_RT_KERNELS or "auto").
     """
+    if kernels is not None:
+        ops.set_kernels(kernels)
     if path is None:
         from .gguf_import import default_model_path
 

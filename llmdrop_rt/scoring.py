@@ -174,7 +174,7 @@ class _Contexts:
             b, t = valid.shape
             device = self.source.device
             positions = torch.arange(t, device=device).expand(b, t)
-            self.cache[key] = step_context(self.source.cfg, self.inv_freq, positions, self.source.dtype,
+            self.cache[key] = step_context(self.source.cfg, self.inv_freq.to(device), positions,
                                            key_valid=valid.to(device) if padded else None)
         return self.cache[key]
 
@@ -253,11 +253,10 @@ def score_pass(source: LayerSource, calib: CalibrationSet, plan: DropPlan | None
                 acc["attn_nores"] += cos_sum(normed, delta, w)
                 acc["attn_last"] += float(_angle(F.cosine_similarity(x[ends].float(), y[ends].float(), dim=-1)).sum())
             if has_mlp:
-                normed = layer.mlp_norm(y)
-                delta = layer.mlp(normed)
+                delta = layer.mlp_delta(y)  # (on GPUs the norm may be fused into the MLP kernel)
                 z = y + delta
                 acc["mlp"] += cos_sum(y, z, w)
-                acc["mlp_nores"] += cos_sum(normed, delta, w)
+                acc["mlp_nores"] += cos_sum(layer.mlp_norm(y), delta, w)
                 acc["mlp_last"] += float(_angle(F.cosine_similarity(y[ends].float(), z[ends].float(), dim=-1)).sum())
                 y = z
             acc["block"] += cos_sum(x, y, w)

@@ -155,3 +155,11 @@ def hf_model(folder: Path, drop_attn=(), drop_mlp=()):
     for i in drop_mlp:
         model.model.layers[i].mlp = ZeroMLP()
     return model
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    """The embedded default model, converted once into the user cache (as `make bench` does)."""
+    from llmdrop_rt.gguf_import import default_model_path
+
+    return default_model_path()
