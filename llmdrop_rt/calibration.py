@@ -39,8 +39,8 @@ def read_texts(source: str | Path, split: str = "validation", text_field: str = 
         else:
             raise CalibrationError(f"{path}: unsupported file type {suffix!r}; use .txt, .jsonl or .parquet")
         source_name = str(path)
-    elif path.suffix.lower() in (".txt", ".jsonl", ".parquet") or path.parent != Path("."):
-        raise CalibrationError(f"{path}: file not found")
+    elif path.suffix.lower() in (".txt", ".jsonl", ".parquet") or (path.parent != Path(".") and path.parent.is_dir()):
+        raise CalibrationError(f"{path}: file not found")  # a local path, not a dataset name like 'allenai/c4'
     else:
         texts = _read_dataset(str(source), split, text_field, dataset_config, max_texts)
         source_name = f"dataset {source}"
