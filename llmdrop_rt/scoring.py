@@ -84,29 +84,42 @@ class LayerSource:
 
 
 class StreamingSource(LayerSource):
-    """Reads each piece from the checkpoint when asked and keeps nothing: the caller drops it after use."""
+    """Reads each piece from the checkpoint when asked and keeps nothing: the caller drops it after use.
+
+    Each piece gets its own short-lived CheckpointReader, so the safetensors memory maps are closed once the piece
+    is built: pages of layers already scored do not linger in the process's resident memory.
+    """
 
     def __init__(self, folder: str | Path, dtype: torch.dtype = torch.float32, device="cpu"):
         self.folder = Path(folder)
         self.cfg = ModelConfig.from_folder(self.folder)
-        self.reader = CheckpointReader(self.folder)
+        CheckpointReader(self.folder)  # fail early on a missing or broken checkpoint
         self.dtype, self.device = dtype, torch.device(device)
         self.base_plan = DropPlan.from_config(self.cfg)
+        self.bytes_read = 0  # weights read so far, over all pieces
 
     def builder(self, plan: DropPlan) -> ModelBuilder:
-        return ModelBuilder(self.cfg, plan, self.reader, self.dtype, self.device)
+        return ModelBuilder(self.cfg, plan, CheckpointReader(self.folder), self.dtype, self.device)
+
+    def _built(self, plan: DropPlan, build):
+        builder = self.builder(plan)
+        piece = build(builder)
+        self.bytes_read += builder.reader.bytes_read
+        return piece
 
     def embed(self, tokens):
-        table = self.builder(self.base_plan).embedding()
+        table = self._built(self.base_plan, ModelBuilder.embedding)
         return F.embedding(tokens.to(self.device), table)
 
     def layer(self, index, plan):
-        return self.builder(plan).layer(index)
+        return self._built(plan, lambda builder: builder.layer(index))
 
     def head(self):
-        builder = self.builder(self.base_plan)
-        weight = builder.lm_head()
-        return builder.final_norm(), builder.embedding() if weight is None else weight
+        def build(builder):
+            weight = builder.lm_head()
+            return builder.final_norm(), builder.embedding() if weight is None else weight
+
+        return self._built(self.base_plan, build)
 
 
 class InMemorySource(LayerSource):
