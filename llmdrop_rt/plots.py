@@ -58,6 +58,7 @@ def plot_sweep(curves: dict[str, list[tuple[int, float]]], path: str | Path, bas
     if baseline is not None:
         ax.axhline(baseline, color="gray", linestyle="--", label=f"no drop ({baseline:.2f})")
     ax.set_yscale("log")
+    ax.set_xticks(sorted({k for points in curves.values() for k, _ in points}))
     ax.set_xlabel("modules dropped")
     ax.set_ylabel("perplexity (log scale)")
     ax.set_title(title)
