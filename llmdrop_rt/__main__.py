@@ -65,6 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, help="random seed for sampling")
     gen.add_argument("--stop", action="append", help="stop string (repeatable); the output is cut before it")
     gen.set_defaults(func=cmd_generate)
+
+    from .scoring_cli import add_scoring_commands
+
+    add_scoring_commands(commands, add_model_arguments)
     return parser
 
 
@@ -72,7 +76,7 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (ValueError, FileNotFoundError, KeyError) as e:  # our errors name the problem: show them plainly
+    except (ValueError, FileNotFoundError, KeyError, ImportError) as e:  # our errors name the problem
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 

@@ -43,6 +43,23 @@ class StepContext:
     attn_backend: str = "sdpa"
 
 
+def rope_tables(inv_freq: torch.Tensor, positions: torch.Tensor) -> ops.RopeTables:
+    """Rotary tables at the given positions [B, T] (angles in fp32, as transformers computes them)."""
+    angles = positions[..., None].float() * inv_freq
+    return ops.RopeTables(angles.cos(), angles.sin())
+
+
+def step_context(cfg: ModelConfig, inv_freq: torch.Tensor, positions, cache=None, start=0, key_valid=None,
+                 attn_backend="sdpa") -> StepContext:
+    """A step's shared context (rotary tables + mask), also without a whole Transformer: the layer-streaming
+    scorer holds no model."""
+    if attn_backend == "flash" and cache is not None and key_valid is None:
+        mask = None  # flash_attn_with_kvcache applies causality and the sliding window itself
+    else:
+        mask = build_mask(positions.shape[1], start, key_valid, cfg.sliding_window, positions.device)
+    return StepContext(rope_tables(inv_freq, positions), cache, start, mask, attn_backend)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int, qkv: nn.Module, o_proj: nn.Module):
         super().__init__()
@@ -159,18 +176,11 @@ class Transformer(nn.Module):
         self.register_buffer("inv_freq", cfg.rope.inverse_frequencies(cfg.head_dim), persistent=False)
 
     def rope_tables(self, positions: torch.Tensor) -> ops.RopeTables:
-        """Rotary tables at the given positions [B, T] (angles in fp32, as transformers computes them)."""
-        angles = positions[..., None].float() * self.inv_freq
-        return ops.RopeTables(angles.cos(), angles.sin())
+        return rope_tables(self.inv_freq, positions)
 
     def context(self, positions, cache=None, start=0, key_valid=None, attn_backend="sdpa") -> StepContext:
         """Everything the layers of one step share, built once: rotary tables and the attention mask."""
-        rope = self.rope_tables(positions)
-        if attn_backend == "flash" and cache is not None and key_valid is None:
-            mask = None  # flash_attn_with_kvcache applies causality and the sliding window itself
-        else:
-            mask = build_mask(positions.shape[1], start, key_valid, self.cfg.sliding_window, positions.device)
-        return StepContext(rope, cache, start, mask, attn_backend)
+        return step_context(self.cfg, self.inv_freq, positions, cache, start, key_valid, attn_backend)
 
     def logits(self, hidden):
         return ops.linear(self.norm(hidden), self.lm_head)
