@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 
+import lm_eval
 import torch
 import torch.nn.functional as F
 from lm_eval.api.model import TemplateLM
@@ -238,3 +239,58 @@ def local_task_manager(include_defaults: bool = False):
     return TaskManager(include_path=str(TASK_DIR), include_defaults=include_defaults)
 
 
+
+
+# -- LLM-Drop's evaluation settings --------------------------------------------------------------------------------
+# Tasks and few-shot counts of the paper's tables, and the metric it reports for each (acc_norm for OBQA, PIQA,
+# HellaSwag and ARC-C; exact match for GSM8K; acc otherwise).
+PAPER_SHOTS = {"boolq": 0, "rte": 0, "openbookqa": 0, "piqa": 0, "mmlu": 5, "winogrande": 5, "gsm8k": 5,
+               "hellaswag": 10, "arc_challenge": 25}
+PAPER_METRIC = {"openbookqa": "acc_norm", "piqa": "acc_norm", "hellaswag": "acc_norm", "arc_challenge": "acc_norm",
+                "gsm8k": "exact_match"}
+LOCAL_METRIC = {"llmdrop_mc": "acc_norm", "llmdrop_tempest": "word_perplexity"}
+
+
+def run_tasks(lm, tasks: list[str], num_fewshot: int | None = None, limit: float | None = None,
+              seed: int = 1234) -> dict:
+    """Evaluate `lm` on `tasks`, each with the paper's shot count unless `num_fewshot` is given (tasks with the
+    same count share one lm-eval run). Returns {"results": {task: metrics}, "n-shot": {...}, "summary": [...]}."""
+    from .eval_tasks import LOCAL_TASKS
+
+    by_shots: dict[int | None, list[str]] = {}
+    for task in tasks:
+        shots = num_fewshot if num_fewshot is not None else PAPER_SHOTS.get(task)
+        by_shots.setdefault(shots, []).append(task)
+    manager = local_task_manager(include_defaults=any(task not in LOCAL_TASKS for task in tasks))
+    report: dict = {"results": {}, "n-shot": {}, "configs": {}, "versions": {}}
+    for shots, group in by_shots.items():
+        try:
+            out = lm_eval.simple_evaluate(model=lm, tasks=group, num_fewshot=shots, limit=limit,
+                                          task_manager=manager, random_seed=seed, numpy_random_seed=seed,
+                                          torch_random_seed=seed, fewshot_random_seed=seed)
+        except Exception as e:  # most often a dataset that needs the (unreachable) hub
+            hint = "" if set(group) <= set(LOCAL_TASKS) else (
+                " (standard tasks download their datasets from the Hugging Face hub: without network access run "
+                f"the offline tasks {', '.join(LOCAL_TASKS)})")
+            raise RuntimeError(f"lm-eval failed on tasks {group} at {shots}-shot: {type(e).__name__}: {e}{hint}") from e
+        for key in ("results", "n-shot", "configs", "versions"):
+            report[key].update(out.get(key, {}))
+    report["summary"] = [summary_row(task, report) for task in tasks if task in report["results"]]
+    return report
+
+
+def summary_row(task: str, report: dict) -> dict:
+    metric = PAPER_METRIC.get(task) or LOCAL_METRIC.get(task, "acc")
+    metrics = report["results"][task]
+    key = next((k for k in metrics if k.split(",")[0] == metric), None)
+    if key is None:  # e.g. gsm8k reports exact_match under filter names: take the first metric of that name
+        key = next((k for k in metrics if k.startswith(metric)), None)
+    return {"task": task, "n_shot": report["n-shot"].get(task), "metric": key, "value": metrics.get(key)}
+
+
+def format_summary(rows: list[dict]) -> str:
+    lines = ["| task | shots | metric | value |", "|---|---|---|---|"]
+    for row in rows:
+        value = f"{row['value']:.4f}" if isinstance(row["value"], float) else str(row["value"])
+        lines.append(f"| {row['task']} | {row['n_shot']} | {row['metric']} | {value} |")
+    return "\n".join(lines)

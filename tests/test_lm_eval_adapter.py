@@ -104,3 +104,19 @@ def test_parse_drop_arg():
     assert parse_drop_arg(5) == [5]
     assert parse_drop_arg("") == []
     assert parse_drop_arg(None) is None
+
+
+def test_cli_eval_writes_results(tiny_checkpoints, tmp_path, capsys):
+    from llmdrop_rt.__main__ import main
+
+    out = tmp_path / "results.json"
+    main(["eval", "--model", str(tiny_checkpoints["llama2"]), "--drop-attn", "1", "--tasks", "llmdrop_mc",
+          "--limit", "4", "--batch-size", "3", "--offline", "--out", str(out)])
+    import json
+
+    report = json.loads(out.read_text())
+    assert report["model"]["drop_attn_list"] == [1]
+    row = report["summary"][0]
+    assert row["task"] == "llmdrop_mc" and row["n_shot"] == 0 and row["metric"] == "acc_norm,none"
+    assert 0.0 <= row["value"] <= 1.0
+    assert "| llmdrop_mc | 0 | acc_norm,none |" in capsys.readouterr().out
