@@ -12,9 +12,9 @@ from llmdrop_rt.bench_sweep import evaluate_targets, plan_jobs, with_speedups
 from llmdrop_rt.synthetic import model_config
 
 
-def row(impl, drop, e2e, kv, decode=10.0, sweep="drop"):
+def row(impl, drop, e2e, kv, decode=10.0, sweep="drop", device="cuda"):
     return dict(sweep=sweep, impl=impl, drop_count=drop, batch=1, prompt_len=8, new_tokens=8, e2e_s=e2e,
-                decode_tok_s=decode, kv_bytes=kv, device="cpu")
+                e2e_cpu_s=e2e, decode_tok_s=decode, kv_bytes=kv, device=device)
 
 
 def test_speedups_are_against_the_same_implementation():
@@ -68,6 +68,7 @@ def test_tiny_sweep_end_to_end(tiny_checkpoints, tmp_path):
                                                             ("transformers", 0), ("transformers", 3)]
     ours_full, ours_half = drop[0], drop[1]
     assert ours_half["kv_bytes"] * 2 == ours_full["kv_bytes"]  # 6 layers, 3 attention layers dropped
+    assert all(r["e2e_cpu_s"] > 0 and r["cpu_speedup"] > 0 for r in report["rows"])
     # transformers' skipped layers never write their cache: what it held is measured, not assumed. It holds
     # prompt + new - 1 positions (the last token is never fed back); our cache is allocated for prompt + new.
     assert drop[3]["kv_bytes"] * 2 == drop[2]["kv_bytes"]
