@@ -251,6 +251,10 @@ PAPER_METRIC = {"openbookqa": "acc_norm", "piqa": "acc_norm", "hellaswag": "acc_
 LOCAL_METRIC = {"llmdrop_mc": "acc_norm", "llmdrop_tempest": "word_perplexity"}
 
 
+class TaskError(ValueError):
+    """A task lm-eval could not run (the CLI prints it as a plain error)."""
+
+
 def run_tasks(lm, tasks: list[str], num_fewshot: int | None = None, limit: float | None = None,
               seed: int = 1234) -> dict:
     """Evaluate `lm` on `tasks`, each with the paper's shot count unless `num_fewshot` is given (tasks with the
@@ -272,7 +276,7 @@ def run_tasks(lm, tasks: list[str], num_fewshot: int | None = None, limit: float
             hint = "" if set(group) <= set(LOCAL_TASKS) else (
                 " (standard tasks download their datasets from the Hugging Face hub: without network access run "
                 f"the offline tasks {', '.join(LOCAL_TASKS)})")
-            raise RuntimeError(f"lm-eval failed on tasks {group} at {shots}-shot: {type(e).__name__}: {e}{hint}") from e
+            raise TaskError(f"lm-eval failed on tasks {group} at {shots}-shot: {type(e).__name__}: {e}{hint}") from e
         for key in ("results", "n-shot", "configs", "versions"):
             report[key].update(out.get(key, {}))
     report["summary"] = [summary_row(task, report) for task in tasks if task in report["results"]]
