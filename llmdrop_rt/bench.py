@@ -23,6 +23,8 @@ from pathlib import Path
 
 import torch
 
+from . import bench_sweep
+
 DEFAULT_OUT = Path("bench/out/bench.json")
 
 
@@ -229,9 +231,13 @@ def main(argv=None):
     parser.add_argument("--no-transformers", action="store_true", help="skip the transformers baseline rows")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"JSON output (default: {DEFAULT_OUT})")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
+    bench_sweep.add_arguments(parser)
     args = parser.parse_args(argv)
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker))))
+        return
+    if bench_sweep.wanted(args):  # --sweep / --profile / --kv-table: see llmdrop_rt/bench_sweep.py
+        bench_sweep.run(args, argv)
         return
 
     from .config import ModelConfig

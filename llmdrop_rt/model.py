@@ -17,6 +17,7 @@ from .attention import attention, build_mask, flash_attn_with_kvcache
 from .cache import KVCache
 from .checkpoint import CheckpointReader
 from .config import DropPlan, ModelConfig
+from .profiling import NO_LAYER_RANGES, NO_STACK_RANGES
 from .quant import QuantLinear, parse_quant_config
 
 
@@ -123,6 +124,7 @@ class DecoderLayer(nn.Module):
         self.index = index
         self.attn_norm, self.attn = attn_norm, attn
         self.mlp_norm, self.mlp = mlp_norm, mlp
+        self.ranges = NO_LAYER_RANGES  # named profiler ranges when llmdrop_rt.profiling turns them on; else no-ops
 
     def attn_delta(self, x, ctx: StepContext):
         """What the attention sub-block adds to the residual stream (its LLM-Drop unit: norm + attention)."""
@@ -145,15 +147,23 @@ class DecoderLayer(nn.Module):
     def forward_fused(self, x, pending, ctx: StepContext):
         """The hot path. The residual stream x is updated in place, and each sub-block's output is returned as
         `pending` so that adding it is fused into the next RMSNorm (add_rms_norm_) instead of a separate pass."""
+        ranges = self.ranges
         if self.attn is not None:
-            pending = self.attn(add_norm_(x, pending, self.attn_norm), ctx)
+            with ranges.attn_norm:
+                normed = add_norm_(x, pending, self.attn_norm)
+            with ranges.attention:
+                pending = self.attn(normed, ctx)
         if self.mlp is not None:
             if self.mlp.folded is not None:  # the norm lives inside the fused MLP kernel
-                if pending is not None:
-                    x += pending
-                pending = self.mlp.down(ops.norm_swiglu(x, self.mlp.folded, self.mlp_norm.eps))
+                with ranges.mlp:
+                    if pending is not None:
+                        x += pending
+                    pending = self.mlp.down(ops.norm_swiglu(x, self.mlp.folded, self.mlp_norm.eps))
             else:
-                pending = self.mlp(add_norm_(x, pending, self.mlp_norm))
+                with ranges.mlp_norm:
+                    normed = add_norm_(x, pending, self.mlp_norm)
+                with ranges.mlp:
+                    pending = self.mlp(normed)
         return pending
 
 
@@ -174,6 +184,7 @@ class Transformer(nn.Module):
         # Tied embeddings share one tensor: no second copy of the vocabulary matrix.
         self.lm_head = self.embed.weight if lm_head is None else nn.Parameter(lm_head, requires_grad=False)
         self.register_buffer("inv_freq", cfg.rope.inverse_frequencies(cfg.head_dim), persistent=False)
+        self.ranges = NO_STACK_RANGES  # see DecoderLayer.ranges
 
     def rope_tables(self, positions: torch.Tensor) -> ops.RopeTables:
         return rope_tables(self.inv_freq, positions)
@@ -195,14 +206,18 @@ class Transformer(nn.Module):
 
     def run(self, tokens, ctx: StepContext, last_only=False):
         """Logits for `tokens` under a prepared step context."""
-        x = self.embed(tokens)
+        with self.ranges.embedding:
+            x = self.embed(tokens)
         pending = None
         for layer in self.layers:
             pending = layer.forward_fused(x, pending, ctx)
         if last_only:
             x = x[:, -1:].contiguous()
             pending = None if pending is None else pending[:, -1:]
-        return ops.linear(add_norm_(x, pending, self.norm), self.lm_head)
+        with self.ranges.final_norm:
+            normed = add_norm_(x, pending, self.norm)
+        with self.ranges.lm_head:
+            return ops.linear(normed, self.lm_head)
 
 
 # ---- building from a checkpoint ------------------------------------------------------------------------------

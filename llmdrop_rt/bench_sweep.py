@@ -1,0 +1,499 @@
+"""Bench sweeps, profiling and the KV-cache table, reached through `python -m llmdrop_rt.bench`:
+
+    python -m llmdrop_rt.bench --sweep                 # dropped attention 0..50%, context length, batch size
+    python -m llmdrop_rt.bench --sweep --synthetic llama-2-13b --dtype bfloat16 --e2e-len 2048 --drop-counts 0,16,20
+    python -m llmdrop_rt.bench --profile               # torch.profiler traces of prefill and decode
+    python -m llmdrop_rt.bench --kv-table              # KV cache of big shapes, LLM-Drop Table 4 layout
+
+The sweep runs every configuration in its own subprocess (same thread count) and times one generation per repeat
+(the best repeat is kept): prefill = start to first token, decode = first to last token, end to end = both, for
+a prompt and a generation of equal length (`--e2e-len`; the paper's setting is 2048 + 2048). Three sweeps:
+- drop: fractions (or counts) of attention layers dropped in our runtime, and the same layers skipped in
+  transformers' forward but still allocated (LLM-Drop's approach) as the baseline; speedups are end to end,
+  each against its own implementation's full model;
+- context: prompt lengths 128..8192 where the model allows (`--new-tokens` generated), full vs half dropped;
+- batch: decode batch sizes, full vs half dropped.
+`--synthetic NAME` uses random weights of a real shape (llmdrop_rt.synthetic; labelled synthetic in every output).
+Outputs in `--sweep-dir`: sweep.json, sweep.md, and PNG plots (matplotlib, the `plot` extra).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+DEFAULT_SWEEP_DIR = Path("bench/out/sweep")
+PAPER_E2E = {"llama-2-13b": {16: 1.29, 20: 1.40}}  # LLM-Drop's reported speedups, Attn-n (2048+2048, A6000 Ada)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The sweep/profile/KV-table options of `python -m llmdrop_rt.bench` (the default quick bench ignores them)."""
+    group = parser.add_argument_group("sweeps, profiling, KV table (llmdrop_rt.bench_sweep)")
+    group.add_argument("--sweep", action="store_true",
+                       help="run the drop / context / batch sweeps instead of the quick bench")
+    group.add_argument("--profile", action="store_true",
+                       help="profile prefill and decode of our model (Chrome traces, time by module kind)")
+    group.add_argument("--kv-table", action="store_true",
+                       help="print the KV-cache table for Mistral-7B, Llama-2-13B/70B, Llama-3-8B/70B shapes")
+    group.add_argument("--synthetic", metavar="NAME",
+                       help="use SYNTHETIC random weights of a known shape (see llmdrop_rt.synthetic.CONFIGS), "
+                            "e.g. llama-2-13b; speed only, outputs meaningless")
+    group.add_argument("--sweeps", default="drop,context,batch",
+                       help="which sweeps to run (default: drop,context,batch)")
+    group.add_argument("--sweep-drop", default="0,0.125,0.25,0.375,0.5",
+                       help="fractions of attention layers to drop in the drop sweep (default: 0,0.125,0.25,0.375,0.5)")
+    group.add_argument("--drop-counts", default=None,
+                       help="numbers of attention layers to drop instead of fractions, e.g. 0,16,20")
+    group.add_argument("--e2e-len", type=int, default=128,
+                       help="prompt tokens = generated tokens in the drop sweep (default: 128; the paper: 2048)")
+    group.add_argument("--e2e-batch", type=int, default=1, help="batch size of the drop sweep (default: 1)")
+    group.add_argument("--sweep-contexts", default="128,512,2048,8192",
+                       help="prompt lengths of the context sweep, kept where the model allows "
+                            "(default: 128,512,2048,8192)")
+    group.add_argument("--sweep-batches", default="1,4,16", help="batch sizes of the batch sweep (default: 1,4,16)")
+    group.add_argument("--sweep-dir", type=Path, default=DEFAULT_SWEEP_DIR,
+                       help=f"output folder for sweep JSON/markdown/PNGs or profile traces (default: {DEFAULT_SWEEP_DIR})")
+    group.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+
+
+def wanted(args) -> bool:
+    return args.sweep or args.profile or args.kv_table
+
+
+def run(args, argv) -> None:
+    if args.kv_table:
+        from .kv_table import format_kv_table, kv_rows
+
+        print(format_kv_table(kv_rows()))
+    if args.profile:
+        run_profile(args)
+    if args.sweep:
+        run_sweeps(args, argv)
+
+
+# -- loading either a real checkpoint or a synthetic shape ---------------------------------------------------------
+def _device_and_dtype(args):
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return device, args.dtype or ("float32" if device == "cpu" else "bfloat16")
+
+
+def _model_config(args):
+    from .config import ModelConfig
+    from .synthetic import model_config
+
+    if args.synthetic:
+        return model_config(args.synthetic)
+    if args.model is None:
+        from .gguf_import import default_model_path
+
+        args.model = str(default_model_path())
+        args.model_name = "SmolLM2-135M-Instruct (embedded)"
+    return ModelConfig.from_folder(args.model)
+
+
+def load_ours(job: dict, decode: str = "auto"):
+    import llmdrop_rt
+    from .synthetic import load_synthetic
+
+    kwargs = dict(drop_attn=job["drop_attn"], drop_mlp=[], dtype=job["dtype"], device=job["device"], decode=decode)
+    if job.get("synthetic"):
+        return load_synthetic(job["synthetic"], **kwargs)
+    return llmdrop_rt.load(job["model"], **kwargs)
+
+
+def run_profile(args) -> None:
+    from .bench import attention_layers_to_drop
+    from .profiling import profile
+
+    torch.set_num_threads(args.threads)
+    cfg = _model_config(args)
+    device, dtype = _device_and_dtype(args)
+    fractions = [float(f) for f in args.drop.split(",")]
+    for fraction in (fractions if len(fractions) <= 2 else [fractions[0], fractions[-1]]):
+        drop = attention_layers_to_drop(cfg.num_layers, fraction)
+        job = dict(model=args.model, synthetic=args.synthetic, drop_attn=drop, dtype=dtype, device=device)
+        llm = load_ours(job)
+        out_dir = args.sweep_dir / f"profile_attn-{len(drop)}"
+        report = profile(llm, prompt_len=args.prompt_len, new_tokens=args.new_tokens,
+                         batch_size=int(args.batch_sizes.split(",")[0]), out_dir=out_dir)
+        label = " (SYNTHETIC weights)" if args.synthetic else ""
+        print(f"\n## attn-{len(drop)}{label}\n{report.format()}")
+        del llm
+
+
+# -- one timed configuration (a subprocess) -------------------------------------------------------------------------
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _peak(device) -> int:
+    import resource
+
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated()
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+class _OursTimer:
+    def __init__(self, job):
+        self.llm = load_ours(job, decode=job.get("decode", "auto"))
+        self.device, self.vocab = self.llm.device, self.llm.cfg.vocab_size
+
+    def weight_bytes(self):
+        return self.llm.param_bytes()
+
+    def kv_bytes(self, batch, length):
+        return self.llm.kv_cache_bytes(batch, length)
+
+    def time_generation(self, prompts, new_tokens) -> tuple[float, float]:
+        """(prefill seconds to the first token, decode seconds from the first to the last token)."""
+        _sync(self.device)
+        t0 = time.perf_counter()
+        first = None
+        for _ in self.llm.engine.stream(prompts, new_tokens):  # no EOS set: exactly new_tokens steps
+            if first is None:
+                _sync(self.device)
+                first = time.perf_counter()
+        _sync(self.device)
+        return first - t0, time.perf_counter() - first
+
+
+class _TransformersTimer:
+    def __init__(self, job):
+        from .synthetic import skip_attention, transformers_synthetic
+
+        dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[job["dtype"]]
+        self.device = torch.device(job["device"])
+        if job.get("synthetic"):
+            self.model = transformers_synthetic(job["synthetic"], job["drop_attn"], dtype, self.device)
+        else:
+            from transformers import AutoModelForCausalLM
+
+            self.model = AutoModelForCausalLM.from_pretrained(job["model"], dtype=dtype).to(self.device).eval()
+            for i in job["drop_attn"]:
+                skip_attention(self.model.model.layers[i])
+        self.vocab = self.model.config.vocab_size
+
+    def weight_bytes(self):
+        return sum(p.nbytes for p in self.model.parameters())
+
+    def kv_bytes(self, batch, length):
+        """What transformers' cache really held after the last timed generation: only layers that wrote to it
+        (skipped attention never does), and prompt + new - 1 positions (the last token is never fed back)."""
+        return self.cache_bytes
+
+    def time_generation(self, prompts, new_tokens) -> tuple[float, float]:
+        from transformers.generation.streamers import BaseStreamer
+
+        device, stamps = self.device, []
+
+        class Clock(BaseStreamer):
+            def put(self, value):
+                _sync(device)
+                stamps.append(time.perf_counter())
+
+            def end(self):
+                pass
+
+        ids = torch.tensor(prompts, device=device)
+        _sync(device)
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            out = self.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                                      min_new_tokens=new_tokens, do_sample=False, streamer=Clock(), pad_token_id=0,
+                                      return_dict_in_generate=True)
+        _sync(device)
+        self.cache_bytes = transformers_cache_bytes(out.past_key_values)
+        return stamps[1] - t0, stamps[-1] - stamps[1]  # stamps[0]: the prompt; stamps[1]: the first new token
+
+
+def transformers_cache_bytes(cache) -> int:
+    """Bytes of K/V tensors a transformers Cache holds (layers never written hold none)."""
+    total = 0
+    for layer in cache.layers:
+        for tensor in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+            if isinstance(tensor, torch.Tensor):
+                total += tensor.nbytes
+    return total
+
+
+def worker(job: dict) -> dict:
+    torch.set_num_threads(job["threads"])
+    timer = _OursTimer(job) if job["impl"] == "llmdrop_rt" else _TransformersTimer(job)
+    gen = torch.Generator().manual_seed(0)
+    prompts = torch.randint(100, timer.vocab - 1, (job["batch"], job["prompt_len"]), generator=gen).tolist()
+    timer.time_generation([p[: min(16, len(p))] for p in prompts], 3)  # warm-up
+    runs = []
+    for _ in range(job["repeats"]):
+        cpu0 = time.process_time()
+        prefill_s, decode_s = timer.time_generation(prompts, job["new_tokens"])
+        runs.append((prefill_s, decode_s, time.process_time() - cpu0))
+    prefill_s, decode_s, cpu_s = min(runs, key=lambda run: run[0] + run[1])
+    # On a shared CPU a process waits for cores: CPU seconds per wall second far below the thread count mark
+    # inflated wall times. The least process CPU time over the repeats is then a steadier measure of the work
+    # (with one thread it is the single-core time; it still includes cache and memory-bandwidth contention).
+    return {"prefill_s": prefill_s, "decode_s": decode_s, "e2e_s": prefill_s + decode_s,
+            "cpu_per_wall": cpu_s / (prefill_s + decode_s), "e2e_cpu_s": min(run[2] for run in runs),
+            "repeats_e2e_s": [r[0] + r[1] for r in runs], "repeats_cpu_s": [r[2] for r in runs],
+            "prefill_tok_s": job["batch"] * job["prompt_len"] / prefill_s,
+            "decode_tok_s": job["batch"] * (job["new_tokens"] - 1) / decode_s,
+            "weight_bytes": timer.weight_bytes(), "peak_memory_bytes": _peak(timer.device),
+            "kv_bytes": timer.kv_bytes(job["batch"], job["prompt_len"] + job["new_tokens"])}
+
+
+def run_in_subprocess(job: dict) -> dict:
+    proc = subprocess.run([sys.executable, "-m", "llmdrop_rt.bench_sweep", "--worker", json.dumps(job)],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"sweep worker for {job['label']} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# -- the sweeps -----------------------------------------------------------------------------------------------------
+def _drop_counts(args, num_layers: int) -> list[int]:
+    from .bench import attention_layers_to_drop
+
+    if args.drop_counts:
+        counts = [int(c) for c in args.drop_counts.split(",")]
+    else:
+        counts = [len(attention_layers_to_drop(num_layers, float(f))) for f in args.sweep_drop.split(",")]
+    bad = [c for c in counts if not 0 <= c < num_layers]
+    if bad:
+        raise ValueError(f"drop counts {bad} are out of range for {num_layers} attention layers")
+    return sorted(set(counts))
+
+
+def _deepest(num_layers: int, count: int) -> list[int]:
+    """The deepest attention layers but the last (as the quick bench); which ones does not change speed."""
+    return list(range(num_layers - 1 - count, num_layers - 1)) if count else []
+
+
+def plan_jobs(args, cfg) -> list[dict]:
+    device, dtype = _device_and_dtype(args)
+    common = dict(model=args.model, synthetic=args.synthetic, dtype=dtype, device=device, threads=args.threads,
+                  repeats=args.repeats)
+    sweeps = {s.strip() for s in args.sweeps.split(",") if s.strip()}
+    unknown = sweeps - {"drop", "context", "batch"}
+    if unknown:
+        raise ValueError(f"unknown sweeps {sorted(unknown)}; choose from drop, context, batch")
+    half = cfg.num_layers // 2
+    jobs = []
+    if "drop" in sweeps:
+        if 2 * args.e2e_len > cfg.max_position_embeddings:
+            raise ValueError(f"--e2e-len {args.e2e_len} + {args.e2e_len} exceeds the model's context of "
+                             f"{cfg.max_position_embeddings}")
+        impls = ["llmdrop_rt"] + ([] if args.no_transformers else ["transformers"])
+        for impl in impls:
+            for count in _drop_counts(args, cfg.num_layers):
+                jobs.append(dict(common, sweep="drop", impl=impl, drop_count=count,
+                                 drop_attn=_deepest(cfg.num_layers, count), batch=args.e2e_batch,
+                                 prompt_len=args.e2e_len, new_tokens=args.e2e_len))
+    if "context" in sweeps:
+        for length in (int(c) for c in args.sweep_contexts.split(",")):
+            if length + args.new_tokens > cfg.max_position_embeddings:
+                continue
+            for count in (0, half):
+                jobs.append(dict(common, sweep="context", impl="llmdrop_rt", drop_count=count,
+                                 drop_attn=_deepest(cfg.num_layers, count), batch=1, prompt_len=length,
+                                 new_tokens=args.new_tokens))
+    if "batch" in sweeps:
+        for batch in (int(b) for b in args.sweep_batches.split(",")):
+            for count in (0, half):
+                jobs.append(dict(common, sweep="batch", impl="llmdrop_rt", drop_count=count,
+                                 drop_attn=_deepest(cfg.num_layers, count), batch=batch, prompt_len=args.prompt_len,
+                                 new_tokens=args.new_tokens))
+    for job in jobs:
+        kind = "transformers skip" if job["impl"] == "transformers" else "llmdrop_rt"
+        job["label"] = (f"{job['sweep']}: {kind} attn-{job['drop_count']} b{job['batch']} "
+                        f"{job['prompt_len']}+{job['new_tokens']}")
+    return jobs
+
+
+def with_speedups(rows: list[dict]) -> list[dict]:
+    """End-to-end speedup of each row against the undropped row of the same sweep, implementation, batch and
+    lengths (so the transformers-skip rows are compared with transformers' own full model)."""
+    for row in rows:
+        key = (row["sweep"], row["impl"], row["batch"], row["prompt_len"], row["new_tokens"])
+        base = next((r for r in rows if r["drop_count"] == 0 and
+                     (r["sweep"], r["impl"], r["batch"], r["prompt_len"], r["new_tokens"]) == key), None)
+        row["e2e_speedup"] = base["e2e_s"] / row["e2e_s"] if base else None
+        row["cpu_speedup"] = base["e2e_cpu_s"] / row["e2e_cpu_s"] if base else None
+        row["decode_speedup"] = row["decode_tok_s"] / base["decode_tok_s"] if base else None
+        row["kv_ratio"] = row["kv_bytes"] / base["kv_bytes"] if base else None
+    return rows
+
+
+def evaluate_targets(rows: list[dict], cfg, args) -> list[dict]:
+    """The issue's targets, checked on what this run measured."""
+    targets = []
+    drop_rows = [r for r in rows if r["sweep"] == "drop"]
+    half = cfg.num_layers // 2
+    ours = next((r for r in drop_rows if r["impl"] == "llmdrop_rt" and r["drop_count"] == half), None)
+    skip = next((r for r in drop_rows if r["impl"] == "transformers" and r["drop_count"] == half), None)
+    if ours and skip:
+        targets.append({"target": f"attn-{half} (50%) end-to-end speedup: ours >= transformers-skip",
+                        "ours": ours["e2e_speedup"], "baseline": skip["e2e_speedup"],
+                        "met": ours["e2e_speedup"] >= skip["e2e_speedup"]})
+        if ours["device"] == "cpu":
+            targets.append({"target": f"attn-{half} (50%) speedup in process CPU time: ours >= transformers-skip",
+                            "ours": ours["cpu_speedup"], "baseline": skip["cpu_speedup"],
+                            "met": ours["cpu_speedup"] >= skip["cpu_speedup"]})
+    full = next((r for r in drop_rows if r["impl"] == "llmdrop_rt" and r["drop_count"] == 0), None)
+    if ours and full:
+        kept = cfg.num_layers - half
+        targets.append({"target": f"attn-{half} KV bytes exactly {kept}/{cfg.num_layers} of the full model's",
+                        "ours": ours["kv_bytes"], "baseline": full["kv_bytes"],
+                        "met": ours["kv_bytes"] * cfg.num_layers == full["kv_bytes"] * kept})
+    for count, paper in PAPER_E2E.get(args.synthetic or "", {}).items():
+        row = next((r for r in drop_rows if r["impl"] == "llmdrop_rt" and r["drop_count"] == count), None)
+        if row:
+            targets.append({"target": f"attn-{count} end-to-end speedup above LLM-Drop's {paper}x "
+                                      f"({row['prompt_len']}+{row['new_tokens']}, {row['device']})",
+                            "ours": row["e2e_speedup"], "baseline": paper, "met": row["e2e_speedup"] > paper})
+    return targets
+
+
+def format_markdown(report: dict) -> str:
+    env, cfg = report["environment"], report["model"]
+    lines = [f"# Bench sweep: {cfg['name']}" + (" (SYNTHETIC random weights)" if cfg["synthetic"] else ""),
+             "", f"Command: `{report['command']}`", "",
+             f"Machine: {env['device']} ({env['processor']}), torch {env['torch']}, {env['threads']} threads, "
+             f"dtype {report['dtype']}. {cfg['num_layers']} layers.", ""]
+    if report.get("note"):
+        lines += [report["note"], ""]
+    titles = {"drop": "Dropped attention layers (end to end, prompt + generation of equal length)",
+              "context": "Context length (batch 1)", "batch": "Batch size"}
+    for sweep in ("drop", "context", "batch"):
+        rows = [r for r in report["rows"] if r["sweep"] == sweep]
+        if not rows:
+            continue
+        lines += [f"## {titles[sweep]}", "",
+                  "| impl | attn kept | batch | prompt+gen | prefill tok/s | decode tok/s | end-to-end s | "
+                  "e2e speedup | e2e CPU s (speedup) | KV MiB | weights MiB | peak MiB | CPU/wall |",
+                  "|" + "---|" * 13]
+        for r in rows:
+            impl = "transformers (skip)" if r["impl"] == "transformers" else "llmdrop_rt"
+            speed = "-" if r["e2e_speedup"] is None else f"{r['e2e_speedup']:.2f}x"
+            lines.append(f"| {impl} | {cfg['num_layers'] - r['drop_count']}/{cfg['num_layers']} | {r['batch']} | "
+                         f"{r['prompt_len']}+{r['new_tokens']} | {r['prefill_tok_s']:.0f} | {r['decode_tok_s']:.1f} | "
+                         f"{r['e2e_s']:.2f} | {speed} | {r['e2e_cpu_s']:.2f} ({r['cpu_speedup'] or 0:.2f}x) | "
+                         f"{r['kv_bytes'] / 2**20:.1f} | "
+                         f"{r['weight_bytes'] / 2**20:.0f} | {r['peak_memory_bytes'] / 2**20:.0f} | "
+                         f"{r['cpu_per_wall']:.2f} |")
+        lines.append("")
+    if report["targets"]:
+        lines += ["## Targets", "", "| target | ours | baseline | met |", "|---|---|---|---|"]
+        for t in report["targets"]:
+            lines.append(f"| {t['target']} | {t['ours']:.3f} | {t['baseline']:.3f} | {'yes' if t['met'] else 'NO'} |"
+                         if isinstance(t["ours"], float) else
+                         f"| {t['target']} | {t['ours']} | {t['baseline']} | {'yes' if t['met'] else 'NO'} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(report: dict, out_dir: Path) -> list[Path]:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise SystemExit("PNG plots need matplotlib: pip install 'llmdrop-rt[plot]' (or pass --no-plots)") from None
+    rows, n = report["rows"], report["model"]["num_layers"]
+    tag = report["model"]["name"] + (" (synthetic)" if report["model"]["synthetic"] else "")
+    written = []
+
+    def save(fig, name):
+        path = out_dir / name
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        written.append(path)
+
+    drop = [r for r in rows if r["sweep"] == "drop"]
+    if drop:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for impl, label in (("llmdrop_rt", "llmdrop_rt (modules absent)"),
+                            ("transformers", "transformers (skipped, still allocated)")):
+            pts = sorted((r["drop_count"], r["e2e_speedup"]) for r in drop if r["impl"] == impl)
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=label)
+        ax.axhline(1.0, color="grey", lw=0.5)
+        ax.set(xlabel=f"attention layers dropped (of {n})", ylabel="end-to-end speedup (x)")
+        ax.set_title(f"{tag}\n{drop[0]['prompt_len']}+{drop[0]['new_tokens']} tokens, batch {drop[0]['batch']}",
+                     fontsize=10)
+        ax.legend()
+        save(fig, "speedup_vs_dropped.png")
+    context = [r for r in rows if r["sweep"] == "context"]
+    if context:
+        fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+        for count in sorted({r["drop_count"] for r in context}):
+            pts = sorted((r["prompt_len"] + r["new_tokens"], r["kv_bytes"] / 2**20, r["decode_tok_s"])
+                         for r in context if r["drop_count"] == count)
+            label = f"attention {n - count}/{n}"
+            ax1.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
+            ax2.plot([p[0] for p in pts], [p[2] for p in pts], marker="o", label=label)
+        ax1.set(xscale="log", yscale="log", xlabel="context (tokens)", ylabel="KV cache (MiB)", title=f"{tag}: KV bytes")
+        ax2.set(xscale="log", xlabel="context (tokens)", ylabel="decode tok/s (batch 1)", title="decode speed")
+        ax1.legend()
+        ax2.legend()
+        save(fig, "kv_and_decode_vs_context.png")
+    batch = [r for r in rows if r["sweep"] == "batch"]
+    if batch:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for count in sorted({r["drop_count"] for r in batch}):
+            pts = sorted((r["batch"], r["decode_tok_s"]) for r in batch if r["drop_count"] == count)
+            ax.plot(*zip(*pts), marker="o", label=f"attention {n - count}/{n}")
+        ax.set(xscale="log", xlabel="batch size", ylabel="decode tok/s", title=f"{tag}: decode throughput")
+        ax.legend()
+        save(fig, "decode_vs_batch.png")
+    return written
+
+
+def run_sweeps(args, argv) -> None:
+    from .bench import environment
+
+    cfg = _model_config(args)
+    device, dtype = _device_and_dtype(args)
+    rows = []
+    for job in plan_jobs(args, cfg):
+        print(f"running {job['label']} ...", file=sys.stderr, flush=True)
+        rows.append({**{k: job[k] for k in ("sweep", "impl", "drop_count", "drop_attn", "batch", "prompt_len",
+                                            "new_tokens", "label", "device")}, **run_in_subprocess(job)})
+    rows = with_speedups(rows)
+    name = args.synthetic or getattr(args, "model_name", None) or Path(args.model).name
+    report = {"command": "python -m llmdrop_rt.bench " + " ".join(argv if argv is not None else sys.argv[1:]),
+              "environment": environment(device, args.threads), "dtype": dtype,
+              "model": {"name": name, "synthetic": bool(args.synthetic), "num_layers": cfg.num_layers,
+                        "source": None if args.synthetic else args.model},
+              "rows": rows}
+    if device == "cpu":
+        report["note"] = (f"CPU/wall: process CPU seconds per wall second in the kept run; with {args.threads} "
+                          f"thread(s), well below {args.threads} means the run waited for cores on a shared machine "
+                          "and its wall times are inflated. e2e CPU s: the least process CPU time of the repeats "
+                          "(steadier there; still includes cache/memory contention).")
+    report["targets"] = evaluate_targets(rows, cfg, args)
+    out_dir = args.sweep_dir
+    out_dir.mkdir(parents=True, exist_ok=True)
+    markdown = format_markdown(report)
+    for path, text in ((out_dir / "sweep.json", json.dumps(report, indent=2)), (out_dir / "sweep.md", markdown)):
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(text)
+        tmp.replace(path)
+    print(markdown)
+    if not args.no_plots:
+        for path in plot(report, out_dir):
+            print(f"wrote {path}", file=sys.stderr)
+    print(f"wrote {out_dir / 'sweep.json'} and sweep.md", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "--worker":
+        print(json.dumps(worker(json.loads(sys.argv[2]))))
+    else:
+        raise SystemExit("run sweeps through `python -m llmdrop_rt.bench --sweep` (see --help)")
