@@ -132,10 +132,12 @@ class _Transformers(_Runner):
         return sum(p.nbytes for p in self.model.parameters())
 
     def kv_bytes(self, batch, length):
+        """What transformers' cache holds at the end of generation: the layers whose attention runs."""
         cfg = self.model.config
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         element = next(self.model.parameters()).element_size()
-        return 2 * cfg.num_hidden_layers * batch * cfg.num_key_value_heads * length * head_dim * element
+        layers = cfg.num_hidden_layers - len(self.job["drop_attn"])
+        return 2 * layers * batch * cfg.num_key_value_heads * (length - 1) * head_dim * element
 
     def prefill(self, prompt):
         with torch.inference_mode():
