@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import time
@@ -75,14 +74,23 @@ def transformers_with_hooks(folder, calib, batch_size):
     return {k: [1 - v / total for v in values] for k, values in sums.items()}, seconds, load_seconds
 
 
+def peak_rss_mib() -> float:
+    """This process's peak resident memory (VmHWM). Not ru_maxrss: after fork + exec that still counts the
+    parent's pages."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM in /proc/self/status (Linux only)")
+
+
 def peak_rss_child(mode: str, folder: str, n_samples: int, seq_len: int, batch_size: int):
     """Run in a fresh process: print the peak RSS before and after one scoring pass."""
     calib = calibration(folder, n_samples, seq_len)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    before = peak_rss_mib()
     source = StreamingSource(folder) if mode == "streaming" else InMemorySource.from_folder(folder)
     table = score_pass(source, calib, batch_size=batch_size, progress=False)
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({"mode": mode, "peak_rss_mib_before": before / 1024, "peak_rss_mib": after / 1024,
+    after = peak_rss_mib()
+    print(json.dumps({"mode": mode, "peak_rss_mib_before": before, "peak_rss_mib": after,
                       "seconds": table.seconds, "cosine": table.importance["cosine"]}))
 
 
