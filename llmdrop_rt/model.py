@@ -111,7 +111,8 @@ class MLP(nn.Module):
         self.down = down
         self.folded = folded
         if folded is not None:
-            self.register_buffer("folded_gate_up", folded.gate_up, persistent=False)  # counted, moved with .to()
+            # Registered so param_bytes() counts it; the model is built on its device and never moved after.
+            self.register_buffer("folded_gate_up", folded.gate_up, persistent=False)
 
     def forward(self, normed):
         gate, up = self.gate_up(normed).chunk(2, dim=-1)
