@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from . import bench_sweep
+from .synthetic import skip_attention
 
 DEFAULT_OUT = Path("bench/out/bench.json")
 
@@ -33,11 +34,6 @@ def attention_layers_to_drop(num_layers: int, fraction: float) -> list[int]:
     Speed does not depend on which layers go; `python -m llmdrop_rt score` chooses them by importance."""
     count = round(num_layers * fraction)
     return list(range(num_layers - 1 - count, num_layers - 1)) if count else []
-
-
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def _peak_memory(device) -> int:
@@ -66,10 +62,10 @@ class _Runner:
         self.prefill(prompt)  # warm-up
         times = []
         for _ in range(job["repeats"]):
-            _sync(device)
+            bench_sweep.sync(device)
             t0 = time.perf_counter()
             self.prefill(prompt)
-            _sync(device)
+            bench_sweep.sync(device)
             times.append(time.perf_counter() - t0)
         result["prefill_tok_s"] = job["prompt_len"] / min(times)
         for batch in job["batch_sizes"]:
@@ -110,7 +106,7 @@ class _Ours(_Runner):
     def decode_time(self, prompts, new_tokens):
         first = None
         for step in self.llm.engine.stream(prompts, new_tokens):
-            _sync(self.device)
+            bench_sweep.sync(self.device)
             first = first or time.perf_counter()
         return time.perf_counter() - first
 
@@ -126,7 +122,7 @@ class _Transformers(_Runner):
         self.model = AutoModelForCausalLM.from_pretrained(self.job["model"], dtype=dtype).to(self.device).eval()
         self.vocab = self.model.config.vocab_size
         for i in self.job["drop_attn"]:
-            _skip_attention(self.model.model.layers[i])
+            skip_attention(self.model.model.layers[i])
 
     def weight_bytes(self):
         return sum(p.nbytes for p in self.model.parameters())
@@ -144,30 +140,8 @@ class _Transformers(_Runner):
             self.model(torch.tensor(prompt, device=self.device), use_cache=True, logits_to_keep=1)
 
     def decode_time(self, prompts, new_tokens):
-        from transformers.generation.streamers import BaseStreamer
-
-        device = self.device
-        stamps = []
-
-        class Clock(BaseStreamer):
-            def put(self, value):
-                _sync(device)
-                stamps.append(time.perf_counter())
-
-            def end(self):
-                pass
-
-        ids = torch.tensor(prompts, device=device)
-        with torch.inference_mode():
-            self.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
-                                min_new_tokens=new_tokens, do_sample=False, streamer=Clock(),
-                                pad_token_id=0)
-        return stamps[-1] - stamps[1]  # stamps[0] is the prompt, stamps[1] the first generated token
-
-
-def _skip_attention(layer):
-    """Skip the module in the forward but leave its weights allocated, as LLM-Drop's transformers code does."""
-    layer.self_attn.forward = lambda hidden_states, *args, **kwargs: (torch.zeros_like(hidden_states), None)
+        _, stamps, _ = bench_sweep.timed_transformers_generate(self.model, prompts, new_tokens, self.device)
+        return stamps[-1] - stamps[1]
 
 
 def worker(job: dict) -> dict:

@@ -127,7 +127,8 @@ def run_profile(args) -> None:
 
 
 # -- one timed configuration (a subprocess) -------------------------------------------------------------------------
-def _sync(device):
+def sync(device):
+    """Wait for queued GPU work so wall-clock stamps mean what they say."""
     if device.type == "cuda":
         torch.cuda.synchronize()
 
@@ -153,14 +154,14 @@ class _OursTimer:
 
     def time_generation(self, prompts, new_tokens) -> tuple[float, float]:
         """(prefill seconds to the first token, decode seconds from the first to the last token)."""
-        _sync(self.device)
+        sync(self.device)
         t0 = time.perf_counter()
         first = None
         for _ in self.llm.engine.stream(prompts, new_tokens):  # no EOS set: exactly new_tokens steps
             if first is None:
-                _sync(self.device)
+                sync(self.device)
                 first = time.perf_counter()
-        _sync(self.device)
+        sync(self.device)
         return first - t0, time.perf_counter() - first
 
 
@@ -189,28 +190,37 @@ class _TransformersTimer:
         return self.cache_bytes
 
     def time_generation(self, prompts, new_tokens) -> tuple[float, float]:
-        from transformers.generation.streamers import BaseStreamer
-
-        device, stamps = self.device, []
-
-        class Clock(BaseStreamer):
-            def put(self, value):
-                _sync(device)
-                stamps.append(time.perf_counter())
-
-            def end(self):
-                pass
-
-        ids = torch.tensor(prompts, device=device)
-        _sync(device)
-        t0 = time.perf_counter()
-        with torch.inference_mode():
-            out = self.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
-                                      min_new_tokens=new_tokens, do_sample=False, streamer=Clock(), pad_token_id=0,
-                                      return_dict_in_generate=True)
-        _sync(device)
+        t0, stamps, out = timed_transformers_generate(self.model, prompts, new_tokens, self.device)
         self.cache_bytes = transformers_cache_bytes(out.past_key_values)
-        return stamps[1] - t0, stamps[-1] - stamps[1]  # stamps[0]: the prompt; stamps[1]: the first new token
+        return stamps[1] - t0, stamps[-1] - stamps[1]
+
+
+def timed_transformers_generate(model, prompts: list[list[int]], new_tokens: int, device):
+    """transformers' greedy generate of exactly `new_tokens` per row, with a clock on every streamed token.
+
+    Returns (t0, stamps, output): t0 just before the call; stamps[0] when the prompt was streamed, stamps[1] the
+    first generated token, stamps[-1] the last."""
+    from transformers.generation.streamers import BaseStreamer
+
+    stamps = []
+
+    class Clock(BaseStreamer):
+        def put(self, value):
+            sync(device)
+            stamps.append(time.perf_counter())
+
+        def end(self):
+            pass
+
+    ids = torch.tensor(prompts, device=device)
+    sync(device)
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                             min_new_tokens=new_tokens, do_sample=False, streamer=Clock(), pad_token_id=0,
+                             return_dict_in_generate=True)
+    sync(device)
+    return t0, stamps, out
 
 
 def transformers_cache_bytes(cache) -> int:
