@@ -16,7 +16,6 @@ import argparse
 import json
 import platform
 import resource
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -150,14 +149,6 @@ def worker(job: dict) -> dict:
     return runner.run()
 
 
-def run_in_subprocess(job: dict) -> dict:
-    proc = subprocess.run([sys.executable, "-m", "llmdrop_rt.bench", "--worker", json.dumps(job)],
-                          capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"bench worker for {job['label']} failed:\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
 def format_table(rows: list[dict], batch_sizes: list[int]) -> str:
     base = next(r for r in rows if r["impl"] == "llmdrop_rt" and not r["drop_attn"])
     head = ["config", "attn kept", "prefill tok/s"] + [f"decode b{b} tok/s (x)" for b in batch_sizes] + [
@@ -243,7 +234,7 @@ def main(argv=None):
     rows = []
     for job in jobs:
         print(f"running {job['label']} ...", file=sys.stderr, flush=True)
-        result = run_in_subprocess(job)
+        result = bench_sweep.run_in_subprocess(job, module="llmdrop_rt.bench")
         rows.append(dict(label=job["label"], impl=job["impl"], drop_attn=job["drop_attn"],
                          attn_kept=cfg.num_layers - len(job["drop_attn"]), num_layers=cfg.num_layers, **result))
     table = format_table(rows, batch_sizes)

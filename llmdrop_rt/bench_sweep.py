@@ -257,11 +257,11 @@ def worker(job: dict) -> dict:
             "kv_bytes": timer.kv_bytes(job["batch"], job["prompt_len"] + job["new_tokens"])}
 
 
-def run_in_subprocess(job: dict) -> dict:
-    proc = subprocess.run([sys.executable, "-m", "llmdrop_rt.bench_sweep", "--worker", json.dumps(job)],
-                          capture_output=True, text=True)
+def run_in_subprocess(job: dict, module: str = "llmdrop_rt.bench_sweep") -> dict:
+    """Run `python -m MODULE --worker JOB` (a fresh process, so peak memory is the job's own) and return its JSON."""
+    proc = subprocess.run([sys.executable, "-m", module, "--worker", json.dumps(job)], capture_output=True, text=True)
     if proc.returncode != 0:
-        raise RuntimeError(f"sweep worker for {job['label']} failed:\n{proc.stderr[-3000:]}")
+        raise RuntimeError(f"{module} worker for {job['label']} failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
