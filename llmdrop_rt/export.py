@@ -55,11 +55,7 @@ def export_model(source: str | Path, destination: str | Path, plan: DropPlan, fm
     cfg = ModelConfig.from_folder(source)
     if plan.num_layers != cfg.num_layers:
         raise ExportError(f"the drop plan is for {plan.num_layers} layers, {source} has {cfg.num_layers}")
-    resolved = destination.resolve()
-    if resolved == source or source in resolved.parents or resolved in source.parents:
-        raise ExportError(f"{destination}: the destination must not be the source folder, inside it, or contain it")
-    if destination.exists() and not overwrite:
-        raise ExportError(f"{destination} already exists (pass overwrite=True / --force to replace it)")
+    check_destination(source, destination, overwrite)
     if fmt == "renumbered" and plan.drop_attn != plan.drop_mlp:
         raise ExportError("the 'renumbered' format needs a pure block drop (the same layers in drop_attn_list and "
                           f"drop_mlp_list), got {plan}")
@@ -89,17 +85,31 @@ def export_model(source: str | Path, destination: str | Path, plan: DropPlan, fm
             else:
                 _link_weights(source, staging)
         (staging / "config.json").write_text(_json(config))
-        if destination.exists():  # overwrite: move the old folder aside only once the new one is complete
-            trash = Path(tempfile.mkdtemp(prefix=f".{destination.name}.old.", dir=destination.parent))
-            destination.rename(trash / "old")
-            staging.rename(destination)
-            shutil.rmtree(trash)
-        else:
-            staging.rename(destination)
+        publish(staging, destination)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return destination
+
+
+def check_destination(source: Path, destination: Path, overwrite: bool):
+    """A new checkpoint folder may not be, sit inside, or contain its source, nor replace anything unasked."""
+    resolved = destination.resolve()
+    if resolved == source or source in resolved.parents or resolved in source.parents:
+        raise ExportError(f"{destination}: the destination must not be the source folder, inside it, or contain it")
+    if destination.exists() and not overwrite:
+        raise ExportError(f"{destination} already exists (pass overwrite=True / --force to replace it)")
+
+
+def publish(staging: Path, destination: Path):
+    """Rename the finished `staging` folder to `destination`; an old destination is removed only after that."""
+    if destination.exists():
+        trash = Path(tempfile.mkdtemp(prefix=f".{destination.name}.old.", dir=destination.parent))
+        destination.rename(trash / "old")
+        staging.rename(destination)
+        shutil.rmtree(trash)
+    else:
+        staging.rename(destination)
 
 
 def _renumbered_names(names: list[str], new_index: dict[int, int]) -> dict[str, str]:

@@ -276,7 +276,11 @@ class ModelBuilder:
         return self.reader.get(name, shape).to(device=self.device, dtype=self.dtype)
 
     def projection(self, prefixes: list[str], in_features: int, out_features: list[int], bias: bool) -> nn.Module:
-        if self.qconfig is not None:
+        quantized = [self.qconfig is not None and self.qconfig.quantizes(p) for p in prefixes]
+        if any(quantized) and not all(quantized):
+            raise ValueError(f"{prefixes}: quantization_config.dynamic excludes some of these projections but "
+                             "not all; they share one input and are loaded as one (exclude all or none)")
+        if all(quantized):
             layers = [QuantLinear.from_checkpoint(self.quant_tensor, p, in_features, o, self.qconfig, bias)
                       for p, o in zip(prefixes, out_features)]
             return concat_quant_linear(layers).to(self.device)

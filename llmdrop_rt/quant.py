@@ -21,6 +21,7 @@ import importlib
 import json
 import math
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Mapping
@@ -49,7 +50,9 @@ class QuantConfig:
     "gptq_v2" (stored zero = zero). group_size: input columns per scale/zero group, -1 = one group.
     zero_point: asymmetric (AWQ zero_point / GPTQ not sym); an AWQ checkpoint without zero points has
     no qzeros and is read with zero 8 (GPTQ always stores qzeros). desc_act: GPTQ act-order (g_idx not
-    monotone).
+    monotone). excluded: GPTQModel's negative ``dynamic`` rules ("-:REGEX"), matched from the start of a
+    module name: those modules are not quantized (kept in float, or dropped: `quantize` writes one rule
+    per dropped module).
     """
 
     method: str
@@ -58,6 +61,11 @@ class QuantConfig:
     group_size: int = 128
     zero_point: bool = True
     desc_act: bool = False
+    excluded: tuple[str, ...] = ()
+
+    def quantizes(self, module_name: str) -> bool:
+        """False for a module a negative ``dynamic`` rule keeps out of quantization."""
+        return not any(re.match(pattern, module_name) for pattern in self.excluded)
 
     def group_size_for(self, in_features: int) -> int:
         """The effective group size for a layer (-1 means the whole input dimension)."""
@@ -154,7 +162,8 @@ def _parse_awq(cfg: Mapping) -> QuantConfig:
     zero_point = cfg.get("zero_point", True)
     if not isinstance(zero_point, bool):
         raise ValueError(f"quantization_config.zero_point={zero_point!r}: expected true or false")
-    return QuantConfig("awq", "awq_gemm", bits, group_size, zero_point, desc_act=False)
+    return QuantConfig("awq", "awq_gemm", bits, group_size, zero_point, desc_act=False,
+                       excluded=_parse_exclusions(cfg))
 
 
 def _parse_gptq(cfg: Mapping) -> QuantConfig:
@@ -169,8 +178,6 @@ def _parse_gptq(cfg: Mapping) -> QuantConfig:
     pack_dtype = str(cfg.get("pack_dtype", "int32")).replace("torch.", "")
     if pack_dtype != "int32":
         raise ValueError(f"quantization_config.pack_dtype={cfg.get('pack_dtype')!r} is not supported (only int32)")
-    if cfg.get("dynamic"):
-        raise ValueError("quantization_config.dynamic (per-module overrides) is not supported")
     bits = _require_bits(cfg, "bits")
     group_size = _parse_group_size(cfg, "group_size")
     sym = cfg.get("sym", True)
@@ -178,7 +185,27 @@ def _parse_gptq(cfg: Mapping) -> QuantConfig:
     for name, value in (("sym", sym), ("desc_act", desc_act)):
         if not isinstance(value, bool):
             raise ValueError(f"quantization_config.{name}={value!r}: expected true or false")
-    return QuantConfig("gptq", fmt, bits, group_size, zero_point=not sym, desc_act=desc_act)
+    return QuantConfig("gptq", fmt, bits, group_size, zero_point=not sym, desc_act=desc_act,
+                       excluded=_parse_exclusions(cfg))
+
+
+def _parse_exclusions(cfg: Mapping) -> tuple[str, ...]:
+    """GPTQModel's ``dynamic``: only its negative rules ("-:REGEX": do not quantize) are supported; a positive
+    rule changes bits/group size per module, which would be read with the wrong settings."""
+    dynamic = cfg.get("dynamic") or {}
+    if not isinstance(dynamic, Mapping):
+        raise ValueError(f"quantization_config.dynamic: expected an object, got {type(dynamic).__name__}")
+    excluded = []
+    for rule in dynamic:
+        if not rule.startswith("-:"):
+            raise ValueError(f"quantization_config.dynamic rule {rule!r} is not supported: only exclusions "
+                             "('-:REGEX', module not quantized) are, not per-module overrides")
+        try:
+            re.compile(rule[2:])
+        except re.error as e:
+            raise ValueError(f"quantization_config.dynamic rule {rule!r}: bad regular expression ({e})") from None
+        excluded.append(rule[2:])
+    return tuple(excluded)
 
 
 # --------------------------------------------------------------------------------------------------

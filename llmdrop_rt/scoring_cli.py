@@ -1,4 +1,4 @@
-"""The `score`, `drop`, `ppl` and `sweep` subcommands of `python -m llmdrop_rt`."""
+"""The `score`, `drop`, `ppl`, `sweep` and `quantize` subcommands of `python -m llmdrop_rt`."""
 from __future__ import annotations
 
 import argparse
@@ -25,7 +25,10 @@ def int_list(text: str) -> list[int]:
     return [positive_int(part) for part in text.split(",") if part.strip()]
 
 
-def add_calibration_arguments(parser: argparse.ArgumentParser, required: bool = True):
+def add_calibration_arguments(parser: argparse.ArgumentParser, required: bool = True,
+                              n_samples: int = DEFAULT_N_SAMPLES, seq_len: int = DEFAULT_SEQ_LEN,
+                              defaults_from: str = "LLM-Drop"):
+    """The calibration-set options (`score`, `drop`, `sweep`, `quantize`); returns the argument group."""
     group = parser.add_argument_group("calibration data")
     group.add_argument("--calib", required=required, metavar="SOURCE",
                        help="a .txt file (one text), a .jsonl file (a 'text' field per line), a .parquet file, or a "
@@ -34,14 +37,18 @@ def add_calibration_arguments(parser: argparse.ArgumentParser, required: bool = 
                        help="dataset split, for a dataset name (default: validation, as LLM-Drop's C4)")
     group.add_argument("--calib-config", help="dataset configuration name, e.g. 'en' for allenai/c4")
     group.add_argument("--text-field", default="text", help="field/column holding the text (default: text)")
-    group.add_argument("--n-samples", type=positive_int, default=DEFAULT_N_SAMPLES,
-                       help=f"calibration sequences (default: {DEFAULT_N_SAMPLES}, as LLM-Drop)")
-    group.add_argument("--seq-len", type=positive_int, default=DEFAULT_SEQ_LEN,
-                       help=f"tokens per calibration sequence (default: {DEFAULT_SEQ_LEN}, as LLM-Drop)")
+    group.add_argument("--n-samples", type=positive_int, default=n_samples,
+                       help=f"calibration sequences (default: {n_samples}, as {defaults_from})")
+    group.add_argument("--seq-len", type=positive_int, default=seq_len,
+                       help=f"tokens per calibration sequence (default: {seq_len}, as {defaults_from})")
     group.add_argument("--seed", type=int, default=0,
                        help="seed choosing which sequences are used (default: 0); see --in-order")
     group.add_argument("--in-order", action="store_true",
                        help="take the first --n-samples sequences in text order (LLM-Drop's no-shuffle) instead")
+    return group
+
+
+def add_scoring_pass_arguments(group):
     group.add_argument("--batch-size", type=positive_int, default=8,
                        help="calibration sequences run together through a layer (default: 8)")
     group.add_argument("--in-memory", action="store_true",
@@ -78,11 +85,15 @@ def start_plan(args, cfg):
 
 
 def make_calibration(args, source):
+    return calibration_from_args(args, source.folder, source.cfg)
+
+
+def calibration_from_args(args, folder, cfg):
     from .calibration import load_calibration
     from .tokenizer import Tokenizer
 
-    return load_calibration(Tokenizer(source.folder), args.calib, args.n_samples, args.seq_len,
-                            None if args.in_order else args.seed, source.cfg.max_position_embeddings,
+    return load_calibration(Tokenizer(folder), args.calib, args.n_samples, args.seq_len,
+                            None if args.in_order else args.seed, cfg.max_position_embeddings,
                             args.calib_split, args.text_field, args.calib_config)
 
 
@@ -212,7 +223,7 @@ def add_scoring_commands(commands, add_model_arguments):
         description="One layer-streaming pass over calibration data computing, for every kept module, "
                     f"the importance metrics. {METRIC_HELP}.")
     add_model_arguments(score)
-    add_calibration_arguments(score)
+    add_scoring_pass_arguments(add_calibration_arguments(score))
     score.add_argument("--loss", choices=GRANULARITIES,
                        help="also compute the SLEB loss metric for candidates of this granularity "
                             "(one extra forward per candidate: slow)")
@@ -227,7 +238,7 @@ def add_scoring_commands(commands, add_model_arguments):
         description="Choose --num-drop modules to drop by a metric, one-shot or iteratively, write the drop plan "
                     f"and optionally export the dropped model. {METRIC_HELP}.")
     add_model_arguments(drop)
-    add_calibration_arguments(drop, required=False)
+    add_scoring_pass_arguments(add_calibration_arguments(drop, required=False))
     drop.add_argument("--metric", choices=METRICS, default="cosine", help="importance metric (default: cosine)")
     drop.add_argument("--granularity", choices=GRANULARITIES, default="attn",
                       help="block: whole layers; attn / mlp: Layer Drop of one module type; joint: attention and "
@@ -274,7 +285,7 @@ def add_scoring_commands(commands, add_model_arguments):
         description="For each method (metric:granularity[:mode]) and each k, choose k modules to drop and measure "
                     "the dropped model's perplexity; writes JSON and optionally a plot.")
     add_model_arguments(sweep)
-    add_calibration_arguments(sweep)
+    add_scoring_pass_arguments(add_calibration_arguments(sweep))
     add_selection_arguments(sweep)
     sweep.add_argument("--eval", required=True, metavar="SOURCE",
                        help="text for perplexity (a .txt/.jsonl/.parquet file); use a different text than --calib")
@@ -294,3 +305,51 @@ def add_scoring_commands(commands, add_model_arguments):
     sweep.add_argument("--plot", metavar="PNG", help="plot perplexity vs modules dropped to this PNG")
     sweep.set_defaults(func=cmd_sweep)
 
+
+
+def cmd_quantize(args):
+    from .config import DropPlan, ModelConfig
+    from .quantize import compare_with_gptqmodel, quantize_model
+
+    folder = model_folder(args)
+    cfg = ModelConfig.from_folder(folder)
+    plan = DropPlan.from_config(cfg, args.drop_attn, args.drop_mlp)
+    calib = calibration_from_args(args, folder, cfg)
+    sym = None if args.zero_point is None else args.zero_point == "sym"
+    out = quantize_model(folder, args.out, calib, args.method, plan, args.group_size, sym, args.desc_act,
+                         args.dtype, args.device, args.batch_size, args.force)
+    print(f"{args.method} 4-bit g{args.group_size} of {folder} ({plan}) -> {out}")
+    if args.verify:
+        check = compare_with_gptqmodel(out, calib.tokens[:1])
+        print(f"our runtime vs GPTQModel on {check['tokens']} calibration tokens: max |logit diff| "
+              f"{check['max_abs_diff']:.4g} (largest |logit| {check['max_abs_logit']:.4g}), "
+              f"top-1 agreement {check['top1_agreement']:.1%}")
+
+
+def add_quantize_command(commands, add_model_arguments):
+    quantize = commands.add_parser(
+        "quantize", help="4-bit GPTQ or AWQ-gemm checkpoint of a (dropped) model, made by GPTQModel",
+        description="Quantize a model, with its drop plan applied, through GPTQModel (optional; see README). The "
+                    "quantizer calibrates on the dropped model (dropped modules absent, not zeroed); the output "
+                    "keeps drop_attn_list/drop_mlp_list and loads in llmdrop-rt and in GPTQModel.")
+    add_model_arguments(quantize, runtime=False)
+    quantize.add_argument("--method", choices=["gptq", "awq"], default="gptq",
+                          help="gptq: GPTQ v1 checkpoint; awq: AWQ 'gemm' checkpoint (default: gptq)")
+    quantize.add_argument("--group-size", type=int, default=128,
+                          help="input columns per scale/zero, a multiple of 8, or -1 for one group (default: 128)")
+    quantize.add_argument("--zero-point", choices=["sym", "asym"],
+                          help="sym: no zero points; asym: a zero point per group (default: sym for gptq, asym "
+                               "for awq, as their libraries)")
+    quantize.add_argument("--desc-act", action="store_true", help="GPTQ act-order (columns by Hessian diagonal)")
+    quantize.add_argument("--dtype", choices=["float16", "bfloat16"], default="float16",
+                          help="precision the quantizer runs in and of the scales (default: float16)")
+    quantize.add_argument("--device", default="cpu", help="where GPTQModel quantizes: cpu | cuda (default: cpu)")
+    add_calibration_arguments(quantize, n_samples=128, seq_len=512, defaults_from="AutoAWQ")
+    quantize.add_argument("--batch-size", type=positive_int, default=1,
+                          help="calibration sequences per forward in GPTQModel (default: 1)")
+    quantize.add_argument("--out", required=True, help="new checkpoint folder to write")
+    quantize.add_argument("--force", action="store_true", help="replace --out if it exists (never the source)")
+    quantize.add_argument("--verify", action="store_true",
+                          help="afterwards, compare our runtime's logits with GPTQModel's on one calibration "
+                               "sequence and print the agreement")
+    quantize.set_defaults(func=cmd_quantize)

@@ -403,10 +403,28 @@ def test_parse_awq_and_gptq_configs(tmp_path):
     ({"quant_method": "gptq", "bits": 4, "group_size": 128, "pack_dtype": "int8"}, r"pack_dtype='int8'"),
     ({"quant_method": "bitsandbytes", "load_in_4bit": True}, r"quant_method='bitsandbytes'"),
     ({"quant_method": "gptq", "group_size": 128}, r"no bit width"),
+    ({"quant_method": "gptq", "bits": 4, "group_size": 128, "dynamic": {r"+:.*\.mlp\..*": {"bits": 8}}},
+     r"dynamic rule '\+:.*' is not supported: only exclusions"),
+    ({"quant_method": "awq", "bits": 4, "group_size": 128, "dynamic": {r".*down_proj": {"group_size": 32}}},
+     r"dynamic rule '\.\*down_proj' is not supported"),
+    ({"quant_method": "gptq", "bits": 4, "group_size": 128, "dynamic": {r"-:model\.layers\.(": {}}},
+     r"bad regular expression"),
 ])
 def test_unsupported_configs_name_the_field(qc, message):
     with pytest.raises(ValueError, match=message):
         parse_quant_config({"quantization_config": qc}, None)
+
+
+def test_dynamic_exclusions_mark_modules_unquantized():
+    """GPTQModel's negative `dynamic` rules (what `quantize` writes for dropped modules), matched from the start."""
+    cfg = parse_quant_config({"quantization_config": {
+        "quant_method": "gptq", "bits": 4, "group_size": 128,
+        "dynamic": {r"-:model\.layers\.1\.self_attn\.": {}, r"-:model\.layers\.2\.mlp\.": {}}}}, None)
+    assert cfg.excluded == (r"model\.layers\.1\.self_attn\.", r"model\.layers\.2\.mlp\.")
+    assert not cfg.quantizes("model.layers.1.self_attn.q_proj")
+    assert not cfg.quantizes("model.layers.2.mlp.down_proj")
+    assert cfg.quantizes("model.layers.11.self_attn.q_proj") and cfg.quantizes("model.layers.1.mlp.up_proj")
+    assert cfg.quantizes("x.model.layers.1.self_attn.q_proj")  # anchored at the start, as GPTQModel's match
 
 
 def test_conflicting_config_sources(tmp_path):

@@ -6,6 +6,7 @@ quantized model must give the same logits, and stay close to the unquantized mod
 """
 import json
 import math
+import re
 import shutil
 from pathlib import Path
 
@@ -39,8 +40,9 @@ def rtn_quantize(w: torch.Tensor, group: int, g_idx: torch.Tensor):
     return weights, (q - z) * s
 
 
-def quantize_folder(src, dst, method: str, desc_act: bool = False):
-    """Write a quantized copy of `src`; returns the state dict of the fake-quantized dense weights."""
+def quantize_folder(src, dst, method: str, desc_act: bool = False, excluded: str | None = None):
+    """Write a quantized copy of `src`; returns the state dict of the fake-quantized dense weights. Projections
+    whose names match the regex `excluded` stay dense, declared by a GPTQModel `dynamic` exclusion rule."""
     shutil.copytree(src, dst, ignore=shutil.ignore_patterns("gguf_import.json"))
     tensors = load_file(dst / "model.safetensors")
     awq = import_bypassing_package_init("awq", "modules.linear.gemm")
@@ -48,6 +50,8 @@ def quantize_folder(src, dst, method: str, desc_act: bool = False):
     dense = dict(tensors)
     gen = torch.Generator().manual_seed(11)
     for name in [n for n in tensors if n.endswith(".weight") and any(p in n for p in PROJECTIONS)]:
+        if excluded and re.match(excluded, name):
+            continue
         w = tensors.pop(name)
         g_idx = torch.arange(w.shape[1]) // GROUP
         if desc_act:
@@ -64,6 +68,8 @@ def quantize_folder(src, dst, method: str, desc_act: bool = False):
         if method == "awq" else
         {"quant_method": "gptq", "bits": 4, "group_size": GROUP, "desc_act": desc_act, "sym": False,
          "checkpoint_format": "gptq"})
+    if excluded:
+        cfg["quantization_config"]["dynamic"] = {f"-:{excluded}": {}}
     (dst / "config.json").write_text(json.dumps(cfg))
     return dense
 
@@ -91,6 +97,24 @@ def test_quantized_checkpoint_matches_its_dense_fake_quant(tiny_checkpoints, tmp
     # Close but not equal: 4-bit noise on random weights, amplified through 6 random layers (~25% here).
     relative = (quantized - full_precision).abs().mean() / full_precision.abs().mean()
     assert 1e-3 < relative < 0.4
+
+
+@pytest.mark.parametrize("method", ["awq", "gptq"])
+def test_modules_excluded_by_dynamic_rules_load_dense(tiny_checkpoints, tmp_path, method):
+    src = tiny_checkpoints["llama3"]
+    dense = quantize_folder(src, tmp_path / "q", method, excluded=r"model\.layers\.(0|3)\.mlp\.")
+    tensors = load_file(tmp_path / "q" / "model.safetensors")
+    assert "model.layers.3.mlp.up_proj.weight" in tensors and "model.layers.2.mlp.up_proj.qweight" in tensors
+    tokens = torch.randint(2, VOCAB, (2, 11), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        ref = dense_reference(src, tmp_path / "ref", dense)(tokens).logits
+    torch.testing.assert_close(llmdrop_rt.load(tmp_path / "q").logits(tokens), ref, atol=2e-4, rtol=0)
+
+
+def test_excluding_part_of_a_fused_projection_is_refused(tiny_checkpoints, tmp_path):
+    quantize_folder(tiny_checkpoints["llama3"], tmp_path / "q", "gptq", excluded=r"model\.layers\.1\.self_attn\.k_")
+    with pytest.raises(ValueError, match=r"model\.layers\.1\.self_attn\.q_proj.*exclude all or none"):
+        llmdrop_rt.load(tmp_path / "q")
 
 
 def test_dropped_modules_of_a_quantized_checkpoint_are_never_read(tiny_checkpoints, tmp_path, monkeypatch):
