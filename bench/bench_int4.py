@@ -2,8 +2,8 @@
 
 CPU: the C++ int4 kernel (llmdrop_rt._int4_cpu) vs fp32 torch.nn.functional.linear (dense weights
 equal to the dequantized int4 ones, group size 128).
-CUDA (when a GPU and the CUDA extension are present): the CUDA int4 kernel on fp16 activations vs fp16
-F.linear, and the fp32 comparison too. Prints a table; --out writes the rows as JSON.
+CUDA (when a GPU is present): QuantLinear's CUDA path on fp16 activations -- the CUDA extension's GEMV up to
+8 rows, the Triton tensor-core GEMM (kernels/int4_gemm.py) above -- vs fp16 F.linear, and the fp32 comparison too. Prints a table; --out writes the rows as JSON.
 
     python bench/bench_int4.py --out bench/out/int4_cpu.json
 """

@@ -29,6 +29,8 @@ from typing import Callable, Mapping
 import torch
 import torch.nn.functional as F
 
+import kernels
+
 # Nibble i of an AWQ word holds output column 8c + AWQ_PACK_ORDER[i]; AWQ_UNPACK_ORDER is its inverse
 # (column 8c + j lives in nibble AWQ_UNPACK_ORDER[j]), i.e. (0, 4, 1, 5, 2, 6, 3, 7).
 AWQ_PACK_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
@@ -36,7 +38,9 @@ AWQ_UNPACK_ORDER = tuple(sorted(range(8), key=AWQ_PACK_ORDER.__getitem__))
 NIBBLES_PER_WORD = 8
 
 BACKEND_ENV = "LLMDROP_RT_INT4_BACKEND"
-BACKENDS = ("reference", "cpp", "cuda")
+BACKENDS = ("reference", "cpp", "cuda", "triton")
+# Up to this many rows (decode) a GEMV kernel wins on GPUs; above it (prefill) the tensor-core Triton GEMM.
+GEMV_MAX_ROWS = 8
 
 
 # --------------------------------------------------------------------------------------------------
@@ -323,8 +327,9 @@ _int4_cuda = _load_ops("_int4_cuda", "llmdrop_int4_cuda")
 
 
 def available_backends() -> dict[str, bool]:
-    """Which int4 backends this installation can run."""
-    return {"reference": True, "cpp": _int4_cpu is not None, "cuda": _int4_cuda is not None}
+    """Which int4 backends this installation can run (triton: on CUDA tensors, or any under TRITON_INTERPRET=1)."""
+    return {"reference": True, "cpp": _int4_cpu is not None, "cuda": _int4_cuda is not None,
+            "triton": kernels.HAVE_TRITON}
 
 
 def _backend_override() -> str | None:
@@ -351,8 +356,10 @@ class QuantLinear(torch.nn.Module):
     * ``input_perm`` int64 [in] or None: with GPTQ desc_act, input columns are sorted by group so that
       groups are contiguous; the forward then gathers ``x[..., input_perm]`` before the kernel.
 
-    Backend: ``LLMDROP_RT_INT4_BACKEND=reference|cpp|cuda`` forces one; otherwise CUDA tensors use the
-    CUDA extension, CPU tensors the C++ extension, and the pure-torch reference when neither is built.
+    Backend: ``LLMDROP_RT_INT4_BACKEND=reference|cpp|cuda|triton`` forces one; otherwise CUDA tensors use
+    the Triton tensor-core GEMM above `GEMV_MAX_ROWS` rows and the CUDA extension's GEMV up to it (Triton
+    for both when the extension is not built), CPU tensors the C++ extension, and the pure-torch
+    reference when none of these is there.
     """
 
     def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
@@ -483,8 +490,12 @@ class QuantLinear(torch.nn.Module):
             if not available_backends()[forced]:
                 raise RuntimeError(f"{BACKEND_ENV}={forced}: that extension is not built in this installation")
             return forced
-        if x.is_cuda and _int4_cuda is not None:
-            return "cuda"
+        if x.is_cuda:
+            rows = x.numel() // self.in_features
+            if kernels.HAVE_TRITON and (rows > GEMV_MAX_ROWS or _int4_cuda is None):
+                return "triton"
+            if _int4_cuda is not None:
+                return "cuda"
         if x.device.type == "cpu" and _int4_cpu is not None:
             return "cpp"
         return "reference"
@@ -500,6 +511,8 @@ class QuantLinear(torch.nn.Module):
         if backend == "reference":
             weight = self._dequantize_kernel_order(rows.dtype)
             out = F.linear(rows, weight)
+        elif backend == "triton":
+            out = kernels.int4_gemm(rows, self.qweight, self.scales, self.zeros, self.group_size)
         else:
             kernel = _int4_cpu if backend == "cpp" else _int4_cuda
             out = kernel.int4_linear(rows.contiguous(), self.qweight, self.scales, self.zeros, self.group_size)

@@ -107,8 +107,6 @@ def quantize_config(method: str, group_size: int = 128, sym: bool | None = None,
     if method == "gptq":
         return GPTQConfig(bits=4, group_size=group_size, desc_act=desc_act, sym=True if sym is None else sym,
                           dynamic=dynamic)
-    if desc_act:
-        raise QuantizeError("desc_act (act-order) is a GPTQ option; AWQ has none")
     return AWQConfig(bits=4, group_size=group_size, sym=False if sym is None else sym, dynamic=dynamic)
 
 
@@ -122,6 +120,8 @@ def quantize_model(source: str | Path, destination: str | Path, calibration: Cal
     source, destination = Path(source).resolve(), Path(destination).absolute()
     if method not in METHODS:
         raise QuantizeError(f"quantization method {method!r} is not one of {METHODS}")
+    if method == "awq" and desc_act:
+        raise QuantizeError("desc_act (act-order) is a GPTQ option; AWQ has none")
     if dtype not in DTYPES:
         raise QuantizeError(f"dtype {dtype!r}: GPTQModel quantizes in {sorted(DTYPES)} only")
     if group_size != -1 and (group_size < 8 or group_size % 8):
@@ -129,6 +129,13 @@ def quantize_model(source: str | Path, destination: str | Path, calibration: Cal
     cfg = ModelConfig.from_folder(source)
     if parse_quant_config(cfg.raw, source) is not None:
         raise QuantizeError(f"{source} is already quantized (its config has a quantization_config)")
+    if method == "awq" and group_size != -1:  # AWQ groups never straddle rows: each input width must divide
+        widths = {"hidden_size": cfg.hidden_size, "intermediate_size": cfg.intermediate_size,
+                  "num_attention_heads * head_dim": cfg.num_heads * cfg.head_dim}
+        for name, width in widths.items():
+            if width % group_size:
+                raise QuantizeError(f"AWQ group_size={group_size} does not divide {name}={width} of {source}; "
+                                    "pick a divisor (e.g. 64 or 32) or use --method gptq")
     plan = plan if plan is not None else DropPlan.from_config(cfg)
     if plan.num_layers != cfg.num_layers:
         raise QuantizeError(f"the drop plan is for {plan.num_layers} layers, {source} has {cfg.num_layers}")

@@ -134,6 +134,8 @@ def test_quantize_refuses_bad_requests(source, tmp_path):
         quantize_model(source, tmp_path / "a", calib, method="awq", desc_act=True)
     with pytest.raises(QuantizeError, match="dtype 'float32'"):
         quantize_model(source, tmp_path / "a", calib, dtype="float32")
+    with pytest.raises(QuantizeError, match="AWQ group_size=256 does not divide hidden_size=128"):
+        quantize_model(source, tmp_path / "a", calib, method="awq", group_size=256)
     with pytest.raises(QuantizeError, match="group_size=12"):
         quantize_model(source, tmp_path / "a", calib, group_size=12)
     with pytest.raises(QuantizeError, match="drop plan is for 6 layers"):
