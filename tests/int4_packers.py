@@ -39,3 +39,19 @@ def gptq_v1_checkpoint(autogptq_module, w, weights, group_size):
     layer.pack(linear, weights.scales.t().float(), weights.zeros.t().float(), weights.g_idx.to(torch.int32))
     return {"qweight": layer.qweight, "qzeros": layer.qzeros, "scales": layer.scales.half(),
             "g_idx": layer.g_idx.to(torch.int32)}
+
+
+def gptq_v2_checkpoint(w, weights, group_size, sym):
+    """Pack W with GPTQModel's torch QuantLinear, whose packer writes GPTQ v2 (true zeros; GPTQModel subtracts one
+    from every zero only when it saves a v1 checkpoint); scales / zeros go in as [out, groups]."""
+    from gptqmodel.nn_modules.qlinear.torch import TorchLinear
+
+    out_features, in_features = w.shape
+    layer = TorchLinear(bits=4, group_size=in_features if group_size == -1 else group_size, sym=sym,
+                        desc_act=not torch.equal(weights.g_idx, weights.g_idx.sort().values),
+                        in_features=in_features, out_features=out_features, bias=False)
+    linear = torch.nn.Linear(in_features, out_features, bias=False)
+    linear.weight.data = w.clone()
+    layer.pack_block(linear, weights.scales.t().float(), weights.zeros.t().float(), weights.g_idx.to(torch.int32))
+    return {"qweight": layer.qweight, "qzeros": layer.qzeros, "scales": layer.scales.half(),
+            "g_idx": layer.g_idx.to(torch.int32)}

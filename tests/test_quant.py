@@ -210,6 +210,24 @@ def test_gptq_v2_is_v1_with_true_zeros(autogptq_module, desc_act):
     assert not torch.allclose(dequantize_reference(load(tensors, "p", 256, 96, cfg_v2).int4_weights()), w, atol=1e-3)
 
 
+@pytest.mark.parametrize("out_features,in_features,group_size,sym,desc_act", SHAPES_GPTQ)
+def test_gptq_v2_unpack_matches_gptqmodel_packing(out_features, in_features, group_size, sym, desc_act):
+    pytest.importorskip("gptqmodel", reason="GPTQModel is installed by `make test` (see the Makefile)")
+    from int4_packers import gptq_v2_checkpoint
+
+    # v2 stores true zeros, so 0 is allowed here (v1 could not hold it).
+    g = in_features if group_size == -1 else group_size
+    g_idx = torch.arange(in_features) // g
+    if desc_act:
+        g_idx = g_idx[torch.randperm(in_features, generator=torch.Generator().manual_seed(3))]
+    weights, w = make_fake_quant(out_features, in_features, group_size, sym=sym, g_idx=g_idx, zero_low=0, seed=7)
+    tensors = gptq_v2_checkpoint(w, weights, group_size, sym)
+    cfg = QuantConfig("gptq", "gptq_v2", group_size=group_size, zero_point=not sym, desc_act=desc_act)
+    layer = load(tensors, "model.layers.0.mlp.up_proj", in_features, out_features, cfg)
+    assert torch.equal(layer.int4_weights().qvalues, weights.qvalues)
+    assert torch.equal(dequantize_reference(layer.int4_weights()), w)
+
+
 def test_gptq_high_nibble_first_gives_wrong_weights(autogptq_module):
     weights, w = gptq_case(64, 128, 32, False, False, seed=5)
     tensors = gptq_v1_checkpoint(autogptq_module, w, weights, 32)
