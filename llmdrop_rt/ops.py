@@ -35,13 +35,20 @@ def uses_triton(device: torch.device) -> bool:
 
 def rms_norm(x, weight, eps):
     """Llama's RMSNorm: normalise in fp32, cast back, then scale (transformers' cast order)."""
-    return (kernels.rms_norm if uses_triton(x.device) else kernels.rms_norm_reference)(x, weight, eps)
+    if uses_triton(x.device):
+        return kernels.rms_norm(x, weight, eps)
+    if x.dtype == torch.float32:
+        # One fused op instead of six, bit-identical to the reference in fp32 (where there is no cast to order).
+        return F.rms_norm(x, weight.shape, weight, eps)
+    return kernels.rms_norm_reference(x, weight, eps)
 
 
 def add_rms_norm_(residual, delta, weight, eps):
     """residual += delta in place; returns rms_norm(residual)."""
-    fn = kernels.add_rms_norm_ if uses_triton(residual.device) else kernels.add_rms_norm_reference
-    return fn(residual, delta, weight, eps)
+    if uses_triton(residual.device):
+        return kernels.add_rms_norm_(residual, delta, weight, eps)
+    residual += delta
+    return rms_norm(residual, weight, eps)
 
 
 class RopeTables:
@@ -49,12 +56,14 @@ class RopeTables:
 
     `cos`/`sin` are fp32 [B, T, D/2] (what the Triton kernel reads). The torch path uses full-width tables in the
     activation dtype with the rotate-half sign folded into sin, so one rotation is 4 ops:
-    x * cos + roll(x, D/2) * [-sin, sin].
+    x * cos + roll(x, D/2) * [-sin, sin]. A single-token step (decode) instead multiplies by one D x D rotation
+    matrix per row: a single small matmul, where the 4 elementwise ops would cost several times more in dispatch.
     """
 
     def __init__(self, cos: torch.Tensor, sin: torch.Tensor):
         self.cos, self.sin = cos, sin
         self._full: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._rotation: dict[torch.dtype, torch.Tensor] = {}
 
     def full(self, dtype):
         if dtype not in self._full:
@@ -63,11 +72,24 @@ class RopeTables:
             self._full[dtype] = (cos, sin)
         return self._full[dtype]
 
+    def rotation(self, dtype):
+        """[B, T, D, D] matrices R with x @ R == x * cos + roll(x, D/2) * [-sin, sin] for x [..., D]."""
+        if dtype not in self._rotation:
+            cos, sin = self.full(dtype)
+            dim = cos.shape[-1]
+            identity = torch.eye(dim, dtype=dtype, device=cos.device)
+            # Row j of R feeds output column i: j == i (times cos) and j == i + D/2 mod D (times the signed sin).
+            self._rotation[dtype] = identity * cos + identity.roll(dim // 2, 0) * sin
+        return self._rotation[dtype]
+
 
 def apply_rope(q, k, rope: RopeTables):
     """Rotate-half RoPE on q [B, T, Hq, D] and k [B, T, Hkv, D] (views of the qkv output; may be done in place)."""
     if uses_triton(q.device):
         return kernels.apply_rope_(q, k, rope.cos, rope.sin)
+    if q.shape[1] == 1:
+        rotation = rope.rotation(q.dtype)
+        return q @ rotation, k @ rotation
     cos, sin = rope.full(q.dtype)
     half = q.shape[-1] // 2
     return q * cos + q.roll(half, -1) * sin, k * cos + k.roll(half, -1) * sin
