@@ -8,7 +8,10 @@ configuration warms caches for another. Reported per configuration: prefill toke
 per batch size (time from the first to the last generated token), peak memory (GPU: max allocated; CPU: peak
 RSS of the process, which includes the Python/torch runtime), weight bytes, KV-cache bytes for the run.
 On CUDA one more row runs the full model with plain torch ops and no CUDA graphs, to show what the Triton
-kernels and graph replay buy. Ratios are against our full model in the same run. Prints a table and writes JSON.
+kernels and graph replay buy. The configurations run round-robin `--rounds` times (each run keeping the best of
+`--repeats`) and the table shows the median over rounds, so a machine whose speed drifts during the bench -- a
+shared 2-core CPU does -- slows every configuration alike. Ratios are against our full model in the same run.
+Prints a table and writes JSON (every round's figures included).
 """
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ import argparse
 import json
 import platform
 import resource
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -149,6 +153,14 @@ def worker(job: dict) -> dict:
     return runner.run()
 
 
+def median_of_rounds(rounds: list[dict]) -> dict:
+    """One row from several rounds of a configuration: median speeds, largest peak memory, every round kept."""
+    merged = {key: statistics.median(r[key] for r in rounds) for key in rounds[0] if "_tok_s" in key}
+    merged.update({key: max(r[key] for r in rounds) for key in rounds[0] if key not in merged})
+    merged["rounds"] = rounds
+    return merged
+
+
 def format_table(rows: list[dict], batch_sizes: list[int]) -> str:
     base = next(r for r in rows if r["impl"] == "llmdrop_rt" and not r["drop_attn"])
     head = ["config", "attn kept", "prefill tok/s"] + [f"decode b{b} tok/s (x)" for b in batch_sizes] + [
@@ -192,7 +204,10 @@ def main(argv=None):
     parser.add_argument("--batch-sizes", default="1,8", help="decode batch sizes (default: 1,8)")
     parser.add_argument("--prompt-len", type=int, default=128, help="prompt tokens (default: 128)")
     parser.add_argument("--new-tokens", type=int, default=32, help="generated tokens per row (default: 32)")
-    parser.add_argument("--repeats", type=int, default=3, help="timed repeats; the best is kept (default: 3)")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="timed repeats inside each run of a configuration; the best is kept (default: 3)")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="runs of every configuration, round-robin; the table shows medians (default: 3)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
                         help="torch threads for every configuration (default: torch's default here)")
     parser.add_argument("--no-transformers", action="store_true", help="skip the transformers baseline rows")
@@ -218,7 +233,7 @@ def main(argv=None):
     dtype = args.dtype or ("float32" if device == "cpu" else "bfloat16")
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     common = dict(model=args.model, dtype=dtype, device=device, threads=args.threads, prompt_len=args.prompt_len,
-                  new_tokens=args.new_tokens, repeats=args.repeats, batch_sizes=batch_sizes)
+                  new_tokens=args.new_tokens, repeats=args.repeats, rounds=args.rounds, batch_sizes=batch_sizes)
     jobs = []
     for fraction in [float(f) for f in args.drop.split(",")]:
         drop = attention_layers_to_drop(cfg.num_layers, fraction)
@@ -231,12 +246,14 @@ def main(argv=None):
         jobs.append(dict(common, impl="transformers", drop_attn=[], label="transformers"))
         half = attention_layers_to_drop(cfg.num_layers, 0.5)
         jobs.append(dict(common, impl="transformers", drop_attn=half, label=f"transformers skip attn-{len(half)}"))
-    rows = []
-    for job in jobs:
-        print(f"running {job['label']} ...", file=sys.stderr, flush=True)
-        result = bench_sweep.run_in_subprocess(job, module="llmdrop_rt.bench")
-        rows.append(dict(label=job["label"], impl=job["impl"], drop_attn=job["drop_attn"],
-                         attn_kept=cfg.num_layers - len(job["drop_attn"]), num_layers=cfg.num_layers, **result))
+    results = {job["label"]: [] for job in jobs}
+    for round_index in range(args.rounds):  # round-robin: a machine whose speed drifts slows every config alike
+        for job in jobs:
+            print(f"round {round_index + 1}/{args.rounds}: running {job['label']} ...", file=sys.stderr, flush=True)
+            results[job["label"]].append(bench_sweep.run_in_subprocess(job, module="llmdrop_rt.bench"))
+    rows = [dict(label=job["label"], impl=job["impl"], drop_attn=job["drop_attn"],
+                 attn_kept=cfg.num_layers - len(job["drop_attn"]), num_layers=cfg.num_layers,
+                 **median_of_rounds(results[job["label"]])) for job in jobs]
     table = format_table(rows, batch_sizes)
     print(table)
     report = {"command": "python -m llmdrop_rt.bench " + " ".join(argv if argv is not None else sys.argv[1:]),

@@ -78,3 +78,24 @@ def test_tiny_sweep_end_to_end(tiny_checkpoints, tmp_path):
     assert "## Dropped attention layers" in (out / "sweep.md").read_text()
     assert (out / "speedup_vs_dropped.png").stat().st_size > 1000
     assert (out / "kv_and_decode_vs_context.png").stat().st_size > 1000
+
+
+def test_rounds_merge_to_medians():
+    rounds = [dict(prefill_tok_s=10.0, decode_tok_s_b1=5.0, weight_bytes=7, peak_memory_bytes=3),
+              dict(prefill_tok_s=30.0, decode_tok_s_b1=1.0, weight_bytes=7, peak_memory_bytes=9),
+              dict(prefill_tok_s=20.0, decode_tok_s_b1=4.0, weight_bytes=7, peak_memory_bytes=5)]
+    merged = bench.median_of_rounds(rounds)
+    assert (merged["prefill_tok_s"], merged["decode_tok_s_b1"]) == (20.0, 4.0)
+    assert (merged["weight_bytes"], merged["peak_memory_bytes"]) == (7, 9) and merged["rounds"] == rounds
+
+
+def test_quick_bench_runs_rounds_round_robin(tiny_checkpoints, tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    bench.main(["--model", str(tiny_checkpoints["llama3"]), "--drop", "0,0.5", "--no-transformers", "--rounds", "2",
+                "--repeats", "1", "--prompt-len", "8", "--new-tokens", "4", "--batch-sizes", "1", "--threads", "1",
+                "--out", str(out)])
+    report = json.loads(out.read_text())
+    assert [r["label"] for r in report["rows"]] == ["llmdrop_rt attn-0", "llmdrop_rt attn-3"]
+    assert all(len(r["rounds"]) == 2 and r["decode_tok_s_b1"] > 0 for r in report["rows"])
+    assert report["rows"][1]["kv_bytes_b1"] * 2 == report["rows"][0]["kv_bytes_b1"]
+    assert "decode b1 tok/s" in capsys.readouterr().out
