@@ -1,5 +1,8 @@
 """int4 linear vs dense linear at SmolLM2-135M and Llama-7B projection shapes, same machine, same run.
 
+By default each timed call uses the next of enough copies of the layer to exceed the caches, so weights come from
+memory as in a decode step; --warm times one copy in a loop instead (small layers then run from cache).
+
 CPU: the C++ int4 kernel (llmdrop_rt._int4_cpu) vs fp32 torch.nn.functional.linear (dense weights
 equal to the dequantized int4 ones, group size 128).
 CUDA (when a GPU is present): QuantLinear's CUDA path on fp16 activations -- the CUDA extension's GEMV up to
@@ -10,12 +13,15 @@ CUDA (when a GPU is present): QuantLinear's CUDA path on fp16 activations -- the
 from __future__ import annotations
 
 import argparse
+import copy
+import itertools
 import json
 import os
 import platform
 import statistics
 import tempfile
 import time
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +34,7 @@ SHAPES = {  # model -> [(name, out_features, in_features)]
     "Llama-7B": [("q_proj", 4096, 4096), ("up_proj", 11008, 4096), ("down_proj", 4096, 11008)],
 }
 GROUP_SIZE = 128
+COLD_BYTES = 256 * 2**20  # dense fp32 copies of a layer, in total, in the (default) cold mode
 
 
 def random_layer(out_features: int, in_features: int, device: torch.device) -> tuple[QuantLinear, torch.Tensor]:
@@ -74,24 +81,36 @@ def seconds_per_call(fns, device: torch.device, min_time: float = 0.6,
     return [(statistics.median(times), min(times)) for times in samples]
 
 
-def bench(device: torch.device, rows_list: list[int], models: list[str]) -> list[dict]:
+def rotating(copies: list) -> Callable[[], object]:
+    """Each call returns the next of `copies`, round and round."""
+    state = itertools.cycle(copies)
+    return lambda: next(state)
+
+
+def bench(device: torch.device, rows_list: list[int], models: list[str], cold: bool = True) -> list[dict]:
     results = []
     for model in models:
         for name, out_features, in_features in SHAPES[model]:
             layer, weight32 = random_layer(out_features, in_features, device)
+            # Cold: cycle through copies of the layer that together exceed any cache, so every call reads its
+            # weights from memory, as a decode step does (a small layer called in a loop stays cache-resident).
+            copies = max(1, -(-COLD_BYTES // (weight32.numel() * 4))) if cold else 1
+            layers = [layer] + [copy.deepcopy(layer) for _ in range(copies - 1)]
             comparisons = [("fp32", torch.float32, weight32)]
             if device.type == "cuda":
                 comparisons.append(("fp16", torch.float16, weight32.half()))
             for rows in rows_list:
                 for label, dtype, dense_weight in comparisons:
                     x = torch.randn(rows, in_features, device=device, dtype=dtype)
+                    next_layer = rotating(layers)
+                    next_weight = rotating([dense_weight] + [dense_weight.clone() for _ in range(copies - 1)])
                     with torch.inference_mode():
                         err = (layer(x).float() - F.linear(x, dense_weight).float()).abs().max().item()
                         (t_int4, best_int4), (t_dense, best_dense) = seconds_per_call(
-                            [lambda: layer(x), lambda: F.linear(x, dense_weight)], device)
+                            [lambda: next_layer()(x), lambda: F.linear(x, next_weight())], device)
                     results.append({
                         "model": model, "layer": name, "out_features": out_features, "in_features": in_features,
-                        "rows": rows, "activations": label, "backend": layer.backend_for(x),
+                        "rows": rows, "activations": label, "backend": layer.backend_for(x), "copies": copies,
                         "int4_ms": t_int4 * 1e3, "dense_ms": t_dense * 1e3, "speedup_vs_dense": t_dense / t_int4,
                         "int4_best_ms": best_int4 * 1e3, "dense_best_ms": best_dense * 1e3,
                         "best_speedup_vs_dense": best_dense / best_int4, "max_abs_diff": err,
@@ -113,6 +132,9 @@ def main() -> None:
     parser.add_argument("--rows", type=int, nargs="+", default=[1, 4, 32])
     parser.add_argument("--models", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice)")
+    parser.add_argument("--warm", action="store_true",
+                        help="call one copy of each layer over and over (its weights stay in cache) instead of "
+                             "cycling through copies larger than the caches (default: cold, as in decode)")
     parser.add_argument("--out", help="write the results as JSON here")
     args = parser.parse_args()
     if args.threads:
@@ -122,11 +144,12 @@ def main() -> None:
     torch.manual_seed(0)
     print(f"device={device} threads={torch.get_num_threads()} backends={quant.available_backends()}"
           + (f" cpu_simd_bits={quant._int4_cpu.simd_width()}" if quant._int4_cpu is not None else ""))
-    results = bench(device, args.rows, args.models)
+    results = bench(device, args.rows, args.models, cold=not args.warm)
     if args.out:
         report = {
             "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
             "torch": torch.__version__, "threads": torch.get_num_threads(), "group_size": GROUP_SIZE,
+            "weights": "warm (one copy, cache-resident)" if args.warm else f"cold (copies > {COLD_BYTES >> 20} MiB)",
             "backends": quant.available_backends(), "results": results,
         }
         directory = os.path.dirname(os.path.abspath(args.out))
