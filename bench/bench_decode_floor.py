@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 import llmdrop_rt
 from llmdrop_rt.__main__ import parse_layer_list
+from llmdrop_rt.bench_sweep import timed_generation
 
 
 def weight_matrices(llm) -> list[torch.Tensor]:
@@ -40,18 +41,10 @@ def seconds_per_pass(matrices: list[torch.Tensor], repeats: int) -> list[float]:
     return times
 
 
-def seconds_per_decode_token(llm, new_tokens: int, repeats: int) -> list[float]:
+def seconds_per_decode_token(llm, new_tokens: int) -> float:
+    """One decode step of our engine at batch 1 (first to last generated token, over `new_tokens` steps)."""
     prompt = [list(range(100, 228))]
-    llm.generate_ids(prompt, 2)  # warm up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        llm.generate_ids(prompt, new_tokens + 1)
-        full = time.perf_counter() - start
-        start = time.perf_counter()
-        llm.generate_ids(prompt, 1)  # prefill + first token only
-        times.append((full - (time.perf_counter() - start)) / new_tokens)
-    return times
+    return timed_generation(llm, prompt, new_tokens + 1, torch.device("cpu"))[1] / new_tokens
 
 
 def main():
@@ -68,10 +61,11 @@ def main():
     llm = llmdrop_rt.load(args.model, drop_attn=args.drop_attn, dtype="float32", device="cpu")
     matrices = weight_matrices(llm)
     weight_bytes = sum(m.numel() * m.element_size() for m in matrices)
+    seconds_per_decode_token(llm, 2)  # warm up
     floor, step = [], []
     for _ in range(args.repeats):  # interleaved, so both see the same machine state
         floor.append(min(seconds_per_pass(matrices, 3)))
-        step.append(statistics.median(seconds_per_decode_token(llm, args.new_tokens, 1)))
+        step.append(seconds_per_decode_token(llm, args.new_tokens))
     floor_s, step_s = statistics.median(floor), statistics.median(step)
     result = {
         "model": str(llm.folder), "drop_attn": args.drop_attn or [], "threads": args.threads,

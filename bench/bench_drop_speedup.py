@@ -10,12 +10,11 @@ over full, same round), so drift of the machine's speed between rounds cancels.
 import json
 import statistics
 import sys
-import time
 
 import torch
 import llmdrop_rt
 from llmdrop_rt.bench import attention_layers_to_drop
-from llmdrop_rt.bench_sweep import timed_transformers_generate
+from llmdrop_rt.bench_sweep import timed_generation, timed_transformers_generate
 from llmdrop_rt.gguf_import import default_model_path
 from llmdrop_rt.synthetic import skip_attention
 from transformers import AutoModelForCausalLM
@@ -33,11 +32,7 @@ for i in drop:
     skip_attention(hf_skip.model.layers[i])
 
 def run_ours(llm):
-    first = None
-    for step in llm.engine.stream(prompt, new):
-        if first is None:
-            first = time.perf_counter()
-    return (new - 1) / (time.perf_counter() - first)
+    return (new - 1) / timed_generation(llm, prompt, new, torch.device("cpu"))[1]
 
 def run_hf(model):
     _, stamps, _ = timed_transformers_generate(model, prompt, new, torch.device("cpu"))

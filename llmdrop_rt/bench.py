@@ -107,11 +107,7 @@ class _Ours(_Runner):
             model(tokens, positions, cache, 0, None, self.llm.engine.attn_backend, last_only=True)
 
     def decode_time(self, prompts, new_tokens):
-        first = None
-        for step in self.llm.engine.stream(prompts, new_tokens):
-            bench_sweep.sync(self.device)
-            first = first or time.perf_counter()
-        return time.perf_counter() - first
+        return bench_sweep.timed_generation(self.llm, prompts, new_tokens, self.device)[1]
 
 
 class _Transformers(_Runner):

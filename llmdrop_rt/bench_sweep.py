@@ -153,16 +153,7 @@ class _OursTimer:
         return self.llm.kv_cache_bytes(batch, length)
 
     def time_generation(self, prompts, new_tokens) -> tuple[float, float]:
-        """(prefill seconds to the first token, decode seconds from the first to the last token)."""
-        sync(self.device)
-        t0 = time.perf_counter()
-        first = None
-        for _ in self.llm.engine.stream(prompts, new_tokens):  # no EOS set: exactly new_tokens steps
-            if first is None:
-                sync(self.device)
-                first = time.perf_counter()
-        sync(self.device)
-        return first - t0, time.perf_counter() - first
+        return timed_generation(self.llm, prompts, new_tokens, self.device)
 
 
 class _TransformersTimer:
@@ -193,6 +184,20 @@ class _TransformersTimer:
         t0, stamps, out = timed_transformers_generate(self.model, prompts, new_tokens, self.device)
         self.cache_bytes = transformers_cache_bytes(out.past_key_values)
         return stamps[1] - t0, stamps[-1] - stamps[1]
+
+
+def timed_generation(llm, prompts: list[list[int]], new_tokens: int, device) -> tuple[float, float]:
+    """Our greedy generation of exactly `new_tokens` per row: (prefill seconds to the first token, decode seconds
+    from the first to the last token)."""
+    sync(device)
+    t0 = time.perf_counter()
+    first = None
+    for _ in llm.engine.stream(prompts, new_tokens):  # no EOS set: exactly new_tokens steps
+        if first is None:
+            sync(device)
+            first = time.perf_counter()
+    sync(device)
+    return first - t0, time.perf_counter() - first
 
 
 def timed_transformers_generate(model, prompts: list[list[int]], new_tokens: int, device):
