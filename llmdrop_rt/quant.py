@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Callable, Mapping
 
 import torch
-import torch.nn.functional as F
 
 import kernels
 
@@ -508,20 +507,12 @@ class QuantLinear(torch.nn.Module):
         rows = x.reshape(-1, self.in_features)
         if self.input_perm is not None:
             rows = rows.index_select(1, self.input_perm)
-        if backend == "reference":
-            weight = self._dequantize_kernel_order(rows.dtype)
-            out = F.linear(rows, weight)
-        elif backend == "triton":
-            out = kernels.int4_gemm(rows, self.qweight, self.scales, self.zeros, self.group_size)
+        if backend in ("reference", "triton"):
+            gemm = kernels.int4_gemm_reference if backend == "reference" else kernels.int4_gemm
+            out = gemm(rows, self.qweight, self.scales, self.zeros, self.group_size)
         else:
             kernel = _int4_cpu if backend == "cpp" else _int4_cuda
             out = kernel.int4_linear(rows.contiguous(), self.qweight, self.scales, self.zeros, self.group_size)
         if self.bias is not None:
             out = out + self.bias.to(out.dtype)
         return out.reshape(*leading, self.out_features)
-
-    def _dequantize_kernel_order(self, dtype: torch.dtype) -> torch.Tensor:
-        qvalues = unpack_nibbles(self.qweight, dim=1).to(torch.float32)
-        groups = torch.arange(self.in_features, device=self.qweight.device) // self.group_size
-        weight = (qvalues - self.zeros[:, groups].to(torch.float32)) * self.scales[:, groups].to(torch.float32)
-        return weight.to(dtype)
