@@ -15,11 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from .rms_norm import HAVE_TRITON
-
-if HAVE_TRITON:
-    import triton
-    import triton.language as tl
+from ._triton import HAVE_TRITON, dot_settings, tl, triton
 
 NIBBLES = 8  # 4-bit values per int32 word
 
@@ -103,8 +99,6 @@ if HAVE_TRITON:
         tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])
 
 
-    _DOT_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
-
 
 def int4_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
               group_size: int) -> torch.Tensor:
@@ -112,19 +106,14 @@ def int4_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zero
     if not HAVE_TRITON:
         raise RuntimeError("int4_gemm needs Triton; use int4_gemm_reference")
     rows, in_features, out_features = _check_args(x, qweight, scales, zeros, group_size)
-    if x.dtype not in _DOT_DTYPES:
+    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise ValueError(f"int4_gemm: x must be float32, float16 or bfloat16, got {x.dtype}")
     if x.stride(-1) != 1:
         x = x.contiguous()
     out = torch.empty(rows, out_features, dtype=x.dtype, device=x.device)
     if rows == 0:
         return out
-    # TF32 would cost fp32 inputs ~1e-3 relative accuracy; 16-bit inputs ignore this.
-    precision = "ieee" if x.dtype == torch.float32 else "tf32"
-    # CPU tensors mean Triton's interpreter, whose tl.dot multiplies bf16 operands as their raw 16-bit
-    # patterns; widening the tiles to fp32 there gives the product a GPU computes.
-    widen = x.device.type == "cpu" and x.dtype == torch.bfloat16
-    dot_dtype = tl.float32 if widen else _DOT_DTYPES[x.dtype]
+    precision, dot_dtype = dot_settings(x)
     grid = lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]), triton.cdiv(out_features, meta["BLOCK_N"]))
     _int4_gemm_kernel[grid](x, x.stride(0), qweight.contiguous(), scales.contiguous(), zeros.contiguous(), out,
                             rows, in_features, out_features, scales.shape[1], group_size,

@@ -26,13 +26,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # the torch reference below still works without Triton
-    triton = None
-
-HAVE_TRITON = triton is not None
+from ._triton import HAVE_TRITON, dot_settings, tl, triton
 
 # Up to this many rows the weight read dominates and the GEMV kernel is used.
 DECODE_MAX_ROWS = 16
@@ -68,7 +62,8 @@ def prepare_norm_mlp(norm_weight: torch.Tensor, gate_weight: torch.Tensor, up_we
     The product is formed in at least fp32 and rounded once to the weights' dtype.
     """
     if gate_weight.dim() != 2:
-        raise ValueError(f"prepare_norm_mlp: gate_weight must be [intermediate, hidden], got {tuple(gate_weight.shape)}")
+        raise ValueError("prepare_norm_mlp: gate_weight must be [intermediate, hidden], "
+                         f"got {tuple(gate_weight.shape)}")
     intermediate, hidden = gate_weight.shape
     if up_weight.shape != gate_weight.shape:
         raise ValueError(f"prepare_norm_mlp: up_weight shape {tuple(up_weight.shape)} differs from gate_weight "
@@ -223,8 +218,6 @@ if HAVE_TRITON:
         out_mask = (row_index < rows)[:, None] & (col_index < intermediate)[None, :]
         tl.store(out_ptrs, act.to(out_ptr.dtype.element_ty), mask=out_mask)
 
-    _TRITON_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
-
     # One autotuner per row bucket: the GEMV's register budget depends on the row count.
     _gemv_kernels = {
         block_m: triton.autotune(configs=_decode_configs(block_m), key=["hidden", "intermediate"])(
@@ -266,12 +259,7 @@ def norm_swiglu(x: torch.Tensor, prepared: NormMLPWeights, eps: float, out: torc
             x_rows, x_rows.stride(0), weight, up_offset, out, rows, hidden, intermediate, float(eps),
             BLOCK_M=block_m)
     else:
-        # Tensor-core TF32 would cost fp32 inputs ~1e-3 relative accuracy; 16-bit inputs ignore this.
-        precision = "ieee" if x.dtype == torch.float32 else "tf32"
-        # CPU tensors mean Triton's interpreter, whose tl.dot multiplies bf16 operands as their raw
-        # 16-bit patterns; widening the tiles to fp32 there gives the product a GPU computes.
-        widen = x.device.type == "cpu" and x.dtype == torch.bfloat16
-        dot_dtype = tl.float32 if widen else _TRITON_DTYPES[x.dtype]
+        precision, dot_dtype = dot_settings(x)
         grid = lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]) * triton.cdiv(intermediate, meta["BLOCK_N"]),)
         _norm_swiglu_tiled_kernel[grid](x_rows, x_rows.stride(0), weight, up_offset, out, rows, hidden, intermediate,
                                         triton.next_power_of_2(rows), float(eps), DOT_PRECISION=precision,

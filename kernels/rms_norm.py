@@ -17,13 +17,7 @@ from __future__ import annotations
 
 import torch
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # the torch references below still work without Triton
-    triton = None
-
-HAVE_TRITON = triton is not None
+from ._triton import HAVE_TRITON, tl, triton
 
 # A whole row lives in one program's registers; past this a two-pass kernel would be needed.
 MAX_HIDDEN = 65536

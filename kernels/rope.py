@@ -17,18 +17,13 @@ from __future__ import annotations
 
 import torch
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # the torch reference below still works without Triton
-    triton = None
-
-HAVE_TRITON = triton is not None
+from ._triton import HAVE_TRITON, tl, triton
 
 
 def _check_rope_args(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
     if q.dim() != 4 or k.dim() != 4:
-        raise ValueError(f"apply_rope_: q and k must be [B, T, heads, D], got q {tuple(q.shape)} and k {tuple(k.shape)}")
+        raise ValueError(f"apply_rope_: q and k must be [B, T, heads, D], got q {tuple(q.shape)} "
+                         f"and k {tuple(k.shape)}")
     batch, length, _, head_dim = q.shape
     if k.shape[0] != batch or k.shape[1] != length or k.shape[3] != head_dim:
         raise ValueError(f"apply_rope_: k shape {tuple(k.shape)} does not match q shape {tuple(q.shape)} "
