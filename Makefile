@@ -40,7 +40,9 @@ $(STAMP): pyproject.toml setup.py Makefile
 bench: venv
 	$(PY) -m llmdrop_rt.bench
 
+# ruff (pyflakes, import order, line length) first: the layout habits are part of the suite.
 test: venv
+	$(PY) -m ruff check llmdrop_rt kernels tests bench
 	$(PY) -m pytest -q tests
 
 clean:

@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 
 import llmdrop_rt
-from llmdrop_rt.__main__ import parse_layer_list
-from llmdrop_rt.bench_sweep import timed_generation
+from llmdrop_rt.bench.baselines import timed_generation
+from llmdrop_rt.config import parse_layer_list
 
 
 def weight_matrices(llm) -> list[torch.Tensor]:

@@ -12,12 +12,12 @@ import statistics
 import sys
 
 import torch
-import llmdrop_rt
-from llmdrop_rt.bench import attention_layers_to_drop
-from llmdrop_rt.bench_sweep import timed_generation, timed_transformers_generate
-from llmdrop_rt.gguf_import import default_model_path
-from llmdrop_rt.synthetic import skip_attention
 from transformers import AutoModelForCausalLM
+
+import llmdrop_rt
+from llmdrop_rt.bench.baselines import attention_layers_to_drop, timed_generation, timed_transformers_generate
+from llmdrop_rt.io.gguf_import import default_model_path
+from llmdrop_rt.model.standins import skip_attention
 
 torch.set_num_threads(2)
 rounds = int(sys.argv[1]) if len(sys.argv) > 1 else 9
@@ -52,8 +52,10 @@ for k, v in res.items():
 ours_ratio = [b / a for a, b in zip(res["ours full"], res["ours drop15"])]
 hf_ratio = [b / a for a, b in zip(res["transformers full"], res["transformers skip15"])]
 vs = [a / b for a, b in zip(res["ours full"], res["transformers full"])]
-print(f"drop-50% speedup, paired per round: ours median {statistics.median(ours_ratio):.3f} {[round(x, 2) for x in ours_ratio]}")
-print(f"                                   transformers-skip median {statistics.median(hf_ratio):.3f} {[round(x, 2) for x in hf_ratio]}")
+print(f"drop-50% speedup, paired per round: ours median {statistics.median(ours_ratio):.3f} "
+      f"{[round(x, 2) for x in ours_ratio]}")
+print(f"                                   transformers-skip median {statistics.median(hf_ratio):.3f} "
+      f"{[round(x, 2) for x in hf_ratio]}")
 print(f"ours full / transformers full, paired: median {statistics.median(vs):.3f}")
 json.dump({"rounds": res, "drop_attn": drop, "ours_drop_speedup": ours_ratio, "transformers_skip_speedup": hf_ratio,
            "ours_over_transformers": vs, "threads": 2, "torch": torch.__version__}, open(out, "w"), indent=1)

@@ -6,7 +6,8 @@ memory as in a decode step; --warm times one copy in a loop instead (small layer
 CPU: the C++ int4 kernel (llmdrop_rt._int4_cpu) vs fp32 torch.nn.functional.linear (dense weights
 equal to the dequantized int4 ones, group size 128).
 CUDA (when a GPU is present): QuantLinear's CUDA path on fp16 activations -- the CUDA extension's GEMV up to
-8 rows, the Triton tensor-core GEMM (kernels/int4_gemm.py) above -- vs fp16 F.linear, and the fp32 comparison too. Prints a table; --out writes the rows as JSON.
+8 rows, the Triton tensor-core GEMM (kernels/int4_gemm.py) above -- vs fp16 F.linear, and the fp32 comparison too.
+Prints a table; --out writes the rows as JSON.
 
     python bench/bench_int4.py --out bench/out/int4_cpu.json
 """
@@ -26,8 +27,9 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from llmdrop_rt import quant
-from llmdrop_rt.quant import Int4Weights, QuantLinear, dequantize_reference
+from llmdrop_rt.quant import linear
+from llmdrop_rt.quant.formats import Int4Weights, dequantize_reference
+from llmdrop_rt.quant.linear import QuantLinear
 
 SHAPES = {  # model -> [(name, out_features, in_features)]
     "SmolLM2-135M": [("q_proj", 576, 576), ("up_proj", 1536, 576), ("down_proj", 576, 1536)],
@@ -142,15 +144,15 @@ def main() -> None:
 
     device = torch.device(args.device)
     torch.manual_seed(0)
-    print(f"device={device} threads={torch.get_num_threads()} backends={quant.available_backends()}"
-          + (f" cpu_simd_bits={quant._int4_cpu.simd_width()}" if quant._int4_cpu is not None else ""))
+    print(f"device={device} threads={torch.get_num_threads()} backends={linear.available_backends()}"
+          + (f" cpu_simd_bits={linear._int4_cpu.simd_width()}" if linear._int4_cpu is not None else ""))
     results = bench(device, args.rows, args.models, cold=not args.warm)
     if args.out:
         report = {
             "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
             "torch": torch.__version__, "threads": torch.get_num_threads(), "group_size": GROUP_SIZE,
             "weights": "warm (one copy, cache-resident)" if args.warm else f"cold (copies > {COLD_BYTES >> 20} MiB)",
-            "backends": quant.available_backends(), "results": results,
+            "backends": linear.available_backends(), "results": results,
         }
         directory = os.path.dirname(os.path.abspath(args.out))
         os.makedirs(directory, exist_ok=True)

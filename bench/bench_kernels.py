@@ -29,7 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository root, for `kernels`
 
-from kernels import (  # noqa: E402
+from llmdrop_rt.kernels import (  # noqa: E402
     HAVE_TRITON,
     add_rms_norm_,
     add_rms_norm_reference,
@@ -241,7 +241,6 @@ def copy_bandwidth_gbps() -> float:
     target = torch.empty_like(source)
     milliseconds = median_ms(lambda: target.copy_(source))
     bandwidth = 2 * source.nbytes / milliseconds / 1e6
-    del source, target
     return bandwidth
 
 

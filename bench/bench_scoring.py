@@ -23,9 +23,10 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from llmdrop_rt.calibration import build_calibration, read_texts  # noqa: E402
-from llmdrop_rt.scoring import InMemorySource, StreamingSource, score_pass  # noqa: E402
-from llmdrop_rt.tokenizer import Tokenizer  # noqa: E402
+from llmdrop_rt.drop.calibration import build_calibration, read_texts  # noqa: E402
+from llmdrop_rt.drop.metrics import score_pass  # noqa: E402
+from llmdrop_rt.drop.sources import InMemorySource, StreamingSource  # noqa: E402
+from llmdrop_rt.io.tokenizer import Tokenizer  # noqa: E402
 
 
 def calibration(folder, n_samples, seq_len):
@@ -107,7 +108,7 @@ def main():
     if args.rss_child:
         return peak_rss_child(args.rss_child, args.model, args.n_samples, args.seq_len, args.batch_size)
 
-    from llmdrop_rt.gguf_import import default_model_path
+    from llmdrop_rt.io.gguf_import import default_model_path
 
     folder = args.model or default_model_path()
     calib = calibration(folder, args.n_samples, args.seq_len)

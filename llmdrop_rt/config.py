@@ -104,7 +104,8 @@ class ModelConfig:
         heads = int(need("num_attention_heads"))
         kv_heads = int(cfg.get("num_key_value_heads") or heads)
         if heads % kv_heads:
-            raise ConfigError(f"{source}: num_attention_heads={heads} is not a multiple of num_key_value_heads={kv_heads}")
+            raise ConfigError(f"{source}: num_attention_heads={heads} is not a multiple of "
+                              f"num_key_value_heads={kv_heads}")
         head_dim = cfg.get("head_dim") or hidden // heads
         if head_dim % 2:
             raise ConfigError(f"{source}: head_dim={head_dim} must be even for rotary embeddings")
@@ -194,7 +195,8 @@ class DropPlan:
             frozenset(_parse_drop_list(drop_mlp, num_layers, "drop_mlp_list")),
         )
         if len(plan.drop_attn & plan.drop_mlp) == num_layers:
-            raise ConfigError(f"every one of the {num_layers} layers is dropped (attention and MLP): nothing would remain")
+            raise ConfigError(f"every one of the {num_layers} layers is dropped (attention and MLP): "
+                              "nothing would remain")
         return plan
 
     @classmethod
@@ -215,12 +217,6 @@ class DropPlan:
     @property
     def kept_attn_layers(self) -> list[int]:
         return [i for i in range(self.num_layers) if self.has_attn(i)]
-
-    def kv_slot(self, layer: int) -> int:
-        """Index of this layer's KV cache slot: the number of kept attention layers before it."""
-        if not self.has_attn(layer):
-            raise KeyError(f"layer {layer} has its attention dropped and so no KV cache slot")
-        return sum(1 for i in range(layer) if self.has_attn(i))
 
     def to_config_lists(self) -> dict[str, list[int]]:
         return {"drop_attn_list": sorted(self.drop_attn), "drop_mlp_list": sorted(self.drop_mlp)}
@@ -250,3 +246,20 @@ def _parse_drop_list(value, num_layers: int, name: str) -> list[int]:
             raise ConfigError(f"{name}[{pos}] = {v}: duplicate layer index")
         seen.add(v)
     return items
+
+
+def parse_layer_list(text: str | None) -> list[int] | None:
+    """'1,3,5-7' -> [1, 3, 5, 6, 7]; None keeps config.json's list; '' means drop nothing."""
+    if text is None:
+        return None
+    layers: list[int] = []
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        try:
+            if "-" in part:
+                lo, hi = part.split("-")
+                layers.extend(range(int(lo), int(hi) + 1))
+            else:
+                layers.append(int(part))
+        except ValueError:
+            raise ConfigError(f"bad layer list entry {part!r}: expected N or N-M") from None
+    return layers

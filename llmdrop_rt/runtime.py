@@ -6,28 +6,13 @@ from typing import Iterator
 
 import torch
 
-from . import ops
-from .attention import BACKENDS, default_backend, flash_attn_with_kvcache
-from .cache import KVCache
-from .checkpoint import CheckpointReader
 from .config import DropPlan, ModelConfig, read_json
+from .devices import resolve_device, resolve_dtype
 from .engine import Engine, Sampling
-from .model import Transformer, build_transformer
-from .tokenizer import Tokenizer
-
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
-          "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
-
-
-def resolve_dtype(dtype, device: torch.device) -> torch.dtype:
-    """None: fp32 on CPU (no fast half-precision GEMMs there), bf16 on GPUs."""
-    if dtype is None:
-        return torch.float32 if device.type == "cpu" else torch.bfloat16
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype {dtype!r} is not supported; choose from {sorted(DTYPES)}")
-    return DTYPES[dtype]
+from .io.checkpoint import CheckpointReader
+from .io.tokenizer import Tokenizer
+from .model import KVCache, ModelBuilder, Transformer, select_ops
+from .model.attention import BACKENDS, default_backend, flash_attn_with_kvcache
 
 
 class LLM:
@@ -104,7 +89,8 @@ class LLM:
         if tokens.dim() == 1:
             tokens = tokens[None]
         if tokens.shape[1] > self.cfg.max_position_embeddings:
-            raise ValueError(f"{tokens.shape[1]} tokens exceed the model's context of {self.cfg.max_position_embeddings}")
+            raise ValueError(f"{tokens.shape[1]} tokens exceed the model's context of "
+                             f"{self.cfg.max_position_embeddings}")
         positions = torch.arange(tokens.shape[1], device=self.device).expand_as(tokens)
         return self.model(tokens, positions, attn_backend=self.engine.attn_backend).float()
 
@@ -143,26 +129,25 @@ def load(path: str | Path | None = None, drop_attn=None, drop_mlp=None, dtype=No
     `drop_attn_list` / `drop_mlp_list`; dropped modules are never built and their weights never read.
     dtype: "float32" | "bfloat16" | "float16" | torch.dtype (default fp32 on CPU, bf16 on GPU).
     attn_backend: "flash" (default on CUDA when flash-attn is installed), "sdpa" (default otherwise) or "reference".
-    kernels: "auto" (Triton on CUDA, torch elsewhere), "triton" or "torch"; a process-wide switch
-    (see llmdrop_rt.ops), default: leave it as it is (LLMDROP_RT_KERNELS or "auto").
+    kernels: "auto" (Triton on CUDA, torch elsewhere), "triton" or "torch", for this model only (see
+    llmdrop_rt.model.ops); default: $LLMDROP_RT_KERNELS, else "auto".
     decode: "auto" (CUDA-graph replay of a static-shape step on CUDA, plain eager steps elsewhere), "graph",
     "static" or "dynamic" (see llmdrop_rt.engine.Engine).
     """
-    if kernels is not None:
-        ops.set_kernels(kernels)
     if path is None:
-        from .gguf_import import default_model_path
+        from .io.gguf_import import default_model_path
 
         path = default_model_path()
     folder = Path(path)
     cfg = ModelConfig.from_folder(folder)
     plan = DropPlan.from_config(cfg, drop_attn, drop_mlp)
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(device)
     backend = attn_backend or default_backend(device)
     if backend not in BACKENDS:
         raise ValueError(f"attn_backend {backend!r} is not one of {BACKENDS}")
     if backend == "flash" and flash_attn_with_kvcache is None:
         raise ValueError("attn_backend='flash' asked for, but the flash-attn package is not importable")
     tokenizer = Tokenizer(folder)
-    model = build_transformer(cfg, plan, CheckpointReader(folder), resolve_dtype(dtype, device), device)
+    ops = select_ops(kernels, device)
+    model = ModelBuilder(cfg, plan, CheckpointReader(folder), resolve_dtype(dtype, device), device, ops).build()
     return LLM(folder, cfg, plan, model, tokenizer, backend, decode)

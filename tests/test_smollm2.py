@@ -1,13 +1,13 @@
 """The real SmolLM2-135M-Instruct (embedded default) against transformers on the same weights, fp32."""
 import math
-from pathlib import Path
 
 import pytest
 import torch
+from helpers import DATA
 
 import llmdrop_rt
 
-EVAL_TEXT = Path(__file__).parent / "data" / "eval.txt"
+EVAL_TEXT = DATA / "eval.txt"
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,1 @@
+"""Speed benches: the quick bench, sweeps, baselines, the KV-cache table, synthetic weights, profiling."""

@@ -1,0 +1,58 @@
+"""`python -m llmdrop_rt.bench`: the quick bench by default; sweeps, profiling and the KV table behind flags."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from ..devices import dtype_name, resolve_device, resolve_dtype
+from . import quick, sweeps
+
+DEFAULT_OUT = Path("bench/out/bench.json")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m llmdrop_rt.bench", description=quick.__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", help="checkpoint folder (default: the embedded SmolLM2-135M-Instruct)")
+    parser.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: float32 on CPU, "
+                                                      "bfloat16 on GPU)")
+    parser.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
+    parser.add_argument("--drop", default="0,0.25,0.5",
+                        help="fractions of attention layers to drop, comma-separated (default: 0,0.25,0.5)")
+    parser.add_argument("--batch-sizes", default="1,8", help="decode batch sizes (default: 1,8)")
+    parser.add_argument("--prompt-len", type=int, default=128, help="prompt tokens (default: 128)")
+    parser.add_argument("--new-tokens", type=int, default=32, help="generated tokens per row (default: 32)")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="timed repeats inside each run of a configuration; the best is kept (default: 3)")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="runs of every configuration, round-robin; the table shows medians (default: 3)")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
+                        help="torch threads for every configuration (default: torch's default here)")
+    parser.add_argument("--no-transformers", action="store_true", help="skip the transformers baseline rows")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"JSON output (default: {DEFAULT_OUT})")
+    sweeps.add_arguments(parser)
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    device = resolve_device(args.device)
+    args.device, args.dtype = str(device), dtype_name(resolve_dtype(args.dtype, device))
+    args.model_name = None
+    if args.kv_table:
+        from .kv_table import format_kv_table, kv_rows
+
+        print(format_kv_table(kv_rows()))
+    if not (args.model or args.synthetic):
+        from ..io.gguf_import import default_model_path
+
+        args.model = str(default_model_path())
+        args.model_name = "SmolLM2-135M-Instruct (embedded)"
+    if args.profile:
+        sweeps.run_profile(args)
+    if args.sweep:
+        sweeps.run_sweeps(args, argv)
+    if not (args.kv_table or args.profile or args.sweep):
+        quick.run(args, argv)

@@ -1,0 +1,1 @@
+"""The drop method: calibration data, layer sources, importance metrics, selection, perplexity, sweeps, plots."""

@@ -1,0 +1,1 @@
+"""Task evaluation: the lm-eval model `llmdrop_rt` and local offline tasks."""

@@ -1,0 +1,126 @@
+"""Building the decoder stack from a checkpoint: only the kept modules' tensors are read, cast once, assembled.
+
+`ModelBuilder.build()` makes the whole model; the scorer streams with `layer(i)`, one decoder layer at a time.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .. import kernels
+from ..config import DropPlan, ModelConfig
+from ..quant.formats import parse_quant_config
+from ..quant.linear import QuantLinear
+from . import hf_names
+from .layers import MLP, Attention, DecoderLayer, RMSNorm, Transformer
+from .ops import TRITON, TorchOps
+
+
+def dense_linear(weights: list[torch.Tensor], biases: list[torch.Tensor] | None) -> nn.Linear:
+    """One nn.Linear over the concatenation of several projections that read the same input (q|k|v, gate|up)."""
+    weight = torch.cat(weights) if len(weights) > 1 else weights[0]
+    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=biases is not None, device="meta")
+    linear.weight = nn.Parameter(weight, requires_grad=False)
+    if biases is not None:
+        linear.bias = nn.Parameter(torch.cat(biases) if len(biases) > 1 else biases[0], requires_grad=False)
+    return linear
+
+
+class ConcatProjection(nn.Module):
+    """Several projections of one input whose outputs are concatenated (quantized layers that cannot be merged)."""
+
+    def __init__(self, parts: list[nn.Module]):
+        super().__init__()
+        self.parts = nn.ModuleList(parts)
+
+    def forward(self, x):
+        return torch.cat([part(x) for part in self.parts], dim=-1)
+
+
+def concat_quant_linear(layers: list[QuantLinear]) -> nn.Module:
+    """One QuantLinear over q|k|v (or gate|up) by stacking output rows, when their group layout agrees."""
+    if len(layers) == 1:
+        return layers[0]
+    first = layers[0]
+    mergeable = all(l.input_perm is None and l.group_size == first.group_size and
+                    (l.bias is None) == (first.bias is None) and l.scales.dtype == first.scales.dtype for l in layers)
+    if not mergeable:  # act-order layers each keep their own input permutation
+        return ConcatProjection(layers)
+    bias = None if first.bias is None else torch.cat([l.bias for l in layers])
+    return QuantLinear(torch.cat([l.qweight for l in layers]), torch.cat([l.scales for l in layers]),
+                       torch.cat([l.zeros for l in layers]), first.group_size, first.in_features,
+                       sum(l.out_features for l in layers), None, bias)
+
+
+class ModelBuilder:
+    """Reads only the tensors of kept modules, casts them once, and assembles the modules with `ops`."""
+
+    def __init__(self, cfg: ModelConfig, plan: DropPlan, reader, dtype, device, ops: TorchOps):
+        self.cfg, self.plan, self.reader, self.dtype, self.device, self.ops = cfg, plan, reader, dtype, device, ops
+        self.qconfig = parse_quant_config(cfg.raw, getattr(reader, "folder", None))
+        # Fold MLP norms into gate/up when the fused Triton kernel will run (decided once, at load time).
+        self.fold_mlp_norm = ops is TRITON and not cfg.mlp_bias and self.qconfig is None
+
+    def tensor(self, name, shape):
+        return self.reader.get(name, shape).to(device=self.device, dtype=self.dtype)
+
+    def projection(self, prefixes: list[str], in_features: int, out_features: list[int], bias: bool) -> nn.Module:
+        quantized = [self.qconfig is not None and self.qconfig.quantizes(p) for p in prefixes]
+        if any(quantized) and not all(quantized):
+            raise ValueError(f"{prefixes}: quantization_config.dynamic excludes some of these projections but "
+                             "not all; they share one input and are loaded as one (exclude all or none)")
+        if all(quantized):
+            layers = [QuantLinear.from_checkpoint(self.quant_tensor, p, in_features, o, self.qconfig, bias)
+                      for p, o in zip(prefixes, out_features)]
+            return concat_quant_linear(layers).to(self.device)
+        weights = [self.tensor(f"{p}.weight", (o, in_features)) for p, o in zip(prefixes, out_features)]
+        biases = [self.tensor(f"{p}.bias", (o,)) for p, o in zip(prefixes, out_features)] if bias else None
+        return dense_linear(weights, biases)
+
+    def quant_tensor(self, name: str) -> torch.Tensor:
+        """Packed tensors as stored (QuantLinear validates and repacks them); KeyError when absent."""
+        if not self.reader.has(name):
+            raise KeyError(name)
+        return self.reader.get(name)
+
+    def norm(self, name):
+        return RMSNorm(self.tensor(name, (self.cfg.hidden_size,)), self.cfg.rms_norm_eps, self.ops)
+
+    def layer(self, i: int) -> DecoderLayer:
+        cfg, p = self.cfg, hf_names.layer_prefix(i)
+        attn_norm = attn = mlp_norm = mlp = None
+        if self.plan.has_attn(i):
+            h, q_out, kv_out = cfg.hidden_size, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+            names = hf_names.ATTN_PROJECTIONS
+            qkv = self.projection([f"{p}.{names[n]}" for n in "qkv"], h, [q_out, kv_out, kv_out], cfg.attention_bias)
+            o_proj = self.projection([f"{p}.{names['o']}"], q_out, [h], cfg.attention_bias)
+            attn_norm = self.norm(f"{p}.{hf_names.ATTN_NORM}.weight")
+            attn = Attention(cfg, i, qkv, o_proj, self.ops)
+        if self.plan.has_mlp(i):
+            h, inter, names = cfg.hidden_size, cfg.intermediate_size, hf_names.MLP_PROJECTIONS
+            gate_up = self.projection([f"{p}.{names['gate']}", f"{p}.{names['up']}"], h, [inter, inter], cfg.mlp_bias)
+            down = self.projection([f"{p}.{names['down']}"], inter, [h], cfg.mlp_bias)
+            mlp_norm = self.norm(f"{p}.{hf_names.MLP_NORM}.weight")
+            if self.fold_mlp_norm:
+                gate, up = gate_up.weight.chunk(2)
+                folded = kernels.prepare_norm_mlp(mlp_norm.weight, gate, up)
+                mlp = MLP(None, down, self.ops, cfg.rms_norm_eps, folded)
+            else:
+                mlp = MLP(gate_up, down, self.ops, cfg.rms_norm_eps)
+        return DecoderLayer(i, attn_norm, attn, mlp_norm, mlp)
+
+    def embedding(self) -> torch.Tensor:
+        return self.tensor(hf_names.EMBEDDING, (self.cfg.vocab_size, self.cfg.hidden_size))
+
+    def final_norm(self) -> RMSNorm:
+        return self.norm(hf_names.FINAL_NORM)
+
+    def lm_head(self) -> torch.Tensor | None:
+        """The output projection, or None when tied to the embedding."""
+        if self.cfg.tie_word_embeddings:
+            return None
+        return self.tensor(hf_names.LM_HEAD, (self.cfg.vocab_size, self.cfg.hidden_size))
+
+    def build(self) -> Transformer:
+        layers = [self.layer(i) for i in range(self.cfg.num_layers)]
+        return Transformer(self.cfg, self.plan, self.embedding(), layers, self.final_norm(), self.lm_head()).eval()

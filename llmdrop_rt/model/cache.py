@@ -1,0 +1,56 @@
+"""Static, preallocated KV cache with one slot per *kept* attention layer.
+
+A layer whose attention is dropped has no slot at all (LLM-Drop's `kv_cache_idx`): the cache's size is
+exactly (kept attention layers / all layers) of a full model's. Layout per slot: [B, Hkv, S, D].
+"""
+from __future__ import annotations
+
+import torch
+
+from ..config import DropPlan, ModelConfig
+
+
+class KVCache:
+    def __init__(self, cfg: ModelConfig, plan: DropPlan, batch_size: int, max_len: int, dtype, device):
+        self.max_len = max_len
+        self.batch_size = batch_size
+        self.slot_of = {layer: slot for slot, layer in enumerate(plan.kept_attn_layers)}
+        shape = (len(self.slot_of), batch_size, cfg.num_kv_heads, max_len, cfg.head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+
+    def layer(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        slot = self.slot_of[layer]
+        return self.k[slot], self.v[slot]
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, start: int | torch.Tensor):
+        """Store k, v [B, Hkv, T, D] at cache indices start..start+T-1 and return the keys and values to attend over.
+
+        An int `start` returns the filled prefix 0..start+T-1. A 0-dim tensor `start` (the static-shape step, which
+        a CUDA graph can capture) writes by `index_copy_` and returns the whole cache: the step's mask hides the
+        positions not yet written.
+        """
+        k_cache, v_cache = self.layer(layer)
+        if isinstance(start, torch.Tensor):
+            index = start + torch.arange(k.shape[2], device=k.device)
+            k_cache.index_copy_(2, index, k)
+            v_cache.index_copy_(2, index, v)
+            return k_cache, v_cache
+        end = start + k.shape[2]
+        k_cache[:, :, start:end] = k
+        v_cache[:, :, start:end] = v
+        return k_cache[:, :, :end], v_cache[:, :, :end]
+
+    def sequence_major(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The layer's slots as [B, S, Hkv, D] views, the layout flash-attn reads and appends to in place."""
+        k_cache, v_cache = self.layer(layer)
+        return k_cache.transpose(1, 2), v_cache.transpose(1, 2)
+
+    def nbytes(self) -> int:
+        return self.k.nbytes + self.v.nbytes
+
+    @staticmethod
+    def bytes_for(cfg: ModelConfig, plan: DropPlan, batch_size: int, max_len: int, dtype) -> int:
+        """What a cache of this size would take, without allocating it."""
+        element = torch.empty((), dtype=dtype).element_size()
+        return 2 * len(plan.kept_attn_layers) * batch_size * cfg.num_kv_heads * max_len * cfg.head_dim * element

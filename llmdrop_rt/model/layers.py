@@ -1,0 +1,228 @@
+"""The decoder stack: plain PyTorch modules, built only for the modules the drop plan keeps.
+
+A dropped attention layer's `attn` (with its input norm) is None, a dropped MLP's `mlp` (with its norm) is None:
+they are never constructed and their weights are never read from disk. Every module keeps the ops (torch or
+Triton, see `ops.select_ops`) it was built with.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import kernels
+from ..config import DropPlan, ModelConfig
+from .attention import attention, build_mask, flash_attn_with_kvcache
+from .cache import KVCache
+from .ops import RopeTables, TorchOps
+from .ranges import NO_LAYER_RANGES, NO_STACK_RANGES
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, weight: torch.Tensor, eps: float, ops: TorchOps):
+        super().__init__()
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.eps, self.ops = eps, ops
+
+    def forward(self, x):
+        return self.ops.rms_norm(x, self.weight, self.eps)
+
+    def add_forward_(self, x, pending):
+        """norm(x + pending), with x updated in place (one fused kernel on the Triton path); norm(x) when nothing
+        is pending."""
+        if pending is None:
+            return self(x)
+        return self.ops.add_rms_norm_(x, pending, self.weight, self.eps)
+
+
+@dataclass
+class StepContext:
+    """What every layer of one forward step shares: rotary tables, cache, where to write, the mask."""
+
+    rope: RopeTables
+    cache: KVCache | None = None
+    # Cache index of the step's first token. A 0-dim tensor instead of an int selects the static-shape path
+    # (CUDA-graph capturable): see KVCache.write.
+    start: int | torch.Tensor = 0
+    mask: torch.Tensor | None = None  # see attention.build_mask
+    attn_backend: str = "sdpa"
+
+
+def rope_tables(inv_freq: torch.Tensor, positions: torch.Tensor) -> RopeTables:
+    """Rotary tables at the given positions [B, T] (angles in fp32, as transformers computes them)."""
+    angles = positions[..., None].float() * inv_freq
+    return RopeTables(angles.cos(), angles.sin())
+
+
+def step_context(cfg: ModelConfig, inv_freq: torch.Tensor, positions, cache=None, start=0, key_valid=None,
+                 attn_backend="sdpa") -> StepContext:
+    """A step's shared context (rotary tables + mask), also without a whole Transformer: the layer-streaming
+    scorer holds no model."""
+    if attn_backend == "flash" and cache is not None and key_valid is None:
+        mask = None  # flash_attn_with_kvcache applies causality and the sliding window itself
+    else:
+        mask = build_mask(positions.shape[1], start, key_valid, cfg.sliding_window, positions.device)
+    return StepContext(rope_tables(inv_freq, positions), cache, start, mask, attn_backend)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int, qkv: nn.Module, o_proj: nn.Module, ops: TorchOps):
+        super().__init__()
+        self.layer, self.ops = layer, ops
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.qkv = qkv  # one projection producing [q | k | v]
+        self.o_proj = o_proj
+        self.scale = cfg.head_dim**-0.5
+        # flash-attn's (left, right) window: a key is visible iff query - key < sliding_window.
+        self.flash_window = (-1, -1) if cfg.sliding_window is None else (cfg.sliding_window - 1, 0)
+
+    def forward(self, x, ctx: StepContext):
+        b, t, _ = x.shape
+        hq, hkv, d = self.num_heads, self.num_kv_heads, self.head_dim
+        q, k, v = self.qkv(x).split([hq * d, hkv * d, hkv * d], dim=-1)
+        q, k = self.ops.apply_rope(q.view(b, t, hq, d), k.view(b, t, hkv, d), ctx.rope)
+        v = v.view(b, t, hkv, d)
+        if ctx.cache is not None and ctx.attn_backend == "flash" and ctx.mask is None and isinstance(ctx.start, int):
+            # flash-attn appends k/v to the cache itself.
+            k_cache, v_cache = ctx.cache.sequence_major(self.layer)
+            out = flash_attn_with_kvcache(q, k_cache, v_cache, k=k, v=v, cache_seqlens=ctx.start,
+                                          softmax_scale=self.scale, causal=True, window_size=self.flash_window)
+            return self.o_proj(out.reshape(b, t, hq * d))
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        if ctx.cache is not None:
+            k, v = ctx.cache.write(self.layer, k, v, ctx.start)
+        out = attention(q, k, v, ctx.mask, self.scale, "reference" if ctx.attn_backend == "reference" else "sdpa")
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, hq * d))
+
+
+class MLP(nn.Module):
+    """SwiGLU MLP. With `folded` (the Triton path) its norm weight is folded into gate/up and the norm, both
+    projections and SiLU*up run as one kernel; `gate_up` is then None.
+
+    `prepare(x, pending, norm)` makes the MLP's input from the residual stream and `forward` takes it: the
+    normalised stream, or for a folded MLP the stream itself (its kernel normalises)."""
+
+    def __init__(self, gate_up: nn.Module | None, down: nn.Module, ops: TorchOps, eps: float,
+                 folded: kernels.NormMLPWeights | None = None):
+        super().__init__()
+        self.gate_up = gate_up  # one projection producing [gate | up]
+        self.down = down
+        self.ops, self.eps, self.folded = ops, eps, folded
+        if folded is not None:
+            # Registered so param_bytes() counts it; the model is built on its device and never moved after.
+            self.register_buffer("folded_gate_up", folded.gate_up, persistent=False)
+
+    def prepare(self, x, pending, norm: RMSNorm):
+        """The MLP's input for residual stream x (+ pending, added into x in place)."""
+        if self.folded is None:
+            return norm.add_forward_(x, pending)
+        if pending is not None:
+            x += pending
+        return x
+
+    def forward(self, prepared):
+        if self.folded is not None:
+            return self.down(self.ops.norm_swiglu(prepared, self.folded, self.eps))
+        gate, up = self.gate_up(prepared).chunk(2, dim=-1)
+        return self.down(self.ops.silu_mul(gate, up))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, index: int, attn_norm, attn, mlp_norm, mlp):
+        super().__init__()
+        self.index = index
+        self.attn_norm, self.attn = attn_norm, attn
+        self.mlp_norm, self.mlp = mlp_norm, mlp
+        self.ranges = NO_LAYER_RANGES  # named profiler ranges when profiling turns them on; else no-ops
+
+    def attn_delta(self, x, ctx: StepContext):
+        """What the attention sub-block adds to the residual stream (its LLM-Drop unit: norm + attention)."""
+        return self.attn(self.attn_norm(x), ctx)
+
+    def mlp_delta(self, x):
+        """What the MLP sub-block (norm + MLP) adds to the residual stream."""
+        return self.mlp(self.mlp.prepare(x, None, self.mlp_norm))
+
+    def forward(self, x, ctx: StepContext, skip: str | None = None):
+        """x -> the layer's output, x untouched (what scoring compares); `skip` leaves out its "attn", "mlp" or
+        the whole "block" (what the SLEB loss measures)."""
+        if self.attn is not None and skip not in ("attn", "block"):
+            x = x + self.attn_delta(x, ctx)
+        if self.mlp is not None and skip not in ("mlp", "block"):
+            x = x + self.mlp_delta(x)
+        return x
+
+    def forward_fused(self, x, pending, ctx: StepContext):
+        """The hot path. The residual stream x is updated in place, and each sub-block's output is returned as
+        `pending` so that adding it is fused into the next RMSNorm instead of a separate pass."""
+        ranges = self.ranges
+        if self.attn is not None:
+            with ranges.attn_norm:
+                normed = self.attn_norm.add_forward_(x, pending)
+            with ranges.attention:
+                pending = self.attn(normed, ctx)
+        if self.mlp is not None:
+            with ranges.mlp_norm:
+                prepared = self.mlp.prepare(x, pending, self.mlp_norm)
+            with ranges.mlp:
+                pending = self.mlp(prepared)
+        return pending
+
+    def restricted(self, plan: DropPlan) -> "DecoderLayer":
+        """This layer as `plan` has it: the same modules, minus those the plan drops (nothing is copied)."""
+        i = self.index
+        keep_attn, keep_mlp = plan.has_attn(i), plan.has_mlp(i)
+        if (keep_attn and self.attn is None) or (keep_mlp and self.mlp is None):
+            raise ValueError(f"layer {i}: the plan keeps a module this layer was built without")
+        return DecoderLayer(i, self.attn_norm if keep_attn else None, self.attn if keep_attn else None,
+                            self.mlp_norm if keep_mlp else None, self.mlp if keep_mlp else None)
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig, plan: DropPlan, embed: torch.Tensor, layers, norm: RMSNorm,
+                 lm_head: torch.Tensor | None):
+        super().__init__()
+        self.cfg, self.plan = cfg, plan
+        self.embed = nn.Embedding.from_pretrained(embed, freeze=True)
+        self.layers = nn.ModuleList(layers)
+        self.norm = norm
+        # Tied embeddings share one tensor: no second copy of the vocabulary matrix.
+        self.lm_head = self.embed.weight if lm_head is None else nn.Parameter(lm_head, requires_grad=False)
+        self.register_buffer("inv_freq", cfg.rope.inverse_frequencies(cfg.head_dim), persistent=False)
+        self.ranges = NO_STACK_RANGES  # see DecoderLayer.ranges
+
+    @property
+    def ops(self) -> TorchOps:
+        return self.norm.ops
+
+    def rope_tables(self, positions: torch.Tensor) -> RopeTables:
+        return rope_tables(self.inv_freq, positions)
+
+    def context(self, positions, cache=None, start=0, key_valid=None, attn_backend="sdpa") -> StepContext:
+        """Everything the layers of one step share, built once: rotary tables and the attention mask."""
+        return step_context(self.cfg, self.inv_freq, positions, cache, start, key_valid, attn_backend)
+
+    def forward(self, tokens, positions, cache=None, start=0, key_valid=None, attn_backend="sdpa", last_only=False):
+        """Logits for `tokens` [B, T] at rotary `positions` [B, T].
+
+        With a cache, K/V are written at cache indices start..start+T-1 and attention reads 0..start+T-1;
+        `key_valid` [B, >=start+T] marks padding (False) to be masked out.
+        """
+        return self.run(tokens, self.context(positions, cache, start, key_valid, attn_backend), last_only)
+
+    def run(self, tokens, ctx: StepContext, last_only=False):
+        """Logits for `tokens` under a prepared step context."""
+        with self.ranges.embedding:
+            x = self.embed(tokens)
+        pending = None
+        for layer in self.layers:
+            pending = layer.forward_fused(x, pending, ctx)
+        if last_only:
+            x = x[:, -1:].contiguous()
+            pending = None if pending is None else pending[:, -1:]
+        with self.ranges.final_norm:
+            normed = self.norm.add_forward_(x, pending)
+        with self.ranges.lm_head:
+            return F.linear(normed, self.lm_head)
