@@ -162,7 +162,8 @@ def with_speedups(rows: list[dict]) -> list[dict]:
 
 
 def evaluate_targets(rows: list[dict], cfg, args) -> list[dict]:
-    """The issue's targets, checked on what this run measured."""
+    """The speed goals the sweep reports on (drop speedup vs the skip baseline, KV halving, the paper's figure),
+    checked on what this run measured."""
     targets = []
     drop_rows = [r for r in rows if r["sweep"] == "drop"]
     half = cfg.num_layers // 2

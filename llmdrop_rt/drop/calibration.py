@@ -25,7 +25,7 @@ def read_texts(source: str | Path, split: str = "validation", text_field: str = 
                dataset_config: str | None = None, max_texts: int | None = None) -> list[str]:
     """Texts from a .txt file (the whole file is one text), a .jsonl file (one JSON object per line with a
     `text_field` string), a .parquet file (a `text_field` column), or, when `source` is not an existing path, a
-    Hugging Face dataset name read through `datasets` (optional; our machines reach no hub).
+    Hugging Face dataset name read through `datasets` (optional; needs access to the hub).
     """
     path = Path(source)
     if path.is_file():
