@@ -26,7 +26,12 @@ def extension_build_kwargs():
             ["csrc/int4_cpu.cpp"],
             # Baseline ISA only: the AVX2 kernels are compiled per function and picked at run time.
             extra_compile_args=["-O3"],
-        )
+        ),
+        cpp_extension.CppExtension(
+            "llmdrop_rt._cpu_gemv",
+            ["csrc/cpu_gemv.cpp"],
+            extra_compile_args=["-O3"],  # baseline ISA, like _int4_cpu
+        ),
     ]
     if torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None:
         extensions.append(

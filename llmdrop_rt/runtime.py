@@ -29,11 +29,11 @@ class LLM:
 
     @property
     def device(self) -> torch.device:
-        return self.model.embed.weight.device
+        return self.model.device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.model.embed.weight.dtype
+        return self.model.dtype
 
     # -- text in, text out --------------------------------------------------------------------------------------
     def chat_prompt(self, messages: list[dict] | str) -> str:
@@ -122,23 +122,29 @@ def _cut_at_stop(text: str, stop: list[str] | None) -> str:
 
 
 def load(path: str | Path | None = None, drop_attn=None, drop_mlp=None, dtype=None, device=None,
-         attn_backend: str | None = None, kernels: str | None = None, decode: str = "auto") -> LLM:
-    """Load a Llama/Mistral checkpoint folder (default: the embedded SmolLM2-135M-Instruct).
+         attn_backend: str | None = None, kernels: str | None = None, decode: str = "auto",
+         weights: str | None = None) -> LLM:
+    """Load a Llama/Mistral checkpoint folder or llama GGUF file (default: the embedded SmolLM2-135M-Instruct).
 
     drop_attn / drop_mlp: layer indices (or a boolean mask) to drop, overriding config.json's
     `drop_attn_list` / `drop_mlp_list`; dropped modules are never built and their weights never read.
     dtype: "float32" | "bfloat16" | "float16" | torch.dtype (default fp32 on CPU, bf16 on GPU).
+    weights (CPU): "fp32" | "fp16" | "bf16" | "int8" | "int4": store the weights in that format, embedding and output
+    head included, and run our CPU kernels (activations fp32; see llmdrop_rt.model.builder). A GGUF source's
+    q8_0 / q4_0 / q4_1 tensors load as stored for int8 / int4. Default: plain torch modules in `dtype`.
     attn_backend: "flash" (default on CUDA when flash-attn is installed), "sdpa" (default otherwise) or "reference".
     kernels: "auto" (Triton on CUDA, torch elsewhere), "triton" or "torch", for this model only (see
     llmdrop_rt.model.ops); default: $LLMDROP_RT_KERNELS, else "auto".
     decode: "auto" (CUDA-graph replay of a static-shape step on CUDA, plain eager steps elsewhere), "graph",
     "static" or "dynamic" (see llmdrop_rt.engine.Engine).
     """
-    if path is None:
-        from .io.gguf_import import default_model_path
+    from .io import gguf_import
 
-        path = default_model_path()
-    folder = Path(path)
+    gguf_file = gguf_import.smollm2_gguf_path() if path is None else None
+    if path is not None and Path(path).suffix == ".gguf" and Path(path).is_file():
+        gguf_file = Path(path)
+    # A GGUF's config and tokenizer come from its (cached) conversion into a checkpoint folder.
+    folder = gguf_import.converted_folder(gguf_file) if gguf_file is not None else Path(path)
     cfg = ModelConfig.from_folder(folder)
     plan = DropPlan.from_config(cfg, drop_attn, drop_mlp)
     device = resolve_device(device)
@@ -147,7 +153,9 @@ def load(path: str | Path | None = None, drop_attn=None, drop_mlp=None, dtype=No
         raise ValueError(f"attn_backend {backend!r} is not one of {BACKENDS}")
     if backend == "flash" and flash_attn_with_kvcache is None:
         raise ValueError("attn_backend='flash' asked for, but the flash-attn package is not importable")
-    tokenizer = Tokenizer(folder)
     ops = select_ops(kernels, device)
-    model = ModelBuilder(cfg, plan, CheckpointReader(folder), resolve_dtype(dtype, device), device, ops).build()
+    tokenizer = Tokenizer(folder)
+    native_blocks = gguf_file is not None and weights in ("int8", "int4")
+    reader = gguf_import.GGUFWeights(gguf_file) if native_blocks else CheckpointReader(folder)
+    model = ModelBuilder(cfg, plan, reader, resolve_dtype(dtype, device), device, ops, weights).build()
     return LLM(folder, cfg, plan, model, tokenizer, backend, decode)

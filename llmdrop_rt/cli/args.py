@@ -6,6 +6,7 @@ from pathlib import Path
 
 from ..config import ConfigError, parse_layer_list
 from ..drop.calibration import DEFAULT_N_SAMPLES, DEFAULT_SEQ_LEN
+from ..model.builder import WEIGHT_FORMATS
 
 
 def layer_list(text: str) -> list[int]:
@@ -40,12 +41,16 @@ def add_model_arguments(parser: argparse.ArgumentParser, runtime: bool = True):
     if runtime:
         parser.add_argument("--dtype", help="float32 | bfloat16 | float16 (default: float32 on CPU, bfloat16 on GPU)")
         parser.add_argument("--device", help="cpu | cuda (default: cuda when available)")
+        parser.add_argument("--weights", choices=sorted(WEIGHT_FORMATS),
+                            help="CPU weight format: our kernels on fp32/fp16/bf16 weights, int8 (q8_0 blocks) or int4 "
+                                 "(q4_0; a GGUF's q4_0/q4_1 as stored) (default: torch modules in --dtype)")
 
 
 def load_from_args(args):
     from ..runtime import load
 
-    return load(args.model, drop_attn=args.drop_attn, drop_mlp=args.drop_mlp, dtype=args.dtype, device=args.device)
+    return load(args.model, drop_attn=args.drop_attn, drop_mlp=args.drop_mlp, dtype=args.dtype, device=args.device,
+                weights=args.weights)
 
 
 def model_folder(args) -> Path:

@@ -195,7 +195,7 @@ def loss_pass(source: LayerSource, calib: CalibrationSet, plan: DropPlan, candid
         total = 0.0
         count = 0
         for s in batches:
-            logits = F.linear(norm(hidden[s].to(source.device)), head).float()
+            logits = head(norm(hidden[s].to(source.device))).float()
             labels = calib.tokens[s, 1:].to(source.device)
             scored = (calib.valid[s, 1:] & calib.valid[s, :-1]).to(source.device)
             nll = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels.flatten(), reduction="none")

@@ -80,7 +80,7 @@ def evaluate_perplexity(model: Transformer, tokens, seq_len: int | None = None, 
     for span in spans:
         groups.setdefault((span[1] - span[0], span[2]), []).append(span)
     batches = [group[i: i + batch_size] for group in groups.values() for i in range(0, len(group), batch_size)]
-    device = model.embed.weight.device
+    device = model.device
     nll_sum, scored = 0.0, 0
     bar = None
     if progress:

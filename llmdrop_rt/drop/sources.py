@@ -38,8 +38,8 @@ class LayerSource:
     def layer(self, index: int, plan: DropPlan) -> DecoderLayer:
         raise NotImplementedError
 
-    def head(self) -> tuple[torch.nn.Module, torch.Tensor]:
-        """(final norm, output projection weight)."""
+    def head(self) -> tuple[torch.nn.Module, torch.nn.Module]:
+        """(final norm, output projection)."""
         raise NotImplementedError
 
     def inv_freq(self) -> torch.Tensor:
@@ -79,11 +79,7 @@ class StreamingSource(LayerSource):
         return self._built(plan, lambda builder: builder.layer(index))
 
     def head(self):
-        def build(builder):
-            weight = builder.lm_head()
-            return builder.final_norm(), builder.embedding() if weight is None else weight
-
-        return self._built(self.base_plan, build)
+        return self._built(self.base_plan, ModelBuilder.head)
 
 
 class InMemorySource(LayerSource):
@@ -91,7 +87,7 @@ class InMemorySource(LayerSource):
 
     def __init__(self, model: Transformer, folder: str | Path | None = None):
         self.model, self.cfg = model, model.cfg
-        self.dtype, self.device = model.embed.weight.dtype, model.embed.weight.device
+        self.dtype, self.device = model.dtype, model.device
         self.folder = Path(folder) if folder else None
 
     @classmethod

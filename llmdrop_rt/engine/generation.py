@@ -38,7 +38,7 @@ class Engine:
     def __init__(self, model: Transformer, attn_backend: str = "sdpa", pad_token_id: int = 0, decode: str = "auto"):
         if decode not in DECODE_MODES:
             raise ValueError(f"decode mode {decode!r} is not one of {DECODE_MODES}")
-        if decode == "graph" and model.embed.weight.device.type != "cuda":
+        if decode == "graph" and model.device.type != "cuda":
             raise ValueError("decode='graph' needs a CUDA device")
         self.model = model
         self.attn_backend = attn_backend
@@ -47,7 +47,7 @@ class Engine:
 
     @property
     def device(self):
-        return self.model.embed.weight.device
+        return self.model.device
 
     def context_limit(self) -> int:
         return self.model.cfg.max_position_embeddings
@@ -74,7 +74,7 @@ class Engine:
                 f"context of {self.context_limit()} tokens (max_position_embeddings)"
             )
         model, device, batch = self.model, self.device, len(prompts)
-        cache = KVCache(model.cfg, model.plan, batch, total, model.embed.weight.dtype, device)
+        cache = KVCache(model.cfg, model.plan, batch, total, model.dtype, device)
         pads = torch.tensor([longest - len(p) for p in prompts], device=device)
         tokens = torch.tensor([[self.pad_token_id] * (longest - len(p)) + list(p) for p in prompts], device=device)
         key_valid = None

@@ -16,7 +16,7 @@ from ..model.layers import StepContext, Transformer
 class StaticDecoder:
     def __init__(self, model: Transformer, cache: KVCache, key_valid: torch.Tensor | None, attn_backend: str,
                  use_graph: bool, warmup_start: int):
-        device = model.embed.weight.device
+        device = model.device
         batch, self.model, self.cache, self.attn_backend = cache.batch_size, model, cache, attn_backend
         self.tokens = torch.zeros(batch, 1, dtype=torch.long, device=device)
         self.positions = torch.zeros(batch, 1, dtype=torch.long, device=device)

@@ -40,7 +40,9 @@ from .user_cache import cache_dir
 
 __all__ = [
     "GGUFImportError",
+    "GGUFWeights",
     "convert_gguf",
+    "converted_folder",
     "default_model_path",
     "gguf_fingerprint",
     "smollm2_gguf_path",
@@ -153,14 +155,19 @@ def smollm2_gguf_path() -> Path:
 
 
 def default_model_path() -> Path:
-    """The default model (SmolLM2-135M-Instruct) as a checkpoint folder, converted once and cached.
+    """The default model (SmolLM2-135M-Instruct) as a checkpoint folder, converted once and cached."""
+    return converted_folder(smollm2_gguf_path())
+
+
+def converted_folder(gguf_path: str | os.PathLike) -> Path:
+    """A GGUF file as a checkpoint folder, converted once and cached.
 
     The cache is ``$LLMDROP_RT_CACHE``, else ``$XDG_CACHE_HOME/llmdrop_rt``, else ``~/.cache/llmdrop_rt``. The
     folder name carries a fingerprint of the GGUF and the converter version, so a changed file or converter
     gets a fresh conversion. Concurrent callers are safe: each converts into its own temporary folder and the
     first rename wins.
     """
-    gguf_path = smollm2_gguf_path()
+    gguf_path = Path(gguf_path)
     fingerprint = gguf_fingerprint(gguf_path)
     target = cache_dir() / f"{gguf_path.stem}-{fingerprint}-v{CONVERTER_VERSION}"
     if _read_marker(target) == _expected_marker(gguf_path, fingerprint):
@@ -345,6 +352,71 @@ def _hf_tensors(reader, gguf_path: Path, hp: LlamaHyperParameters) -> dict[str, 
             values = _unpermute_rotary_rows(values, hp.num_key_value_heads)
         out[hf_name] = np.ascontiguousarray(values)
     return out
+
+
+class GGUFWeights:
+    """A GGUF file's tensors under their Hugging Face names, read one at a time, for the model builder.
+
+    `get` dequantizes a tensor to float32 (like the conversion does); `blocks` hands a Q8_0 / Q4_0 / Q4_1 tensor's
+    blocks over as stored (uint8 [rows, row bytes], the layout of `quant.cpu_linear`), so a quantized model loads
+    without a detour through float. Both put the rows of q_proj / k_proj back in Hugging Face order.
+    """
+
+    BLOCK_FORMATS = {"Q8_0": "q8_0", "Q4_0": "q4_0", "Q4_1": "q4_1"}
+
+    def __init__(self, gguf_path: str | os.PathLike):
+        self.path = Path(gguf_path)
+        self._reader = _open_gguf(self.path)
+        self.hp = _hyper_parameters(self._reader, self.path)
+        by_name = {tensor.name: tensor for tensor in self._reader.tensors}
+        expected = _expected_shapes(self.hp, has_lm_head="output.weight" in by_name)
+        missing = sorted(set(expected) - set(by_name))
+        if missing:
+            raise GGUFImportError(f"{self.path}: tensors missing from the file: {missing[:8]}")
+        self._tensors = {hf_name: (gguf_name, by_name[gguf_name], shape)
+                         for gguf_name, (hf_name, shape) in expected.items()}
+        self.bytes_read = 0
+
+    def names(self) -> list[str]:
+        return list(self._tensors)
+
+    def has(self, name: str) -> bool:
+        return name in self._tensors
+
+    def _entry(self, name: str):
+        if name not in self._tensors:
+            raise GGUFImportError(f"{self.path}: no tensor for {name!r}")
+        return self._tensors[name]
+
+    def _rows_in_hf_order(self, gguf_name: str, rows: np.ndarray) -> np.ndarray:
+        if gguf_name.endswith(".attn_q.weight"):
+            return _unpermute_rotary_rows(rows, self.hp.num_attention_heads)
+        if gguf_name.endswith(".attn_k.weight"):
+            return _unpermute_rotary_rows(rows, self.hp.num_key_value_heads)
+        return rows
+
+    def get(self, name: str, shape: tuple[int, ...] | None = None):
+        import gguf
+        import torch
+
+        gguf_name, tensor, expected = self._entry(name)
+        if shape is not None and tuple(shape) != expected:
+            raise GGUFImportError(f"{self.path}: tensor {gguf_name!r} has shape {expected}, expected {tuple(shape)}")
+        values = np.asarray(gguf.quants.dequantize(tensor.data, tensor.tensor_type), dtype=np.float32)
+        self.bytes_read += tensor.n_bytes
+        return torch.from_numpy(np.array(self._rows_in_hf_order(gguf_name, values.reshape(expected))))
+
+    def blocks(self, name: str):
+        """(format, uint8 [rows, row bytes]) for a tensor stored in one of BLOCK_FORMATS, else None."""
+        import torch
+
+        gguf_name, tensor, expected = self._entry(name)
+        fmt = self.BLOCK_FORMATS.get(tensor.tensor_type.name)
+        if fmt is None or len(expected) != 2:
+            return None
+        rows = np.asarray(tensor.data, dtype=np.uint8).reshape(expected[0], -1)
+        self.bytes_read += tensor.n_bytes
+        return fmt, torch.from_numpy(np.array(self._rows_in_hf_order(gguf_name, rows)))  # a writable copy
 
 
 def _expected_shapes(hp: LlamaHyperParameters, has_lm_head: bool) -> dict[str, tuple[str, tuple[int, ...]]]:

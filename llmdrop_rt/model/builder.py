@@ -1,6 +1,13 @@
 """Building the decoder stack from a checkpoint: only the kept modules' tensors are read, cast once, assembled.
 
 `ModelBuilder.build()` makes the whole model; the scorer streams with `layer(i)`, one decoder layer at a time.
+
+Weight formats (`weights`, CPU only; activations stay fp32): "fp32", "fp16", "bf16" store every matrix of the
+model (projections, embedding, output head) in that precision; "int8" stores them as q8_0 blocks and "int4" the
+projections as q4_0 blocks with the embedding / output head in q8_0 (the vocabulary matrix is the most sensitive
+to 4 bits). All of them run in `quant.cpu_linear`'s kernels. A reader that hands out blocks as stored (a GGUF
+file: `io.gguf_import.GGUFWeights`) gives the int8 / int4 formats its q8_0 / q4_0 / q4_1 tensors as they are,
+with no requantization; float tensors are quantized at load. `weights=None` keeps plain torch modules in `dtype`.
 """
 from __future__ import annotations
 
@@ -9,6 +16,7 @@ from torch import nn
 
 from .. import kernels
 from ..config import DropPlan, ModelConfig
+from ..quant import cpu_linear
 from ..quant.formats import parse_quant_config
 from ..quant.linear import QuantLinear
 from . import hf_names
@@ -52,17 +60,53 @@ def concat_quant_linear(layers: list[QuantLinear]) -> nn.Module:
                        sum(l.out_features for l in layers), None, bias)
 
 
+# User-facing weight format -> (projection format, embedding / output head format) of quant.cpu_linear.
+WEIGHT_FORMATS = {"fp32": ("f32", "f32"), "fp16": ("f16", "f16"), "bf16": ("bf16", "bf16"),
+                  "int8": ("q8_0", "q8_0"), "int4": ("q4_0", "q8_0")}
+
+
+def check_weight_format(weights: str | None, device, dtype, quantized_checkpoint: bool) -> None:
+    """Refuse a `weights` request this build cannot honour, naming the argument."""
+    if weights is None:
+        return
+    if weights not in WEIGHT_FORMATS:
+        raise ValueError(f"weights={weights!r} is not one of {sorted(WEIGHT_FORMATS)}")
+    if torch.device(device).type != "cpu":
+        raise ValueError(f"weights={weights!r} selects CPU kernels; on {device} choose the precision with dtype=")
+    if dtype != torch.float32:
+        raise ValueError(f"weights={weights!r} runs fp32 activations; got dtype={dtype} (leave dtype unset)")
+    if quantized_checkpoint:
+        raise ValueError(f"weights={weights!r}: this checkpoint is already AWQ/GPTQ-quantized; "
+                         "load it without weights=")
+
+
 class ModelBuilder:
     """Reads only the tensors of kept modules, casts them once, and assembles the modules with `ops`."""
 
-    def __init__(self, cfg: ModelConfig, plan: DropPlan, reader, dtype, device, ops: TorchOps):
+    def __init__(self, cfg: ModelConfig, plan: DropPlan, reader, dtype, device, ops: TorchOps,
+                 weights: str | None = None):
         self.cfg, self.plan, self.reader, self.dtype, self.device, self.ops = cfg, plan, reader, dtype, device, ops
         self.qconfig = parse_quant_config(cfg.raw, getattr(reader, "folder", None))
+        check_weight_format(weights, device, dtype, self.qconfig is not None)
+        self.formats = WEIGHT_FORMATS.get(weights)  # (projections, embedding / head) or None: torch modules
         # Fold MLP norms into gate/up when the fused Triton kernel will run (decided once, at load time).
         self.fold_mlp_norm = ops is TRITON and not cfg.mlp_bias and self.qconfig is None
 
     def tensor(self, name, shape):
         return self.reader.get(name, shape).to(device=self.device, dtype=self.dtype)
+
+    def stored(self, names: list[str], rows: list[int], in_features: int, fmt: str) -> tuple[str, torch.Tensor]:
+        """The matrices `names` stacked along their rows in `fmt`, or as a block-storing reader holds them when it
+        holds them all in one block format and `fmt` is a block format too."""
+        if fmt in cpu_linear.BLOCK_BYTES and hasattr(self.reader, "blocks"):
+            native = [self.reader.blocks(name) for name in names]
+            if all(n is not None for n in native) and len({f for f, _ in native}) == 1:
+                return native[0][0], torch.cat([blocks for _, blocks in native])
+        weight = torch.cat([self.tensor(name, (r, in_features)) for name, r in zip(names, rows)])
+        try:
+            return fmt, cpu_linear.quantize(weight, fmt)
+        except ValueError as e:
+            raise ValueError(f"{names[0]}: cannot be stored as {fmt} ({e})") from None
 
     def projection(self, prefixes: list[str], in_features: int, out_features: list[int], bias: bool) -> nn.Module:
         quantized = [self.qconfig is not None and self.qconfig.quantizes(p) for p in prefixes]
@@ -73,8 +117,11 @@ class ModelBuilder:
             layers = [QuantLinear.from_checkpoint(self.quant_tensor, p, in_features, o, self.qconfig, bias)
                       for p, o in zip(prefixes, out_features)]
             return concat_quant_linear(layers).to(self.device)
-        weights = [self.tensor(f"{p}.weight", (o, in_features)) for p, o in zip(prefixes, out_features)]
         biases = [self.tensor(f"{p}.bias", (o,)) for p, o in zip(prefixes, out_features)] if bias else None
+        if self.formats is not None:
+            fmt, stored = self.stored([f"{p}.weight" for p in prefixes], out_features, in_features, self.formats[0])
+            return cpu_linear.CpuLinear(stored, fmt, None if biases is None else torch.cat(biases))
+        weights = [self.tensor(f"{p}.weight", (o, in_features)) for p, o in zip(prefixes, out_features)]
         return dense_linear(weights, biases)
 
     def quant_tensor(self, name: str) -> torch.Tensor:
@@ -101,7 +148,7 @@ class ModelBuilder:
             gate_up = self.projection([f"{p}.{names['gate']}", f"{p}.{names['up']}"], h, [inter, inter], cfg.mlp_bias)
             down = self.projection([f"{p}.{names['down']}"], inter, [h], cfg.mlp_bias)
             mlp_norm = self.norm(f"{p}.{hf_names.MLP_NORM}.weight")
-            if self.fold_mlp_norm:
+            if self.fold_mlp_norm:  # (a Triton model: torch modules, so gate_up has a dense weight)
                 gate, up = gate_up.weight.chunk(2)
                 folded = kernels.prepare_norm_mlp(mlp_norm.weight, gate, up)
                 mlp = MLP(None, down, self.ops, cfg.rms_norm_eps, folded)
@@ -110,17 +157,34 @@ class ModelBuilder:
         return DecoderLayer(i, attn_norm, attn, mlp_norm, mlp)
 
     def embedding(self) -> torch.Tensor:
+        """The embedding table as a dense tensor in `dtype` (what the layer-streaming scorer looks tokens up in)."""
         return self.tensor(hf_names.EMBEDDING, (self.cfg.vocab_size, self.cfg.hidden_size))
 
     def final_norm(self) -> RMSNorm:
         return self.norm(hf_names.FINAL_NORM)
 
-    def lm_head(self) -> torch.Tensor | None:
-        """The output projection, or None when tied to the embedding."""
-        if self.cfg.tie_word_embeddings:
-            return None
-        return self.tensor(hf_names.LM_HEAD, (self.cfg.vocab_size, self.cfg.hidden_size))
+    def embedding_and_head(self) -> tuple[nn.Module, nn.Module]:
+        """The token embedding and the output projection; with tied embeddings they share one stored table."""
+        cfg = self.cfg
+        rows, hidden = cfg.vocab_size, cfg.hidden_size
+        if self.formats is None:
+            embed = nn.Embedding.from_pretrained(self.embedding(), freeze=True)
+            head_weight = embed.weight if cfg.tie_word_embeddings else self.tensor(hf_names.LM_HEAD, (rows, hidden))
+            head = nn.Linear(hidden, rows, bias=False, device="meta")
+            head.weight = head_weight if cfg.tie_word_embeddings else nn.Parameter(head_weight, requires_grad=False)
+            return embed, head
+        fmt, table = self.stored([hf_names.EMBEDDING], [rows], hidden, self.formats[1])
+        embed = cpu_linear.CpuEmbedding(table, fmt)
+        if cfg.tie_word_embeddings:
+            return embed, cpu_linear.CpuLinear(embed.weight, fmt)
+        head_fmt, head_table = self.stored([hf_names.LM_HEAD], [rows], hidden, self.formats[1])
+        return embed, cpu_linear.CpuLinear(head_table, head_fmt)
+
+    def head(self) -> tuple[RMSNorm, nn.Module]:
+        """(final norm, output projection): the scorer's loss pass needs no embedding module."""
+        return self.final_norm(), self.embedding_and_head()[1]
 
     def build(self) -> Transformer:
         layers = [self.layer(i) for i in range(self.cfg.num_layers)]
-        return Transformer(self.cfg, self.plan, self.embedding(), layers, self.final_norm(), self.lm_head()).eval()
+        embed, head = self.embedding_and_head()
+        return Transformer(self.cfg, self.plan, embed, layers, self.final_norm(), head).eval()

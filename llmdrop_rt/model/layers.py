@@ -9,7 +9,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .. import kernels
@@ -181,17 +180,27 @@ class DecoderLayer(nn.Module):
 
 
 class Transformer(nn.Module):
-    def __init__(self, cfg: ModelConfig, plan: DropPlan, embed: torch.Tensor, layers, norm: RMSNorm,
-                 lm_head: torch.Tensor | None):
+    """`embed` maps token ids to activations and `lm_head` activations to logits (for tied embeddings the two share
+    one stored table, never a second copy)."""
+
+    def __init__(self, cfg: ModelConfig, plan: DropPlan, embed: nn.Module, layers, norm: RMSNorm, lm_head: nn.Module):
         super().__init__()
         self.cfg, self.plan = cfg, plan
-        self.embed = nn.Embedding.from_pretrained(embed, freeze=True)
+        self.embed = embed
         self.layers = nn.ModuleList(layers)
         self.norm = norm
-        # Tied embeddings share one tensor: no second copy of the vocabulary matrix.
-        self.lm_head = self.embed.weight if lm_head is None else nn.Parameter(lm_head, requires_grad=False)
+        self.lm_head = lm_head
         self.register_buffer("inv_freq", cfg.rope.inverse_frequencies(cfg.head_dim), persistent=False)
         self.ranges = NO_STACK_RANGES  # see DecoderLayer.ranges
+
+    @property
+    def device(self) -> torch.device:
+        return self.norm.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The activations' dtype (weights may be stored in other formats)."""
+        return self.norm.weight.dtype
 
     @property
     def ops(self) -> TorchOps:
@@ -225,4 +234,4 @@ class Transformer(nn.Module):
         with self.ranges.final_norm:
             normed = self.norm.add_forward_(x, pending)
         with self.ranges.lm_head:
-            return F.linear(normed, self.lm_head)
+            return self.lm_head(normed)

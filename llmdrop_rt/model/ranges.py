@@ -52,7 +52,7 @@ def range_kind(name: str) -> str | None:
 def enable_ranges(model, nvtx: bool | None = None) -> None:
     """Give every layer of `model` (a Transformer) live named ranges."""
     if nvtx is None:
-        nvtx = model.embed.weight.device.type == "cuda"
+        nvtx = model.device.type == "cuda"
     for layer in model.layers:
         layer.ranges = SimpleNamespace(**{p: NamedRange(f"L{layer.index}.{p}", nvtx) for p in _LAYER_PARTS})
     model.ranges = SimpleNamespace(**{p: NamedRange(p, nvtx) for p in _STACK_PARTS})

@@ -1,0 +1,164 @@
+"""Decode-shaped CPU linear layers: our kernels per weight format vs torch's F.linear, with cold weights.
+
+For every shape (SmolLM2-135M's projections, fused as a runtime would run them, and two Llama-7B ones), every weight
+format of llmdrop_rt.quant.cpu_linear and every thread count, the timed call is the op torch.ops.llmdrop_cpu_gemv.gemv_<fmt>
+on the next of enough copies of the weight to exceed the caches (--cold-mib), so weights stream from memory as in a
+decode step. torch's F.linear on fp32 weights (fp32 x) and on bf16 weights (bf16 x) run in the same rounds: the
+candidates alternate within every round and each reports the median over rounds. GB/s counts weight bytes; the floor
+is the streaming-read bandwidth of a large tensor's .sum() at the same thread count. `path` is what
+CpuLinear would run for such a layer.
+
+    python bench/bench_cpu_gemv.py --threads 1 2 --out bench/out/cpu_gemv.json
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from llmdrop_rt.quant import cpu_linear
+from llmdrop_rt.quant.cpu_linear import CpuLinear
+
+SHAPES = {  # model -> [(name, out_features, in_features)]
+    "SmolLM2-135M": [("qkv_proj", 960, 576), ("o_proj", 576, 576), ("gate_up_proj", 3072, 576),
+                     ("down_proj", 576, 1536), ("lm_head", 49152, 576)],
+    "Llama-7B": [("q_proj", 4096, 4096), ("up_proj", 11008, 4096)],
+}
+TORCH_BASELINES = ("torch_f32", "torch_bf16")
+
+
+def sample_seconds(candidates: dict[str, Callable[[], object]], rounds: int, sample_time: float) -> dict[str, float]:
+    """Median seconds per call of each candidate over `rounds` rounds; within a round every candidate runs one
+    sample of about `sample_time` seconds, so a drifting machine load slows them alike."""
+    calls = {}
+    for name, fn in candidates.items():
+        fn(), fn()
+        start = time.perf_counter()
+        fn()
+        calls[name] = max(1, int(sample_time / max(time.perf_counter() - start, 1e-7)))
+    samples = {name: [] for name in candidates}
+    for _ in range(rounds):
+        for name, fn in candidates.items():
+            start = time.perf_counter()
+            for _ in range(calls[name]):
+                fn()
+            samples[name].append((time.perf_counter() - start) / calls[name])
+    return {name: statistics.median(times) for name, times in samples.items()}
+
+
+def stream_read_gbs(rounds: int, mib: int = 1024) -> float:
+    """Streaming-read bandwidth (GB/s) of .sum() over a tensor far larger than the caches."""
+    big = torch.ones(mib << 18)
+    seconds = sample_seconds({"sum": big.sum}, rounds, sample_time=0.2)["sum"]
+    return big.numel() * 4 / seconds / 1e9
+
+
+def rotating(copies: list) -> Callable[[], object]:
+    state = itertools.cycle(copies)
+    return lambda: next(state)
+
+
+def cold_copies(tensor: torch.Tensor, cold_bytes: int) -> list[torch.Tensor]:
+    count = max(2, -(-cold_bytes // (tensor.numel() * tensor.element_size())))
+    return [tensor] + [tensor.clone() for _ in range(count - 1)]
+
+
+def bench_shape(model: str, name: str, out_features: int, in_features: int, formats: list[str], rows: int,
+                threads: int, cold_bytes: int, rounds: int, sample_time: float, stream_gbs: float) -> list[dict]:
+    weight = torch.randn(out_features, in_features) / in_features ** 0.5
+    x = torch.randn(rows, in_features)
+    candidates, weight_bytes, paths = {}, {}, {}
+    for fmt in formats:
+        stored = cold_copies(cpu_linear.quantize(weight, fmt), cold_bytes)
+        op = getattr(cpu_linear.ops, f"gemv_{fmt}")
+        next_weight = rotating(stored)
+        candidates[fmt] = lambda op=op, next_weight=next_weight: op(x, next_weight())
+        weight_bytes[fmt] = stored[0].numel() * stored[0].element_size()
+        paths[fmt] = CpuLinear(stored[0], fmt).path
+    for baseline, dtype in zip(TORCH_BASELINES, (torch.float32, torch.bfloat16)):
+        dense = cold_copies(weight.to(dtype), cold_bytes)
+        next_dense = rotating(dense)
+        xd = x.to(dtype)
+        candidates[baseline] = lambda next_dense=next_dense, xd=xd: F.linear(xd, next_dense())
+        weight_bytes[baseline] = dense[0].numel() * dense[0].element_size()
+    with torch.inference_mode():
+        seconds = sample_seconds(candidates, rounds, sample_time)
+    results = []
+    for candidate, t in seconds.items():
+        gbs = weight_bytes[candidate] / t / 1e9
+        results.append({
+            "model": model, "layer": name, "out_features": out_features, "in_features": in_features, "rows": rows,
+            "threads": threads, "candidate": candidate, "path": paths.get(candidate, "torch"),
+            "us": t * 1e6, "weight_bytes": weight_bytes[candidate], "gbs": gbs, "of_stream_read": gbs / stream_gbs,
+            "speedup_vs_torch_f32": seconds["torch_f32"] / t, "speedup_vs_torch_bf16": seconds["torch_bf16"] / t,
+        })
+    return results
+
+
+def print_table(results: list[dict], stream: dict[int, float]):
+    print(f"{'shape':28s} {'rows':>4s} {'thr':>3s} {'format':10s} {'path':9s} {'us':>9s} {'GB/s':>6s} "
+          f"{'/stream':>7s} {'vs f32':>7s} {'vs bf16':>7s}")
+    for r in results:
+        shape = f"{r['model']} {r['layer']} {r['out_features']}x{r['in_features']}"
+        print(f"{shape:28s} {r['rows']:4d} {r['threads']:3d} {r['candidate']:10s} {r['path']:9s} {r['us']:9.1f} "
+              f"{r['gbs']:6.1f} {r['of_stream_read']:6.0%} {r['speedup_vs_torch_f32']:6.2f}x "
+              f"{r['speedup_vs_torch_bf16']:6.2f}x")
+    print("stream read GB/s: " + ", ".join(f"{t} thread(s) {gbs:.1f}" for t, gbs in stream.items()))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--rows", type=int, nargs="+", default=[1])
+    parser.add_argument("--formats", nargs="+", default=list(cpu_linear.FORMATS), choices=cpu_linear.FORMATS)
+    parser.add_argument("--models", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    parser.add_argument("--cold-mib", type=int, default=128,
+                        help="the copies of each weight a candidate cycles through total at least this much")
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--sample-time", type=float, default=0.02, help="seconds per candidate per round")
+    parser.add_argument("--out", default="bench/out/cpu_gemv.json")
+    args = parser.parse_args()
+    if cpu_linear.ops is None:
+        raise SystemExit("llmdrop_rt._cpu_gemv is not built (python setup.py build_ext --inplace)")
+
+    torch.manual_seed(0)
+    load_at_start = os.getloadavg()
+    results, stream = [], {}
+    for threads in args.threads:
+        torch.set_num_threads(threads)
+        stream[threads] = stream_read_gbs(args.rounds)
+        print(f"threads={threads}: stream read {stream[threads]:.1f} GB/s", flush=True)
+        for model in args.models:
+            for name, out_features, in_features in SHAPES[model]:
+                for rows in args.rows:
+                    rows_results = bench_shape(model, name, out_features, in_features, args.formats, rows, threads,
+                                               args.cold_mib << 20, args.rounds, args.sample_time, stream[threads])
+                    print_table(rows_results, {threads: stream[threads]})
+                    results += rows_results
+    print_table(results, stream)
+    report = {
+        "machine": {"processor": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
+                    "load_average_at_start": load_at_start, "load_average_at_end": os.getloadavg()},
+        "torch": torch.__version__, "simd_width": cpu_linear.ops.simd_width(),
+        "weights": f"cold: each candidate cycles through copies totalling >= {args.cold_mib} MiB",
+        "rounds": args.rounds, "stream_read_gbs": stream, "results": results,
+    }
+    directory = os.path.dirname(os.path.abspath(args.out))
+    os.makedirs(directory, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=directory, delete=False, suffix=".tmp") as f:
+        json.dump(report, f, indent=2)
+    os.replace(f.name, args.out)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,217 @@
+"""Linear layers for CPU decoding on weights stored as fp32, fp16, bf16 or ggml's q8_0 / q4_0 / q4_1 blocks.
+
+The block formats are GGUF's, byte for byte: a weight [out, in] is held as uint8 [out, in / 32 * block_bytes],
+each output row's blocks of 32 consecutive input columns back to back (little-endian fp16 scales):
+
+* q8_0, 34 bytes: fp16 d, int8 q[32];           w = d * q
+* q4_0, 18 bytes: fp16 d, uint8 qs[16];         w = d * (q - 8)
+* q4_1, 20 bytes: fp16 d, fp16 m, uint8 qs[16]; w = d * q + m
+
+where ``qs[j]`` holds element ``j`` in its low nibble and element ``j + 16`` in its high nibble. A GGUF tensor of
+one of these types therefore is already a valid stored weight (its raw bytes, one row per output feature), and
+`quantize` reproduces gguf's reference quantizers (``gguf.quants.quantize``) bit for bit.
+
+`CpuLinear` runs the compiled kernels of ``llmdrop_rt._cpu_gemv`` (csrc/cpu_gemv.cpp) when they are built, and a
+pure-torch dequantize-and-matmul otherwise. Its ``path`` says which code runs a call with few rows (decode).
+"""
+from __future__ import annotations
+
+import importlib
+
+import torch
+import torch.nn.functional as F
+
+BLOCK = 32  # input columns per quantisation block
+BLOCK_BYTES = {"q8_0": 34, "q4_0": 18, "q4_1": 20}
+DENSE_DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
+FORMATS = (*DENSE_DTYPES, *BLOCK_BYTES)
+# Up to this many rows the kernels run a fused GEMV; above it they dequantise tiles for ATen's GEMM.
+GEMV_MAX_ROWS = 8
+
+
+def _load_ops():
+    """torch.ops.llmdrop_cpu_gemv once the compiled module has registered it, or None when it was not built."""
+    try:
+        importlib.import_module("llmdrop_rt._cpu_gemv")
+    except ImportError:
+        return None
+    return torch.ops.llmdrop_cpu_gemv
+
+
+ops = _load_ops()
+
+
+# --------------------------------------------------------------------------------------------------
+# Quantizers: gguf.quants' reference arithmetic (float32, separately rounded operations) in torch
+# --------------------------------------------------------------------------------------------------
+def _blocks(weight: torch.Tensor) -> torch.Tensor:
+    if weight.dim() != 2 or weight.shape[1] % BLOCK:
+        raise ValueError(f"block formats need a 2-D weight with in % {BLOCK} == 0, got {tuple(weight.shape)}")
+    return weight.detach().to(torch.float32).reshape(-1, BLOCK)
+
+
+def _inverse(d: torch.Tensor) -> torch.Tensor:
+    return torch.where(d == 0, 0.0, 1.0 / d)
+
+
+def _fp16_bytes(values: torch.Tensor) -> torch.Tensor:
+    """[n, 1] float32 -> [n, 2] the little-endian bytes of its fp16 rounding."""
+    return values.to(torch.float16).view(torch.uint8)
+
+
+def _pack_nibbles(q: torch.Tensor) -> torch.Tensor:
+    """[n, 32] values 0..15 -> [n, 16] bytes: element j in the low nibble of byte j, element j + 16 in its high one."""
+    return q[:, :16] | (q[:, 16:] << 4)
+
+
+def _round_half_away(v: torch.Tensor) -> torch.Tensor:
+    """C's roundf, computed as gguf's np_roundf does (exact in float32, unlike floor(|v| + 0.5))."""
+    a = v.abs()
+    floored = a.floor()
+    return v.sign() * (floored + (2 * (a - floored)).floor())
+
+
+def quantize_q8_0(weight: torch.Tensor) -> torch.Tensor:
+    blocks = _blocks(weight)
+    d = blocks.abs().amax(dim=1, keepdim=True) / 127
+    q = _round_half_away(blocks * _inverse(d)).to(torch.int8)
+    return torch.cat([_fp16_bytes(d), q.view(torch.uint8)], dim=1).reshape(weight.shape[0], -1)
+
+
+def quantize_q4_0(weight: torch.Tensor) -> torch.Tensor:
+    blocks = _blocks(weight)
+    # d = (the value of largest magnitude, with its sign) / -8: that value becomes q = 0, i.e. w = -8 d.
+    signed_max = blocks.gather(1, blocks.abs().argmax(dim=1, keepdim=True))
+    d = signed_max / -8
+    q = (blocks * _inverse(d) + 8.5).trunc().to(torch.uint8).clamp_max(15)
+    return torch.cat([_fp16_bytes(d), _pack_nibbles(q)], dim=1).reshape(weight.shape[0], -1)
+
+
+def quantize_q4_1(weight: torch.Tensor) -> torch.Tensor:
+    blocks = _blocks(weight)
+    low = blocks.amin(dim=1, keepdim=True)
+    d = (blocks.amax(dim=1, keepdim=True) - low) / 15
+    q = ((blocks - low) * _inverse(d) + 0.5).trunc().to(torch.uint8).clamp_max(15)
+    return torch.cat([_fp16_bytes(d), _fp16_bytes(low), _pack_nibbles(q)], dim=1).reshape(weight.shape[0], -1)
+
+
+_QUANTIZERS = {"q8_0": quantize_q8_0, "q4_0": quantize_q4_0, "q4_1": quantize_q4_1}
+
+
+def quantize(weight: torch.Tensor, fmt: str) -> torch.Tensor:
+    """A float weight [out, in] in format `fmt`: a dense tensor of its dtype, or the uint8 blocks."""
+    _check_format(fmt)
+    if fmt in DENSE_DTYPES:
+        return weight.detach().to(DENSE_DTYPES[fmt]).contiguous()
+    return _QUANTIZERS[fmt](weight)
+
+
+def dequantize(stored: torch.Tensor, fmt: str, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """The weight [out, in] that `stored` represents. In float64 it is exact (every weight of these formats is)."""
+    _check_format(fmt)
+    if fmt in DENSE_DTYPES:
+        return stored.to(dtype)
+    nbytes = BLOCK_BYTES[fmt]
+    if stored.dtype != torch.uint8 or stored.dim() != 2 or stored.shape[1] % nbytes:
+        raise ValueError(f"{fmt} weights are uint8 [out, in / {BLOCK} * {nbytes}], got {stored.dtype} "
+                         f"{tuple(stored.shape)}")
+    blocks = stored.reshape(stored.shape[0], -1, nbytes)
+
+    def fp16_at(offset: int) -> torch.Tensor:
+        return blocks[..., offset:offset + 2].contiguous().view(torch.float16).to(dtype)
+
+    d = fp16_at(0)
+    if fmt == "q8_0":
+        w = d * blocks[..., 2:].contiguous().view(torch.int8).to(dtype)
+    else:
+        qs = blocks[..., BLOCK_BYTES[fmt] - BLOCK // 2:]
+        q = torch.cat([qs & 0xF, qs >> 4], dim=-1).to(dtype)
+        w = d * (q - 8) if fmt == "q4_0" else d * q + fp16_at(2)
+    return w.reshape(stored.shape[0], -1)
+
+
+def in_features_of(stored: torch.Tensor, fmt: str) -> int:
+    _check_format(fmt)
+    return stored.shape[1] if fmt in DENSE_DTYPES else stored.shape[1] // BLOCK_BYTES[fmt] * BLOCK
+
+
+def _check_format(fmt: str):
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown weight format {fmt!r}; expected one of {FORMATS}")
+
+
+# --------------------------------------------------------------------------------------------------
+# The layer
+# --------------------------------------------------------------------------------------------------
+class CpuLinear(torch.nn.Module):
+    """y = x @ W.T + bias for fp32 x [..., in] and W stored in one of `FORMATS`.
+
+    path (the code that runs calls of up to GEMV_MAX_ROWS rows):
+      "kernel"    the compiled op torch.ops.llmdrop_cpu_gemv.gemv_<fmt>;
+      "torch"     F.linear on the stored weight (fp32 only);
+      "reference" dequantize to fp32, then F.linear (the extension is not built).
+    More rows always take the op where it is built (it hands fp32 straight to ATen's GEMM and runs tiles of
+    dequantised rows through it for the other formats).
+    """
+
+    def __init__(self, weight: torch.Tensor, fmt: str, bias: torch.Tensor | None = None, path: str = "auto"):
+        super().__init__()
+        _check_format(fmt)
+        self.fmt = fmt
+        self.out_features = weight.shape[0]
+        self.in_features = in_features_of(weight, fmt)
+        self.register_buffer("weight", weight.contiguous())
+        self.register_buffer("bias", None if bias is None else bias.detach().to(torch.float32).contiguous())
+        self.path = self._choose_path(path)
+
+    @classmethod
+    def from_float(cls, weight: torch.Tensor, fmt: str, bias: torch.Tensor | None = None,
+                   path: str = "auto") -> "CpuLinear":
+        return cls(quantize(weight, fmt), fmt, bias, path)
+
+    def _choose_path(self, requested: str) -> str:
+        if requested not in ("auto", "kernel", "torch", "reference"):
+            raise ValueError(f"unknown path {requested!r}")
+        if requested == "torch" and self.fmt != "f32":
+            raise ValueError("path 'torch' needs an f32 weight (F.linear wants x and W of one dtype)")
+        if requested == "kernel" and ops is None:
+            raise RuntimeError("path 'kernel' needs llmdrop_rt._cpu_gemv, which is not built")
+        if requested != "auto":
+            return requested
+        return "reference" if ops is None else "kernel"
+
+    def weight_bytes(self) -> int:
+        """Bytes a forward pass streams from the weight (and bias)."""
+        size = self.weight.numel() * self.weight.element_size()
+        return size + (0 if self.bias is None else self.bias.numel() * self.bias.element_size())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, self.in_features)
+        if self.path == "torch" or (self.path == "kernel" and self.fmt == "f32" and x2.shape[0] > GEMV_MAX_ROWS):
+            y = F.linear(x2, self.weight, self.bias)
+        elif self.path == "kernel":
+            y = getattr(ops, f"gemv_{self.fmt}")(x2, self.weight, self.bias)
+        else:
+            y = F.linear(x2, dequantize(self.weight, self.fmt, torch.float32), self.bias)
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, fmt={self.fmt}, path={self.path}"
+
+
+class CpuEmbedding(torch.nn.Module):
+    """Token embeddings from a table stored in one of `FORMATS` (rows dequantized to fp32 as they are looked up);
+    a tied output projection is a `CpuLinear` over the same stored tensor."""
+
+    def __init__(self, weight: torch.Tensor, fmt: str):
+        super().__init__()
+        _check_format(fmt)
+        self.fmt = fmt
+        self.register_buffer("weight", weight.contiguous())
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        rows = self.weight[tokens.reshape(-1)]
+        return dequantize(rows, self.fmt, torch.float32).reshape(*tokens.shape, -1)
+
+    def extra_repr(self) -> str:
+        return f"num_embeddings={self.weight.shape[0]}, fmt={self.fmt}"

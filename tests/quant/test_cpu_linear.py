@@ -1,0 +1,271 @@
+"""llmdrop_rt.quant.cpu_linear and its compiled kernels (llmdrop_rt._cpu_gemv) against float64 references.
+
+Every kernel result is compared with x @ W.T computed in float64 from the SAME stored weights (dequantize is exact
+in float64), so the only allowed deviation is the kernels' own arithmetic: fp32 rounding, and for the block formats
+the int16 quantisation of x, which the tolerance bounds from x itself (see `tolerance`). The quantizers are checked
+byte for byte against gguf's reference implementation.
+"""
+from __future__ import annotations
+
+import os
+import zlib
+
+import gguf
+import numpy as np
+import pytest
+import torch
+
+from llmdrop_rt.quant import cpu_linear
+from llmdrop_rt.quant.cpu_linear import BLOCK, BLOCK_BYTES, FORMATS, CpuLinear, dequantize, quantize
+
+ops = cpu_linear.ops
+requires_ext = pytest.mark.skipif(
+    ops is None, reason="llmdrop_rt._cpu_gemv is not built (python setup.py build_ext --inplace with torch present)")
+
+BLOCK_FORMATS = tuple(BLOCK_BYTES)
+GGUF_TYPES = {"q8_0": gguf.GGMLQuantizationType.Q8_0, "q4_0": gguf.GGMLQuantizationType.Q4_0,
+              "q4_1": gguf.GGMLQuantizationType.Q4_1}
+# (out, in): in a multiple of 32 for every format, plus odd in for the dense formats.
+SHAPES = [(37, 64), (77, 96), (576, 1536)]
+DENSE_ODD_SHAPES = [(37, 77), (5, 13)]
+ROWS = [1, 3, 8, 33]  # 33: more than the GEMV takes (tiles + GEMM)
+
+
+@pytest.fixture
+def gen(request) -> torch.Generator:
+    """A generator seeded from the test's id: each test draws its own inputs, reproducibly."""
+    return torch.Generator().manual_seed(zlib.crc32(request.node.nodeid.encode()))
+
+
+@pytest.fixture(params=[256, 0], ids=["avx2", "portable"])
+def simd(request):
+    """The kernels with the vector width capped at AVX2 and at none (portable loops)."""
+    assert ops is not None
+    width = ops.set_max_simd_bits(request.param)
+    assert width <= request.param
+    yield width
+    ops.set_max_simd_bits(256)
+
+
+def random_weight(out_features: int, in_features: int, gen: torch.Generator) -> torch.Tensor:
+    return torch.randn(out_features, in_features, generator=gen) / in_features ** 0.5
+
+
+def integer_part(stored: torch.Tensor, fmt: str) -> torch.Tensor:
+    """|d * value| per weight (float64): what multiplies the quantised x (q4_1's m term uses the exact x)."""
+    if fmt != "q4_1":
+        return dequantize(stored, fmt).abs()
+    without_m = stored.clone().reshape(stored.shape[0], -1, BLOCK_BYTES[fmt])
+    without_m[..., 2:4] = 0
+    return dequantize(without_m.reshape(stored.shape), fmt).abs()
+
+
+def tolerance(x: torch.Tensor, stored: torch.Tensor, fmt: str) -> torch.Tensor:
+    """Elementwise bound [rows, out] on |kernel - exact|. fp32 rounding: 1e-5 of sum |w x|. Block formats
+    quantise x per block of 32 to int16, each x off by at most max|x over its block| / 65534 (half a step),
+    which moves y[m, o] by at most sum over blocks of sum|d * value| * that step."""
+    w = dequantize(stored, fmt)
+    x64 = x.to(torch.float64)
+    bound = 1e-5 * (x64.abs() @ w.abs().T) + 1e-30
+    if fmt in BLOCK_FORMATS:
+        step = x64.reshape(x.shape[0], -1, BLOCK).abs().amax(-1) / 65534 * 1.001
+        weight_block_sums = integer_part(stored, fmt).reshape(w.shape[0], -1, BLOCK).sum(-1)
+        bound = bound + step @ weight_block_sums.T
+    return bound
+
+
+def reference(x: torch.Tensor, stored: torch.Tensor, fmt: str, bias: torch.Tensor | None) -> torch.Tensor:
+    y = x.to(torch.float64) @ dequantize(stored, fmt).T
+    return y if bias is None else y + bias.to(torch.float64)
+
+
+def assert_close_to_reference(y: torch.Tensor, x: torch.Tensor, stored: torch.Tensor, fmt: str,
+                              bias: torch.Tensor | None = None):
+    assert y.dtype == torch.float32 and y.shape == (x.shape[0], stored.shape[0])
+    exact = reference(x, stored, fmt, bias)
+    error = (y.to(torch.float64) - exact).abs()
+    bound = tolerance(x, stored, fmt)
+    worst = (error / bound).max().item()
+    assert torch.isfinite(y).all() and worst <= 1.0, f"{fmt}: error {worst:.2f}x the bound"
+    # And the headline figure: relative error of the whole output stays far below 1e-3.
+    relative = (error.norm() / exact.norm()).item()
+    assert relative < (1e-4 if fmt in BLOCK_FORMATS else 1e-6), relative
+
+
+def shapes_for(fmt: str):
+    return SHAPES + (DENSE_ODD_SHAPES if fmt not in BLOCK_FORMATS else [])
+
+
+# --------------------------------------------------------------------------------------------------
+# Storage formats
+# --------------------------------------------------------------------------------------------------
+def edge_case_blocks() -> torch.Tensor:
+    """Rows of one block each that exercise the quantizers' corners: zeros, a constant, ties of the largest
+    magnitude with both signs, values landing exactly on rounding midpoints, and huge/tiny magnitudes."""
+    rows = [torch.zeros(BLOCK), torch.full((BLOCK,), 0.75), torch.linspace(-4, 4, BLOCK),
+            torch.tensor([127.0, 2.5, -3.5, 0.5, -0.5, 63.5, -63.5] + [1.0] * (BLOCK - 7)),
+            torch.tensor([-4.0, 4.0] + [0.5 * k for k in range(BLOCK - 2)]),
+            torch.linspace(-3e4, 6e4, BLOCK), torch.linspace(-1e-6, 2e-6, BLOCK)]
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize("fmt", BLOCK_FORMATS)
+def test_quantize_matches_gguf_bytes(fmt, gen):
+    for weight in (random_weight(77, 96, gen), random_weight(3, 4096, gen) * 30, edge_case_blocks()):
+        stored = quantize(weight, fmt)
+        expected = gguf.quants.quantize(weight.numpy(), GGUF_TYPES[fmt])
+        assert stored.dtype == torch.uint8 and stored.shape == expected.shape
+        assert torch.equal(stored, torch.from_numpy(expected)), f"{fmt}: bytes differ from gguf.quants.quantize"
+
+
+@pytest.mark.parametrize("fmt", BLOCK_FORMATS)
+def test_dequantize_matches_gguf(fmt, gen):
+    stored = quantize(random_weight(37, 128, gen), fmt)
+    expected = gguf.quants.dequantize(stored.numpy(), GGUF_TYPES[fmt])
+    # Every weight of these formats is exact in float64; gguf's float32 result is that value rounded once.
+    assert np.array_equal(dequantize(stored, fmt, torch.float32).numpy(), expected)
+    assert torch.equal(dequantize(stored, fmt).to(torch.float32), dequantize(stored, fmt, torch.float32))
+
+
+def test_nibble_layout():
+    """Byte j of qs holds element j (low nibble) and element j + 16 (high nibble); value = q - 8 for q4_0."""
+    q = torch.arange(BLOCK) % 16
+    stored = torch.cat([torch.tensor([1.0]).half().view(torch.uint8),
+                        (q[:16] | (q[16:] << 4)).to(torch.uint8)]).reshape(1, -1)
+    assert torch.equal(dequantize(stored, "q4_0")[0], (q - 8).to(torch.float64))
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_weight_bytes_and_in_features(fmt, gen):
+    layer = CpuLinear.from_float(random_weight(40, 64, gen), fmt, bias=torch.zeros(40))
+    per_row = {"f32": 64 * 4, "f16": 64 * 2, "bf16": 64 * 2, "q8_0": 2 * 34, "q4_0": 2 * 18, "q4_1": 2 * 20}[fmt]
+    assert layer.in_features == 64 and layer.out_features == 40
+    assert layer.weight_bytes() == 40 * per_row + 40 * 4
+
+
+# --------------------------------------------------------------------------------------------------
+# Kernels
+# --------------------------------------------------------------------------------------------------
+@requires_ext
+@pytest.mark.parametrize("rows", ROWS)
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_gemv_matches_float64_reference(fmt, rows, simd, gen):
+    op = getattr(ops, f"gemv_{fmt}")
+    for index, (out_features, in_features) in enumerate(shapes_for(fmt)):
+        stored = quantize(random_weight(out_features, in_features, gen), fmt)
+        x = torch.randn(rows, in_features, generator=gen)
+        bias = torch.randn(out_features, generator=gen) if index % 2 else None
+        assert_close_to_reference(op(x, stored, bias), x, stored, fmt, bias)
+
+
+@requires_ext
+@pytest.mark.parametrize("rows", [1, 5, 33])
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_out_variant_writes_every_element(fmt, rows, simd, gen):
+    stored = quantize(random_weight(77, 96, gen), fmt)
+    x, bias = torch.randn(rows, 96, generator=gen), torch.randn(77, generator=gen)
+    y = torch.full((rows, 77), float("nan"))
+    returned = getattr(ops, f"gemv_{fmt}").out(x, stored, bias, out=y)
+    assert returned.data_ptr() == y.data_ptr()
+    assert_close_to_reference(y, x, stored, fmt, bias)
+
+
+@requires_ext
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_non_contiguous_x(fmt, simd, gen):
+    stored = quantize(random_weight(37, 64, gen), fmt)
+    for x in (torch.randn(64, 3, generator=gen).T, torch.randn(3, 128, generator=gen)[:, ::2]):
+        assert not x.is_contiguous()
+        assert_close_to_reference(getattr(ops, f"gemv_{fmt}")(x, stored), x, stored, fmt)
+
+
+@requires_ext
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_threads_split_rows_without_changing_results(fmt, gen):
+    """Each output row is computed by one thread in one fixed order, whatever the thread count."""
+    stored = quantize(random_weight(576, 1536, gen), fmt)
+    x = torch.randn(3, 1536, generator=gen)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        single = getattr(ops, f"gemv_{fmt}")(x, stored)
+        torch.set_num_threads(2)
+        assert torch.equal(getattr(ops, f"gemv_{fmt}")(x, stored), single)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@requires_ext
+def test_zero_rows_and_zero_blocks():
+    stored = quantize(torch.zeros(8, 64), "q4_1")
+    assert ops.gemv_q4_1(torch.empty(0, 64), stored).shape == (0, 8)
+    assert torch.equal(ops.gemv_q4_1(torch.randn(2, 64), stored), torch.zeros(2, 8))
+
+
+@requires_ext
+@pytest.mark.parametrize("call, message", [
+    (lambda: ops.gemv_f32(torch.randn(2, 8, dtype=torch.float64), torch.randn(4, 8)), "x must be float32"),
+    (lambda: ops.gemv_f32(torch.randn(8), torch.randn(4, 8)), r"x must be float32 \[rows, in\]"),
+    (lambda: ops.gemv_f16(torch.randn(2, 8), torch.randn(4, 8)), "weight must be Half"),
+    (lambda: ops.gemv_bf16(torch.randn(2, 8), torch.randn(4, 7).bfloat16()), "weight has 7 input features, x has 8"),
+    (lambda: ops.gemv_f32(torch.randn(2, 8), torch.randn(8, 4).T), "weight must be a contiguous 2-D tensor"),
+    (lambda: ops.gemv_q4_0(torch.randn(2, 48), torch.zeros(4, 27, dtype=torch.uint8)),
+     "in \\(48\\) must be a multiple of the block size 32"),
+    (lambda: ops.gemv_q4_0(torch.randn(2, 64), torch.zeros(4, 64, dtype=torch.int8)), "weight must be uint8 blocks"),
+    (lambda: ops.gemv_q8_0(torch.randn(2, 64), torch.zeros(4, 36, dtype=torch.uint8)),
+     "weight has 36 bytes per row, x has 64 features \\(expected 68 bytes: 2 blocks of 34\\)"),
+    (lambda: ops.gemv_q4_1(torch.randn(2, 64), torch.zeros(4, 40, dtype=torch.uint8), torch.zeros(5)),
+     r"bias must be float32 \[4\]"),
+    (lambda: ops.gemv_q4_1(torch.randn(2, 64), torch.zeros(4, 40, dtype=torch.uint8), torch.zeros(4).half()),
+     r"bias must be float32 \[4\]"),
+    (lambda: ops.gemv_q4_1.out(torch.randn(2, 64), torch.zeros(4, 40, dtype=torch.uint8), None,
+                               out=torch.empty(4, 2)), r"out must be a contiguous float32 \[2, 4\]"),
+], ids=["x-dtype", "x-1d", "weight-dtype", "in-mismatch", "weight-strides", "in-not-blocks", "blocks-dtype",
+        "row-bytes", "bias-shape", "bias-dtype", "out-shape"])
+def test_bad_arguments_raise_clear_errors(call, message):
+    with pytest.raises(RuntimeError, match=message):
+        call()
+
+
+# --------------------------------------------------------------------------------------------------
+# The module
+# --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_cpu_linear_forward(fmt, gen):
+    weight, bias = random_weight(77, 96, gen), torch.randn(77, generator=gen)
+    layer = CpuLinear.from_float(weight, fmt, bias)
+    assert layer.path == ("reference" if ops is None else "kernel")
+    for lead in [(1,), (2, 3), (5, 9)]:  # 1, 6 and 45 rows: GEMV and tiles
+        x = torch.randn(*lead, 96, generator=gen)
+        y = layer(x)
+        assert y.shape == (*lead, 77)
+        assert_close_to_reference(y.reshape(-1, 77), x.reshape(-1, 96), layer.weight, fmt, bias)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_cpu_linear_without_extension_uses_reference(fmt, gen, monkeypatch):
+    monkeypatch.setattr(cpu_linear, "ops", None)
+    layer = CpuLinear.from_float(random_weight(37, 64, gen), fmt)
+    assert layer.path == "reference"
+    x = torch.randn(3, 64, generator=gen)
+    assert_close_to_reference(layer(x), x, layer.weight, fmt)
+    with pytest.raises(RuntimeError, match="not built"):
+        CpuLinear(layer.weight, fmt, path="kernel")
+
+
+def test_cpu_linear_torch_path_is_f32_only(gen):
+    weight = random_weight(37, 64, gen)
+    layer = CpuLinear.from_float(weight, "f32", path="torch")
+    x = torch.randn(2, 64, generator=gen)
+    assert layer.path == "torch" and torch.equal(layer(x), torch.nn.functional.linear(x, weight))
+    with pytest.raises(ValueError, match="needs an f32 weight"):
+        CpuLinear.from_float(weight, "bf16", path="torch")
+    with pytest.raises(ValueError, match="unknown weight format"):
+        CpuLinear.from_float(weight, "q5_0")
+
+
+def test_extension_builds_where_required():
+    if not os.environ.get("LLMDROP_RT_REQUIRE_EXT"):
+        pytest.skip("LLMDROP_RT_REQUIRE_EXT is not set")
+    assert ops is not None, "LLMDROP_RT_REQUIRE_EXT is set but llmdrop_rt._cpu_gemv does not import"
+    assert ops.simd_width() in (0, 256)
