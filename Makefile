@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv bench test clean
+.PHONY: venv bench test clean peers
 
 define GPTQMODEL_REQUIREMENTS
 import importlib.metadata
@@ -44,6 +44,10 @@ bench: venv
 test: venv
 	$(PY) -m ruff check llmdrop_rt kernels tests bench
 	$(PY) -m pytest -q tests
+
+# llama.cpp, the peer runtime for GGUF exports and benchmarks; built once into the cache, not part of `make test`.
+peers:
+	bench/build_llama_cpp.sh
 
 clean:
 	rm -rf $(VENV) build *.egg-info llmdrop_rt/*.so

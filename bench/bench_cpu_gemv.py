@@ -1,7 +1,8 @@
 """Decode-shaped CPU linear layers: our kernels per weight format vs torch's F.linear, with cold weights.
 
 For every shape (SmolLM2-135M's projections, fused as a runtime would run them, and two Llama-7B ones), every weight
-format of llmdrop_rt.quant.cpu_linear and every thread count, the timed call is the op torch.ops.llmdrop_cpu_gemv.gemv_<fmt>
+format of llmdrop_rt.quant.cpu_linear and every thread count, the timed call is the op
+torch.ops.llmdrop_cpu_gemv.gemv_<fmt>
 on the next of enough copies of the weight to exceed the caches (--cold-mib), so weights stream from memory as in a
 decode step. torch's F.linear on fp32 weights (fp32 x) and on bf16 weights (bf16 x) run in the same rounds: the
 candidates alternate within every round and each reports the median over rounds. GB/s counts weight bytes; the floor

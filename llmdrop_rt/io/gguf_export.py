@@ -1,0 +1,424 @@
+"""Write a (possibly dropped) checkpoint folder as a GGUF file that llama.cpp loads.
+
+    export_gguf("path/to/checkpoint", "model.gguf", DropPlan.create(30, drop_attn=range(14, 29)), "q8_0")
+
+The file is llama.cpp's own description of the model, so that llama.cpp can serve as a peer runtime for our
+dropped models (same weights, same tokens, an independent implementation):
+
+* a full model, and a pure block drop (the same layers in both drop lists), are written as architecture
+  ``llama``; the dropped layers are left out and the kept ones renumbered 0..n-1;
+* any other plan is written as architecture ``deci`` (llama.cpp's Llama variant with per-layer shapes, made
+  for Nemotron-51B): ``deci.attention.head_count`` / ``head_count_kv`` / ``feed_forward_length`` are per-layer
+  arrays in which 0 marks a layer without attention (its ``attn_norm`` and Q/K/V/O tensors are absent) or
+  without MLP. Layers with both dropped are left out and renumbered first, as for ``llama``.
+
+Two limits of llama.cpp's ``deci`` graph (src/models/deci.cpp, llama.cpp 0c1e570 vendored by llama-cpp-python
+0.3.36) shape what we write:
+
+* a layer whose feed-forward length is 0 is skipped whole (the graph does ``continue`` before the layer's
+  output becomes the next layer's input), so its attention would be lost. A layer that keeps its attention but
+  drops its MLP therefore gets a stand-in MLP of width 1 whose weights are all zero (in F32 whatever the file
+  type): it adds exactly 0 to the residual stream, at the cost of three 1-wide matrix-vector products;
+* the head size is read from the first layer's head count, so the first layer written must keep its attention.
+  A plan that drops it (and not that layer's MLP) is refused.
+
+Q and K rows are permuted into llama.cpp's rotary layout (the inverse of gguf_import's unpermute), matrices are
+stored as F32/F16/Q8_0/Q4_0, norms and every other 1-D tensor as F32. The tokenizer metadata (byte-level BPE
+only) comes from the folder's tokenizer.json and tokenizer_config.json. The file is written under a temporary
+name in the destination folder, one tensor in memory at a time, and renamed into place.
+"""
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..config import DropPlan, ModelConfig, read_json
+from ..model import hf_names
+from .checkpoint import CheckpointReader
+from .gguf_import import GGUF_LAYER_TENSORS
+
+__all__ = ["GGUF_TYPES", "GGUFExportError", "export_gguf"]
+
+GGUF_TYPES = ("f32", "f16", "q8_0", "q4_0")
+
+# llama.cpp's pre-tokenizer names for the two byte-level pre-tokenizers we recognise in a tokenizer.json
+# (src/llama-vocab.cpp): "gpt-2" is the GPT-2 regex alone, "smollm" splits every digit off first.
+PRE_TOKENIZER_GPT2 = "gpt-2"
+PRE_TOKENIZER_SMOLLM = "smollm"
+
+# Hugging Face per-layer tensor -> GGUF per-layer tensor, grouped by the unit that owns it (the importer's table).
+ATTENTION_TENSORS = {hf: g for g, hf in GGUF_LAYER_TENSORS.items() if hf_names.unit_of(hf + ".") == "attn"}
+MLP_TENSORS = {hf: g for g, hf in GGUF_LAYER_TENSORS.items() if hf_names.unit_of(hf + ".") == "mlp"}
+# The vocabulary matrix (embedding, output head) of a q4_0 file is stored in q8_0: 4 bits cost it the most,
+# and it matches llmdrop-rt's own int4 weights (model.builder.WEIGHT_FORMATS).
+TABLE_STORAGE = {"q4_0": "q8_0"}
+# Width of the all-zero stand-in MLP of a layer that keeps attention but drops its MLP (see the module doc).
+STAND_IN_MLP_WIDTH = 1
+
+
+class GGUFExportError(ValueError):
+    """A checkpoint, plan or destination that export_gguf cannot or will not write."""
+
+
+@dataclass(frozen=True)
+class _Layer:
+    """One layer as written: its index in the source checkpoint and what it keeps."""
+
+    source: int
+    attention: bool
+    mlp: bool
+
+
+@dataclass(frozen=True)
+class _Tensor:
+    """A GGUF tensor to write: its name, where its values come from, and how it is stored."""
+
+    name: str
+    source: str | None  # Hugging Face tensor name; None for a stand-in tensor of zeros
+    shape: tuple[int, ...]  # row-major, as in the checkpoint
+    storage: str  # one of GGUF_TYPES
+    rotary_heads: int = 0  # Q/K rows: the number of heads to permute them by, else 0
+
+
+def export_gguf(source_folder: str | os.PathLike, out_path: str | os.PathLike, plan: DropPlan | None = None,
+                gguf_type: str = "f32", overwrite: bool = False) -> Path:
+    """Write the checkpoint at ``source_folder`` with ``plan`` applied as the GGUF file ``out_path``.
+
+    plan: which modules to leave out (default: the folder's own config.json drop lists).
+    gguf_type: storage of the matrices, "f32", "f16", "q8_0" or "q4_0" (norms and 1-D tensors stay F32).
+    overwrite: replace an existing ``out_path`` (default: refuse).
+    """
+    import gguf
+
+    source_folder, out_path = Path(source_folder), Path(out_path)
+    if gguf_type not in GGUF_TYPES:
+        raise GGUFExportError(f"gguf_type {gguf_type!r} is not supported; choose from {GGUF_TYPES}")
+    if out_path.is_dir():
+        raise GGUFExportError(f"{out_path}: the output path is a directory; give a file name ending in .gguf")
+    if out_path.exists() and not overwrite:
+        raise GGUFExportError(f"{out_path} already exists (pass overwrite=True to replace it)")
+    cfg = ModelConfig.from_folder(source_folder)
+    _check_supported(cfg, source_folder)
+    plan = DropPlan.from_config(cfg) if plan is None else plan
+    if plan.num_layers != cfg.num_layers:
+        raise GGUFExportError(f"the drop plan is for {plan.num_layers} layers, {source_folder} has {cfg.num_layers}")
+
+    layers = _written_layers(plan)
+    architecture = "llama" if all(layer.attention and layer.mlp for layer in layers) else "deci"
+    if architecture == "deci" and not layers[0].attention:
+        raise GGUFExportError(
+            f"{plan}: layer {layers[0].source}, the first layer written, has its attention dropped; llama.cpp's "
+            "'deci' architecture reads the head size from the first layer's attention and cannot load such a file"
+        )
+    tensors = _tensor_plan(cfg, layers, gguf_type)
+    tokenizer = _tokenizer_metadata(source_folder, cfg)  # read before writing: it can refuse
+
+    writer = gguf.GGUFWriter(None, architecture)
+    _add_metadata(writer, cfg, layers, architecture, gguf_type, source_folder.name)
+    _add_tokenizer(writer, tokenizer)
+    for tensor in tensors:
+        storage = _ggml_type(tensor.storage)
+        if storage in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
+            dtype = np.float32 if storage == gguf.GGMLQuantizationType.F32 else np.float16
+            writer.add_tensor_info(tensor.name, tensor.shape, np.dtype(dtype), _nbytes(tensor))
+        else:
+            byte_shape = gguf.quants.quant_shape_to_byte_shape(tensor.shape, storage)
+            writer.add_tensor_info(tensor.name, byte_shape, np.dtype(np.uint8), _nbytes(tensor), raw_dtype=storage)
+
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    # A sibling, so the final rename stays on one filesystem.
+    partial = out_path.with_name(f".{out_path.name}.{uuid.uuid4().hex}.partial")
+    reader = CheckpointReader(source_folder)
+    try:
+        writer.write_header_to_file(partial)
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        for tensor in tensors:
+            writer.write_tensor_data(_tensor_values(reader, tensor))
+        writer.close()
+        _publish(partial, out_path, overwrite)
+    except BaseException:
+        writer.close()
+        partial.unlink(missing_ok=True)
+        raise
+    return out_path
+
+
+# ----------------------------------------------------------------------------------------------------------
+# What is written
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _check_supported(cfg: ModelConfig, folder: Path) -> None:
+    """Refuse what llama.cpp's llama/deci graphs (or this writer) would get wrong."""
+    source = folder / "config.json"
+    if cfg.attention_bias or cfg.mlp_bias:
+        raise GGUFExportError(f"{source}: attention_bias/mlp_bias checkpoints are not supported by the GGUF export")
+    if cfg.rope.rope_type != "default":
+        raise GGUFExportError(f"{source}: rope type {cfg.rope.rope_type!r} is not supported by the GGUF export "
+                              "(only unscaled rotary embeddings)")
+    if cfg.sliding_window:
+        raise GGUFExportError(f"{source}: sliding_window={cfg.sliding_window} is not supported by the GGUF export")
+
+
+def _written_layers(plan: DropPlan) -> list[_Layer]:
+    """The layers that keep at least one module, in order; fully dropped layers are left out."""
+    return [_Layer(i, plan.has_attn(i), plan.has_mlp(i))
+            for i in range(plan.num_layers) if plan.has_attn(i) or plan.has_mlp(i)]
+
+
+def _tensor_plan(cfg: ModelConfig, layers: list[_Layer], gguf_type: str) -> list[_Tensor]:
+    """Every tensor of the file, in file order, with its source, shape and storage type."""
+    h, ffn, d = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
+    q_rows, kv_rows = cfg.num_heads * d, cfg.num_kv_heads * d
+    shapes = {
+        "input_layernorm": (h,), "self_attn.q_proj": (q_rows, h), "self_attn.k_proj": (kv_rows, h),
+        "self_attn.v_proj": (kv_rows, h), "self_attn.o_proj": (h, q_rows),
+        "post_attention_layernorm": (h,), "mlp.gate_proj": (ffn, h), "mlp.up_proj": (ffn, h),
+        "mlp.down_proj": (h, ffn),
+    }
+    rotary = {"self_attn.q_proj": cfg.num_heads, "self_attn.k_proj": cfg.num_kv_heads}
+
+    def matrix(name, source, shape, heads=0, storage=gguf_type):
+        return _Tensor(name, source, shape, _matrix_storage(name, shape, storage), heads)
+
+    table = TABLE_STORAGE.get(gguf_type, gguf_type)
+    tensors = [matrix("token_embd.weight", hf_names.EMBEDDING, (cfg.vocab_size, h), storage=table)]
+    for new_index, layer in enumerate(layers):
+        prefix, source = f"blk.{new_index}.", f"{hf_names.layer_prefix(layer.source)}."
+        parts = (ATTENTION_TENSORS if layer.attention else {}) | (MLP_TENSORS if layer.mlp else {})
+        for hf_part, gguf_part in parts.items():
+            name, shape = f"{prefix}{gguf_part}.weight", shapes[hf_part]
+            if len(shape) == 1:
+                tensors.append(_Tensor(name, f"{source}{hf_part}.weight", shape, "f32"))
+            else:
+                tensors.append(matrix(name, f"{source}{hf_part}.weight", shape, rotary.get(hf_part, 0)))
+        if layer.attention and not layer.mlp:
+            width = STAND_IN_MLP_WIDTH
+            for gguf_part, shape in (("ffn_norm", (h,)), ("ffn_gate", (width, h)), ("ffn_up", (width, h)),
+                                     ("ffn_down", (h, width))):
+                tensors.append(_Tensor(f"{prefix}{gguf_part}.weight", None, shape, "f32"))
+    tensors.append(_Tensor("output_norm.weight", hf_names.FINAL_NORM, (h,), "f32"))
+    if not cfg.tie_word_embeddings:
+        tensors.append(matrix("output.weight", hf_names.LM_HEAD, (cfg.vocab_size, h), storage=table))
+    return tensors
+
+
+def _matrix_storage(name: str, shape: tuple[int, ...], gguf_type: str) -> str:
+    """A matrix's storage; quantized rows must fill whole blocks (32 values for Q8_0 and Q4_0)."""
+    import gguf
+
+    if gguf_type in ("q8_0", "q4_0"):
+        block = gguf.GGML_QUANT_SIZES[_ggml_type(gguf_type)][0]
+        if shape[-1] % block:
+            raise GGUFExportError(f"tensor {name!r}: rows of {shape[-1]} values are not a multiple of {block}, the "
+                                  f"{gguf_type.upper()} block size; export it as 'f16' or 'f32'")
+    return gguf_type
+
+
+def _ggml_type(storage: str):
+    import gguf
+
+    return {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizationType.F16,
+            "q8_0": gguf.GGMLQuantizationType.Q8_0, "q4_0": gguf.GGMLQuantizationType.Q4_0}[storage]
+
+
+def _nbytes(tensor: _Tensor) -> int:
+    import gguf
+
+    block, block_bytes = gguf.GGML_QUANT_SIZES[_ggml_type(tensor.storage)]
+    return int(np.prod(tensor.shape)) // block * block_bytes
+
+
+def _tensor_values(reader: CheckpointReader, tensor: _Tensor) -> np.ndarray:
+    """The tensor's bytes as the file stores them: permuted if Q/K, converted or quantized."""
+    import gguf
+
+    if tensor.source is None:
+        values = np.zeros(tensor.shape, dtype=np.float32)
+    else:
+        values = reader.get(tensor.source, tensor.shape).float().numpy()
+    if tensor.rotary_heads:
+        values = _permute_rotary_rows(values, tensor.rotary_heads)
+    return gguf.quants.quantize(np.ascontiguousarray(values), _ggml_type(tensor.storage))
+
+
+def _permute_rotary_rows(weight: np.ndarray, num_heads: int) -> np.ndarray:
+    """Hugging Face Q/K rows into llama.cpp's rotary layout (the inverse of gguf_import._unpermute_rotary_rows).
+
+    Hugging Face rotates the two halves of each head against each other, llama.cpp rotates adjacent pairs:
+    within a head, row ``i`` of the first half goes to ``2*i`` and row ``i`` of the second half to ``2*i + 1``.
+    Viewing the rows as (head, half, i) and swapping the last two axes gives (head, i, half).
+    """
+    rows, cols = weight.shape
+    half = rows // num_heads // 2
+    return weight.reshape(num_heads, 2, half, cols).swapaxes(1, 2).reshape(rows, cols)
+
+
+def _add_metadata(writer, cfg: ModelConfig, layers: list[_Layer], architecture: str, gguf_type: str,
+                  name: str) -> None:
+    import gguf
+
+    writer.add_name(name)
+    writer.add_file_type({"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
+                          "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0, "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0}[gguf_type])
+    if gguf_type in ("q8_0", "q4_0"):
+        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    writer.add_context_length(cfg.max_position_embeddings)
+    writer.add_embedding_length(cfg.hidden_size)
+    writer.add_block_count(len(layers))
+    writer.add_vocab_size(cfg.vocab_size)
+    writer.add_rope_freq_base(cfg.rope.theta)
+    writer.add_rope_dimension_count(cfg.head_dim)
+    writer.add_key_length(cfg.head_dim)
+    writer.add_value_length(cfg.head_dim)
+    writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    if architecture == "llama":
+        writer.add_feed_forward_length(cfg.intermediate_size)
+        writer.add_head_count(cfg.num_heads)
+        writer.add_head_count_kv(cfg.num_kv_heads)
+        return
+    # Per-layer arrays, typed UINT32 like the scalars they replace.
+    ffn = [cfg.intermediate_size if layer.mlp else STAND_IN_MLP_WIDTH for layer in layers]
+    heads = [cfg.num_heads if layer.attention else 0 for layer in layers]
+    kv_heads = [cfg.num_kv_heads if layer.attention else 0 for layer in layers]
+    for key, values in ((gguf.Keys.LLM.FEED_FORWARD_LENGTH, ffn), (gguf.Keys.Attention.HEAD_COUNT, heads),
+                        (gguf.Keys.Attention.HEAD_COUNT_KV, kv_heads)):
+        writer.add_key_value(key.format(arch=architecture), values, gguf.GGUFValueType.ARRAY,
+                             sub_type=gguf.GGUFValueType.UINT32)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Tokenizer
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _TokenizerMetadata:
+    pre: str
+    tokens: list[str]
+    token_types: list[int]
+    merges: list[str]
+    special_ids: dict[str, int]  # "bos", "eos", "pad", "unk" -> id, where the tokenizer has one
+    add_bos: bool
+    add_eos: bool
+    chat_template: str | None
+
+
+def _tokenizer_metadata(folder: Path, cfg: ModelConfig) -> _TokenizerMetadata:
+    """llama.cpp's view of the folder's tokenizer: vocabulary, merges, token types, special tokens."""
+    import gguf
+    from tokenizers import Tokenizer
+
+    path = folder / "tokenizer.json"
+    spec = read_json(path)
+    model = spec.get("model") or {}
+    if model.get("type") != "BPE" or (spec.get("decoder") or {}).get("type") != "ByteLevel":
+        raise GGUFExportError(f"{path}: only byte-level BPE tokenizers can be exported to GGUF "
+                              f"(model {model.get('type')!r}, decoder {(spec.get('decoder') or {}).get('type')!r})")
+    if spec.get("normalizer") is not None:
+        raise GGUFExportError(f"{path}: a tokenizer with a normalizer cannot be exported to GGUF")
+    pre = _pre_tokenizer_name(spec.get("pre_tokenizer"), path)
+    merges = [" ".join(merge) if isinstance(merge, list) else merge for merge in model.get("merges") or []]
+    if not merges:
+        raise GGUFExportError(f"{path}: the BPE model has no merges; llama.cpp needs tokenizer.ggml.merges")
+
+    by_id = {index: token for token, index in model["vocab"].items()}
+    types = dict.fromkeys(by_id, gguf.TokenType.NORMAL)
+    for added in spec.get("added_tokens") or []:
+        by_id[added["id"]] = added["content"]
+        types[added["id"]] = gguf.TokenType.CONTROL if added.get("special") else gguf.TokenType.USER_DEFINED
+    if max(by_id) >= cfg.vocab_size:
+        raise GGUFExportError(f"{path}: token id {max(by_id)} is outside the model's vocab_size={cfg.vocab_size}")
+    # Embedding rows without a token (vocabularies padded to a round size) get placeholder names, as llama.cpp
+    # needs one token per row.
+    tokens = [by_id.get(i, f"[PAD{i}]") for i in range(cfg.vocab_size)]
+    token_types = [int(types.get(i, gguf.TokenType.UNUSED)) for i in range(cfg.vocab_size)]
+    if len(set(tokens)) != len(tokens):
+        raise GGUFExportError(f"{path}: the vocabulary repeats token strings")
+
+    tokenizer_config_path = folder / "tokenizer_config.json"
+    tokenizer_config = read_json(tokenizer_config_path) if tokenizer_config_path.is_file() else {}
+    vocab = {token: index for index, token in enumerate(tokens)}
+    special_ids = {}
+    fallback_ids = {"bos": cfg.bos_token_id, "eos": cfg.eos_token_ids[0] if cfg.eos_token_ids else None,
+                    "pad": cfg.raw.get("pad_token_id")}
+    for name in ("bos", "eos", "pad", "unk"):
+        text = tokenizer_config.get(f"{name}_token")
+        text = text.get("content") if isinstance(text, dict) else text
+        if text is not None and text not in vocab:
+            raise GGUFExportError(f"{tokenizer_config_path}: {name}_token {text!r} is not in the vocabulary")
+        token_id = vocab[text] if text is not None else fallback_ids.get(name)
+        if token_id is not None:
+            special_ids[name] = int(token_id)
+
+    # What our runtime does is what the file must say: ask the tokenizer whether encoding adds BOS/EOS.
+    tokenizer = Tokenizer.from_file(str(path))
+    plain = tokenizer.encode("a", add_special_tokens=False).ids
+    full = tokenizer.encode("a", add_special_tokens=True).ids
+    add_bos = len(full) > len(plain) and full[0] == special_ids.get("bos")
+    add_eos = len(full) > len(plain) + add_bos and full[-1] == special_ids.get("eos")
+    if full != [special_ids["bos"]] * add_bos + plain + [special_ids["eos"]] * add_eos:
+        raise GGUFExportError(f"{path}: its post-processor adds tokens other than a leading BOS and a trailing EOS")
+
+    chat_template = tokenizer_config.get("chat_template")
+    if chat_template is None and (folder / "chat_template.jinja").is_file():
+        chat_template = (folder / "chat_template.jinja").read_text(encoding="utf-8")
+    if chat_template is not None and not isinstance(chat_template, str):
+        raise GGUFExportError(f"{tokenizer_config_path}: chat_template must be a string to be exported to GGUF")
+    return _TokenizerMetadata(pre, tokens, token_types, merges, special_ids, add_bos, add_eos, chat_template)
+
+
+def _pre_tokenizer_name(pre_tokenizer: dict | None, path: Path) -> str:
+    """llama.cpp's name for a tokenizer.json pre-tokenizer; only the two byte-level ones llama.cpp and
+    tokenizers split identically are recognised."""
+    def byte_level(step):
+        return step.get("type") == "ByteLevel" and step.get("use_regex", True) and not step.get("add_prefix_space")
+
+    steps = (pre_tokenizer or {}).get("pretokenizers") if (pre_tokenizer or {}).get("type") == "Sequence" \
+        else [pre_tokenizer or {}]
+    if len(steps) == 1 and byte_level(steps[0]):
+        return PRE_TOKENIZER_GPT2
+    if len(steps) == 2 and steps[0] == {"type": "Digits", "individual_digits": True} and byte_level(steps[1]):
+        return PRE_TOKENIZER_SMOLLM
+    raise GGUFExportError(f"{path}: pre-tokenizer {json.dumps(pre_tokenizer)[:200]} is not supported by the GGUF "
+                          "export (only ByteLevel, or Digits(individual_digits) then ByteLevel)")
+
+
+def _add_tokenizer(writer, tokenizer: _TokenizerMetadata) -> None:
+    writer.add_tokenizer_model("gpt2")  # llama.cpp's name for byte-level BPE
+    writer.add_tokenizer_pre(tokenizer.pre)
+    writer.add_token_list(tokenizer.tokens)
+    writer.add_token_types(tokenizer.token_types)
+    writer.add_token_merges(tokenizer.merges)
+    adders = {"bos": writer.add_bos_token_id, "eos": writer.add_eos_token_id, "pad": writer.add_pad_token_id,
+              "unk": writer.add_unk_token_id}
+    for name, token_id in tokenizer.special_ids.items():
+        adders[name](token_id)
+    writer.add_add_bos_token(tokenizer.add_bos)
+    writer.add_add_eos_token(tokenizer.add_eos)
+    if tokenizer.chat_template is not None:
+        writer.add_chat_template(tokenizer.chat_template)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Installing the file
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _publish(partial: Path, out_path: Path, overwrite: bool) -> None:
+    """Move the finished file into place. Without overwrite, a hard link claims the name: it fails, rather than
+    replaces, if a file appeared there while we were writing."""
+    if overwrite:
+        os.replace(partial, out_path)
+        return
+    try:
+        os.link(partial, out_path)
+    except FileExistsError:
+        raise GGUFExportError(f"{out_path} already exists (pass overwrite=True to replace it)") from None
+    partial.unlink()
