@@ -35,6 +35,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+import gguf
 import numpy as np
 
 from ..config import DropPlan, ModelConfig, read_json
@@ -44,7 +45,12 @@ from .gguf_import import GGUF_LAYER_TENSORS
 
 __all__ = ["GGUF_TYPES", "GGUFExportError", "export_gguf"]
 
-GGUF_TYPES = ("f32", "f16", "q8_0", "q4_0")
+# export_gguf's gguf_type -> how the matrices are stored, and the file type the header declares.
+GGML_TYPES = {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizationType.F16,
+              "q8_0": gguf.GGMLQuantizationType.Q8_0, "q4_0": gguf.GGMLQuantizationType.Q4_0}
+FILE_TYPES = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
+              "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0, "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0}
+GGUF_TYPES = tuple(GGML_TYPES)
 
 # llama.cpp's pre-tokenizer names for the two byte-level pre-tokenizers we recognise in a tokenizer.json
 # (src/llama-vocab.cpp): "gpt-2" is the GPT-2 regex alone, "smollm" splits every digit off first.
@@ -93,8 +99,6 @@ def export_gguf(source_folder: str | os.PathLike, out_path: str | os.PathLike, p
     gguf_type: storage of the matrices, "f32", "f16", "q8_0" or "q4_0" (norms and 1-D tensors stay F32).
     overwrite: replace an existing ``out_path`` (default: refuse).
     """
-    import gguf
-
     source_folder, out_path = Path(source_folder), Path(out_path)
     if gguf_type not in GGUF_TYPES:
         raise GGUFExportError(f"gguf_type {gguf_type!r} is not supported; choose from {GGUF_TYPES}")
@@ -122,7 +126,7 @@ def export_gguf(source_folder: str | os.PathLike, out_path: str | os.PathLike, p
     _add_metadata(writer, cfg, layers, architecture, gguf_type, source_folder.name)
     _add_tokenizer(writer, tokenizer)
     for tensor in tensors:
-        storage = _ggml_type(tensor.storage)
+        storage = GGML_TYPES[tensor.storage]
         if storage in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
             dtype = np.float32 if storage == gguf.GGMLQuantizationType.F32 else np.float16
             writer.add_tensor_info(tensor.name, tensor.shape, np.dtype(dtype), _nbytes(tensor))
@@ -211,41 +215,28 @@ def _tensor_plan(cfg: ModelConfig, layers: list[_Layer], gguf_type: str) -> list
 
 def _matrix_storage(name: str, shape: tuple[int, ...], gguf_type: str) -> str:
     """A matrix's storage; quantized rows must fill whole blocks (32 values for Q8_0 and Q4_0)."""
-    import gguf
-
     if gguf_type in ("q8_0", "q4_0"):
-        block = gguf.GGML_QUANT_SIZES[_ggml_type(gguf_type)][0]
+        block = gguf.GGML_QUANT_SIZES[GGML_TYPES[gguf_type]][0]
         if shape[-1] % block:
             raise GGUFExportError(f"tensor {name!r}: rows of {shape[-1]} values are not a multiple of {block}, the "
                                   f"{gguf_type.upper()} block size; export it as 'f16' or 'f32'")
     return gguf_type
 
 
-def _ggml_type(storage: str):
-    import gguf
-
-    return {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizationType.F16,
-            "q8_0": gguf.GGMLQuantizationType.Q8_0, "q4_0": gguf.GGMLQuantizationType.Q4_0}[storage]
-
-
 def _nbytes(tensor: _Tensor) -> int:
-    import gguf
-
-    block, block_bytes = gguf.GGML_QUANT_SIZES[_ggml_type(tensor.storage)]
+    block, block_bytes = gguf.GGML_QUANT_SIZES[GGML_TYPES[tensor.storage]]
     return int(np.prod(tensor.shape)) // block * block_bytes
 
 
 def _tensor_values(reader: CheckpointReader, tensor: _Tensor) -> np.ndarray:
     """The tensor's bytes as the file stores them: permuted if Q/K, converted or quantized."""
-    import gguf
-
     if tensor.source is None:
         values = np.zeros(tensor.shape, dtype=np.float32)
     else:
         values = reader.get(tensor.source, tensor.shape).float().numpy()
     if tensor.rotary_heads:
         values = _permute_rotary_rows(values, tensor.rotary_heads)
-    return gguf.quants.quantize(np.ascontiguousarray(values), _ggml_type(tensor.storage))
+    return gguf.quants.quantize(np.ascontiguousarray(values), GGML_TYPES[tensor.storage])
 
 
 def _permute_rotary_rows(weight: np.ndarray, num_heads: int) -> np.ndarray:
@@ -262,11 +253,8 @@ def _permute_rotary_rows(weight: np.ndarray, num_heads: int) -> np.ndarray:
 
 def _add_metadata(writer, cfg: ModelConfig, layers: list[_Layer], architecture: str, gguf_type: str,
                   name: str) -> None:
-    import gguf
-
     writer.add_name(name)
-    writer.add_file_type({"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
-                          "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0, "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0}[gguf_type])
+    writer.add_file_type(FILE_TYPES[gguf_type])
     if gguf_type in ("q8_0", "q4_0"):
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     writer.add_context_length(cfg.max_position_embeddings)
@@ -282,15 +270,11 @@ def _add_metadata(writer, cfg: ModelConfig, layers: list[_Layer], architecture: 
         writer.add_feed_forward_length(cfg.intermediate_size)
         writer.add_head_count(cfg.num_heads)
         writer.add_head_count_kv(cfg.num_kv_heads)
-        return
-    # Per-layer arrays, typed UINT32 like the scalars they replace.
-    ffn = [cfg.intermediate_size if layer.mlp else STAND_IN_MLP_WIDTH for layer in layers]
-    heads = [cfg.num_heads if layer.attention else 0 for layer in layers]
-    kv_heads = [cfg.num_kv_heads if layer.attention else 0 for layer in layers]
-    for key, values in ((gguf.Keys.LLM.FEED_FORWARD_LENGTH, ffn), (gguf.Keys.Attention.HEAD_COUNT, heads),
-                        (gguf.Keys.Attention.HEAD_COUNT_KV, kv_heads)):
-        writer.add_key_value(key.format(arch=architecture), values, gguf.GGUFValueType.ARRAY,
-                             sub_type=gguf.GGUFValueType.UINT32)
+    else:  # per-layer arrays (of INT32, as llama.cpp's own converter writes them for Nemotron)
+        writer.add_feed_forward_length([cfg.intermediate_size if layer.mlp else STAND_IN_MLP_WIDTH
+                                        for layer in layers])
+        writer.add_head_count([cfg.num_heads if layer.attention else 0 for layer in layers])
+        writer.add_head_count_kv([cfg.num_kv_heads if layer.attention else 0 for layer in layers])
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -312,7 +296,6 @@ class _TokenizerMetadata:
 
 def _tokenizer_metadata(folder: Path, cfg: ModelConfig) -> _TokenizerMetadata:
     """llama.cpp's view of the folder's tokenizer: vocabulary, merges, token types, special tokens."""
-    import gguf
     from tokenizers import Tokenizer
 
     path = folder / "tokenizer.json"
