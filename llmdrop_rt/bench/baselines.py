@@ -101,6 +101,8 @@ class OursTimer:
 
         kwargs = dict(drop_attn=job["drop_attn"], drop_mlp=[], dtype=job["dtype"], device=job["device"],
                       kernels=job.get("kernels"), decode=job.get("decode", "auto"))
+        if job.get("weights"):
+            kwargs["weights"] = job["weights"]
         self.llm = load_synthetic(job["synthetic"], **kwargs) if job.get("synthetic") else load(job["model"], **kwargs)
         self.device, self.vocab = self.llm.device, self.llm.cfg.vocab_size
 

@@ -19,6 +19,7 @@ import math
 import os
 import re
 import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -198,3 +199,75 @@ def chunked_perplexity(llm, tokens: list[int], ctx: int, bos_token_id: int | Non
         scored += ctx - 1 - first
     mean_nll = nll_sum / scored
     return PeerPerplexity(math.exp(mean_nll), mean_nll, chunks, ctx)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# llama.cpp rows of `python -m llmdrop_rt.bench`
+# ----------------------------------------------------------------------------------------------------------
+
+# Our weight format -> the GGUF type holding the same weights (our exporter rounds them as our loader does).
+PEER_TYPES = {"fp32": "f32", "fp16": "f16", "int8": "q8_0", "int4": "q4_0"}
+
+
+def peer_gguf(folder: str | os.PathLike, plan, gguf_type: str) -> Path:
+    """The checkpoint at `folder` with `plan` applied, exported once as a GGUF of `gguf_type` and cached
+    (keyed by the checkpoint's fingerprint, the plan and the type)."""
+    from ..drop.metrics import model_fingerprint
+    from ..io.gguf_export import export_gguf
+
+    key = f"{model_fingerprint(folder)[:16]}-a{'_'.join(map(str, sorted(plan.drop_attn)))}" \
+          f"-m{'_'.join(map(str, sorted(plan.drop_mlp)))}-{gguf_type}"
+    path = cache_dir() / "gguf" / f"{Path(folder).name}-{key}.gguf"
+    if not path.is_file():
+        export_gguf(folder, path, plan, gguf_type)
+    return path
+
+
+def plan_peer_jobs(args, cfg) -> list[dict]:
+    """llama-bench runs matching the bench's rows of ours, when llama.cpp is built and asked for (`--peers`)."""
+    from ..config import DropPlan
+    from .baselines import attention_layers_to_drop
+
+    if args.peers == "none":
+        return []
+    try:
+        bin_dir()
+    except LlamaCppNotBuilt as e:
+        if args.peers == "llama.cpp":
+            raise
+        print(f"llama.cpp rows left out: {e}", file=sys.stderr)
+        return []
+    jobs = []
+    for threads in args.thread_counts:
+        for weights in (w.strip() for w in args.weights.split(",")):
+            if weights not in PEER_TYPES:
+                continue
+            for fraction in (float(f) for f in args.drop.split(",")):
+                drop = attention_layers_to_drop(cfg.num_layers, fraction)
+                jobs.append({"impl": "llama.cpp", "precision": weights, "threads": threads, "drop_attn": drop,
+                             "model": args.model, "gguf_type": PEER_TYPES[weights], "num_layers": cfg.num_layers,
+                             "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
+                             "repeats": args.repeats, "batch_sizes": [int(b) for b in args.batch_sizes.split(",")],
+                             "label": f"llama.cpp {PEER_TYPES[weights]} attn-{len(drop)} t{threads}",
+                             "plan": DropPlan.create(cfg.num_layers, drop)})
+    return jobs
+
+
+def measure(job: dict) -> dict:
+    """One llama-bench run of a peer job, in the bench's row format (decode at batch 1 only: llama-bench's tg)."""
+    gguf_path = peer_gguf(job["model"], job["plan"], job["gguf_type"])
+    records = bench_summary(run_llama_bench(gguf_path, job["threads"], job["prompt_len"], job["new_tokens"],
+                                            max(2, job["repeats"])))
+    speed = {row["test"][:2]: row["tok_s"] for row in records}
+    row = {"prefill_tok_s": speed["pp"], "weight_bytes": gguf_path.stat().st_size}
+    for batch in job["batch_sizes"]:
+        if batch == 1:
+            row["decode_tok_s_b1"] = speed["tg"]
+    return row
+
+
+def describe(jobs: list[dict]) -> dict | None:
+    """What ran as the peer (versions and the GGUF types), for the bench's JSON."""
+    if not jobs:
+        return None
+    return {"build": build_info(), "binaries": str(bin_dir()), "types": sorted({j["gguf_type"] for j in jobs})}

@@ -90,12 +90,15 @@ def test_rounds_merge_to_medians():
 
 
 def test_quick_bench_runs_rounds_round_robin(tiny_checkpoints, tmp_path, capsys):
-    out = tmp_path / "bench.json"
+    out, png = tmp_path / "bench.json", tmp_path / "bench.png"
     bench_main(["--model", str(tiny_checkpoints["llama3"]), "--drop", "0,0.5", "--no-transformers", "--rounds", "2",
                 "--repeats", "1", "--prompt-len", "8", "--new-tokens", "4", "--batch-sizes", "1", "--threads", "1",
-                "--out", str(out)])
+                "--weights", "fp32,int8", "--peers", "none", "--out", str(out), "--plot", str(png)])
     report = json.loads(out.read_text())
-    assert [r["label"] for r in report["rows"]] == ["llmdrop_rt attn-0", "llmdrop_rt attn-3"]
+    assert [r["label"] for r in report["rows"]] == ["llmdrop_rt fp32 attn-0 t1", "llmdrop_rt fp32 attn-3 t1",
+                                                    "llmdrop_rt int8 attn-0 t1", "llmdrop_rt int8 attn-3 t1"]
     assert all(len(r["rounds"]) == 2 and r["decode_tok_s_b1"] > 0 for r in report["rows"])
     assert report["rows"][1]["kv_bytes_b1"] * 2 == report["rows"][0]["kv_bytes_b1"]
-    assert "decode b1 tok/s" in capsys.readouterr().out
+    assert report["rows"][2]["weight_bytes"] < report["rows"][0]["weight_bytes"] / 3  # int8 blocks vs fp32
+    assert report["read_bandwidth_bytes_s"]["1"] > 1e8
+    assert "decode batch 1, tokens/s" in capsys.readouterr().out and png.stat().st_size > 1000
