@@ -13,6 +13,7 @@ from torch import nn
 
 from .. import kernels
 from ..config import DropPlan, ModelConfig
+from . import cpu_decode
 from .attention import attention, build_mask, flash_attn_with_kvcache
 from .cache import KVCache
 from .ops import RopeTables, TorchOps
@@ -192,6 +193,7 @@ class Transformer(nn.Module):
         self.lm_head = lm_head
         self.register_buffer("inv_freq", cfg.rope.inverse_frequencies(cfg.head_dim), persistent=False)
         self.ranges = NO_STACK_RANGES  # see DecoderLayer.ranges
+        self.decode_calls = cpu_decode.layer_calls(self)  # one C++ call per layer for CPU decode steps, or None
 
     @property
     def device(self) -> torch.device:
@@ -225,9 +227,13 @@ class Transformer(nn.Module):
         """Logits for `tokens` under a prepared step context."""
         with self.ranges.embedding:
             x = self.embed(tokens)
-        pending = None
-        for layer in self.layers:
-            pending = layer.forward_fused(x, pending, ctx)
+        if self.decode_calls is not None and tokens.shape[1] == 1 and ctx.cache is not None and \
+                isinstance(ctx.start, int) and ctx.attn_backend != "reference":
+            pending = cpu_decode.decode_layers(self.decode_calls, x, ctx)
+        else:
+            pending = None
+            for layer in self.layers:
+                pending = layer.forward_fused(x, pending, ctx)
         if last_only:
             x = x[:, -1:].contiguous()
             pending = None if pending is None else pending[:, -1:]

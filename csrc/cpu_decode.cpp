@@ -1,0 +1,215 @@
+// One decoder layer's decode step on the CPU (1 token per row, fp32 activations) in a single call, so the dozens of
+// small ops between the matrix products cost no Python or ATen dispatch each.
+//
+// The layer is the model's own (llmdrop_rt/model/layers.py, DecoderLayer.forward_fused): the residual stream x is
+// updated in place and the sub-block output is returned as `pending` for the next layer to add. Present modules:
+//   attention: x += pending; h = rms_norm(x) * attn_norm; q|k|v = qkv(h); rotate q, k (rotate-half RoPE); write k,
+//              v at cache index `start`; softmax(q k^T / sqrt(d)) v over keys 0..start under the mask; o_proj.
+//   MLP:       x += pending; h = rms_norm(x) * mlp_norm; g|u = gate_up(h); down(silu(g) * u).
+// The projections run the GEMV ops of llmdrop_rt._cpu_gemv (torch.ops.llmdrop_cpu_gemv.gemv_<fmt>), looked up
+// once through the dispatcher. Caches are [B, Hkv, S, D] slots (llmdrop_rt/model/cache.py).
+#include <Python.h>
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <limits>
+#include <mutex>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+namespace {
+
+using GemvOp = at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&);
+
+c10::TypedOperatorHandle<GemvOp> gemv_op(const std::string& fmt) {
+  static std::mutex lock;
+  static std::unordered_map<std::string, c10::TypedOperatorHandle<GemvOp>> handles;
+  std::lock_guard<std::mutex> guard(lock);
+  auto found = handles.find(fmt);
+  if (found == handles.end()) {
+    auto handle = c10::Dispatcher::singleton().findSchemaOrThrow(("llmdrop_cpu_gemv::gemv_" + fmt).c_str(), "");
+    found = handles.emplace(fmt, handle.typed<GemvOp>()).first;
+  }
+  return found->second;
+}
+
+at::Tensor project(const at::Tensor& x, const at::Tensor& weight, const std::string& fmt,
+                   const std::optional<at::Tensor>& bias) {
+  return gemv_op(fmt).call(x, weight, bias);
+}
+
+// out[r] = x[r] / rms(x[r]) * weight, accumulated in fp32 (the runtime's fp32 RMSNorm).
+void rms_norm_rows(const float* x, const float* weight, float* out, int64_t rows, int64_t hidden, double eps) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* xr = x + r * hidden;
+    float sum = 0.f;
+    for (int64_t i = 0; i < hidden; ++i) sum += xr[i] * xr[i];
+    const float scale = 1.f / std::sqrt(sum / static_cast<float>(hidden) + static_cast<float>(eps));
+    for (int64_t i = 0; i < hidden; ++i) out[r * hidden + i] = weight[i] * (xr[i] * scale);
+  }
+}
+
+void add_in_place(float* x, const float* delta, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) x[i] += delta[i];
+}
+
+// Rotate-half RoPE of `heads` vectors of size d at one position: x1*cos - x2*sin, x2*cos + x1*sin.
+void rotate(float* v, int64_t heads, int64_t d, const float* cos, const float* sin) {
+  const int64_t half = d / 2;
+  for (int64_t h = 0; h < heads; ++h) {
+    float* x = v + h * d;
+    for (int64_t i = 0; i < half; ++i) {
+      const float a = x[i], b = x[i + half];
+      x[i] = a * cos[i] - b * sin[i];
+      x[i + half] = b * cos[i] + a * sin[i];
+    }
+  }
+}
+
+at::Tensor attention_block(at::Tensor& x, const at::Tensor& normed, const at::Tensor& qkv_weight,
+                           const std::string& qkv_fmt, const std::optional<at::Tensor>& qkv_bias,
+                           const at::Tensor& o_weight, const std::string& o_fmt,
+                           const std::optional<at::Tensor>& o_bias, at::Tensor& k_cache, at::Tensor& v_cache,
+                           int64_t start, const at::Tensor& cos, const at::Tensor& sin,
+                           const std::optional<at::Tensor>& mask, int64_t heads, int64_t kv_heads, int64_t d) {
+  const int64_t rows = x.size(0), keys = start + 1, max_len = k_cache.size(2);
+  TORCH_CHECK(start >= 0 && start < max_len, "decode_layer: start ", start, " outside the cache of ", max_len);
+  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() && k_cache.size(0) == rows &&
+                  k_cache.size(1) == kv_heads && k_cache.size(3) == d && k_cache.scalar_type() == at::kFloat,
+              "decode_layer: caches must be contiguous fp32 [B, Hkv, S, D] slots");
+  at::Tensor qkv = project(normed, qkv_weight, qkv_fmt, qkv_bias).contiguous();
+  const int64_t width = (heads + 2 * kv_heads) * d;
+  TORCH_CHECK(qkv.size(1) == width, "decode_layer: qkv gives ", qkv.size(1), " features, expected ", width);
+  float* qkv_data = qkv.data_ptr<float>();
+  const float* cos_data = cos.data_ptr<float>();
+  const float* sin_data = sin.data_ptr<float>();
+  float* k_data = k_cache.data_ptr<float>();
+  float* v_data = v_cache.data_ptr<float>();
+  for (int64_t b = 0; b < rows; ++b) {
+    float* row = qkv_data + b * width;
+    rotate(row, heads + kv_heads, d, cos_data + b * (d / 2), sin_data + b * (d / 2));  // q and k are adjacent
+    for (int64_t g = 0; g < kv_heads; ++g) {
+      const int64_t slot = ((b * kv_heads + g) * max_len + start) * d;
+      std::copy(row + (heads + g) * d, row + (heads + g + 1) * d, k_data + slot);
+      std::copy(row + (heads + kv_heads + g) * d, row + (heads + kv_heads + g + 1) * d, v_data + slot);
+    }
+  }
+  const bool* mask_data = mask.has_value() ? mask->data_ptr<bool>() : nullptr;
+  const int64_t mask_stride = mask.has_value() ? mask->size(1) : 0;
+  TORCH_CHECK(!mask.has_value() || (mask->size(0) == rows && mask_stride >= keys),
+              "decode_layer: mask must be [B, >= start + 1]");
+  at::Tensor out = at::empty({rows, heads * d}, x.options());
+  float* out_data = out.data_ptr<float>();
+  const float scale = 1.f / std::sqrt(static_cast<float>(d));
+  const int64_t group = heads / kv_heads;
+  at::parallel_for(0, rows * heads, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores(keys);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / heads, h = task % heads, g = h / group;
+      const float* q = qkv_data + b * width + h * d;
+      const float* k = k_data + (b * kv_heads + g) * max_len * d;
+      const float* v = v_data + (b * kv_heads + g) * max_len * d;
+      float best = -std::numeric_limits<float>::infinity();
+      for (int64_t j = 0; j < keys; ++j) {
+        if (mask_data && !mask_data[b * mask_stride + j]) {
+          scores[j] = -std::numeric_limits<float>::infinity();
+          continue;
+        }
+        float dot = 0.f;
+        for (int64_t i = 0; i < d; ++i) dot += q[i] * k[j * d + i];
+        scores[j] = dot * scale;
+        best = std::max(best, scores[j]);
+      }
+      float total = 0.f;
+      for (int64_t j = 0; j < keys; ++j) {
+        scores[j] = std::isinf(scores[j]) ? 0.f : std::exp(scores[j] - best);
+        total += scores[j];
+      }
+      float* o = out_data + b * heads * d + h * d;
+      std::fill(o, o + d, 0.f);
+      for (int64_t j = 0; j < keys; ++j) {
+        const float p = scores[j] / total;
+        if (p == 0.f) continue;
+        for (int64_t i = 0; i < d; ++i) o[i] += p * v[j * d + i];
+      }
+    }
+  });
+  return project(out, o_weight, o_fmt, o_bias);
+}
+
+at::Tensor mlp_block(const at::Tensor& normed, const at::Tensor& gate_up_weight, const std::string& gate_up_fmt,
+                     const std::optional<at::Tensor>& gate_up_bias, const at::Tensor& down_weight,
+                     const std::string& down_fmt, const std::optional<at::Tensor>& down_bias) {
+  at::Tensor gate_up = project(normed, gate_up_weight, gate_up_fmt, gate_up_bias).contiguous();
+  const int64_t rows = gate_up.size(0), inter = gate_up.size(1) / 2;
+  at::Tensor act = at::empty({rows, inter}, gate_up.options());
+  const float* gu = gate_up.data_ptr<float>();
+  float* a = act.data_ptr<float>();
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t i = 0; i < inter; ++i) {
+      const float g = gu[r * 2 * inter + i];
+      a[r * inter + i] = g / (1.f + std::exp(-g)) * gu[r * 2 * inter + inter + i];
+    }
+  }
+  return project(act, down_weight, down_fmt, down_bias);
+}
+
+// See the file comment. Absent modules are passed as undefined weights (None from Python).
+at::Tensor decode_layer(at::Tensor x, const std::optional<at::Tensor>& pending,
+                        const std::optional<at::Tensor>& attn_norm, const std::optional<at::Tensor>& qkv_weight,
+                        std::string qkv_fmt, const std::optional<at::Tensor>& qkv_bias,
+                        const std::optional<at::Tensor>& o_weight, std::string o_fmt,
+                        const std::optional<at::Tensor>& o_bias, const std::optional<at::Tensor>& k_cache,
+                        const std::optional<at::Tensor>& v_cache, int64_t start,
+                        const std::optional<at::Tensor>& cos, const std::optional<at::Tensor>& sin,
+                        const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& mlp_norm,
+                        const std::optional<at::Tensor>& gate_up_weight, std::string gate_up_fmt,
+                        const std::optional<at::Tensor>& gate_up_bias, const std::optional<at::Tensor>& down_weight,
+                        std::string down_fmt, const std::optional<at::Tensor>& down_bias, double eps, int64_t heads,
+                        int64_t kv_heads, int64_t head_dim) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.scalar_type() == at::kFloat,
+              "decode_layer: x must be a contiguous fp32 [B, hidden] residual stream");
+  const int64_t rows = x.size(0), hidden = x.size(1);
+  float* x_data = x.data_ptr<float>();
+  at::Tensor normed = at::empty_like(x);
+  std::optional<at::Tensor> out = pending;
+  auto add_pending = [&]() {
+    if (out.has_value()) add_in_place(x_data, out->contiguous().data_ptr<float>(), rows * hidden);
+  };
+  if (qkv_weight.has_value()) {
+    add_pending();
+    rms_norm_rows(x_data, attn_norm->data_ptr<float>(), normed.data_ptr<float>(), rows, hidden, eps);
+    at::Tensor k = *k_cache, v = *v_cache;
+    out = attention_block(x, normed, *qkv_weight, qkv_fmt, qkv_bias, *o_weight, o_fmt, o_bias, k, v, start,
+                          cos->contiguous(), sin->contiguous(), mask, heads, kv_heads, head_dim);
+  }
+  if (gate_up_weight.has_value()) {
+    add_pending();
+    rms_norm_rows(x_data, mlp_norm->data_ptr<float>(), normed.data_ptr<float>(), rows, hidden, eps);
+    out = mlp_block(normed, *gate_up_weight, gate_up_fmt, gate_up_bias, *down_weight, down_fmt, down_bias);
+  }
+  TORCH_CHECK(out.has_value(), "decode_layer: a layer with neither attention nor MLP");
+  return *out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(llmdrop_cpu_decode, m) {
+  m.def("decode_layer(Tensor(a!) x, Tensor? pending, Tensor? attn_norm, Tensor? qkv_weight, str qkv_fmt, "
+        "Tensor? qkv_bias, Tensor? o_weight, str o_fmt, Tensor? o_bias, Tensor(b!)? k_cache, Tensor(c!)? v_cache, "
+        "int start, Tensor? cos, Tensor? sin, Tensor? mask, Tensor? mlp_norm, Tensor? gate_up_weight, "
+        "str gate_up_fmt, Tensor? gate_up_bias, Tensor? down_weight, str down_fmt, Tensor? down_bias, float eps, "
+        "int heads, int kv_heads, int head_dim) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(llmdrop_cpu_decode, CPU, m) { m.impl("decode_layer", &decode_layer); }
+
+// Importing the shared object as a Python module registers the ops above.
+PyMODINIT_FUNC PyInit__cpu_decode(void) {
+  static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_cpu_decode", nullptr, -1, nullptr};
+  return PyModule_Create(&module);
+}
