@@ -5,9 +5,9 @@ format of llmdrop_rt.quant.cpu_linear and every thread count, the timed call is 
 torch.ops.llmdrop_cpu_gemv.gemv_<fmt>
 on the next of enough copies of the weight to exceed the caches (--cold-mib), so weights stream from memory as in a
 decode step. torch's F.linear on fp32 weights (fp32 x) and on bf16 weights (bf16 x) run in the same rounds: the
-candidates alternate within every round and each reports the median over rounds. GB/s counts weight bytes; the floor
-is the streaming-read bandwidth of a large tensor's .sum() at the same thread count. `path` is what
-CpuLinear would run for such a layer.
+candidates alternate within every round and each reports the median (and best) over rounds. GB/s counts weight
+bytes; the floor is the streaming-read bandwidth of a large tensor's .sum() at the same thread count (/stream: median
+GB/s over it). `path` is what CpuLinear would run for such a layer.
 
     python bench/bench_cpu_gemv.py --threads 1 2 --out bench/out/cpu_gemv.json
 """
@@ -18,9 +18,12 @@ import itertools
 import json
 import os
 import platform
+import re
 import statistics
+import sys
 import tempfile
 import time
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -35,11 +38,13 @@ SHAPES = {  # model -> [(name, out_features, in_features)]
     "Llama-7B": [("q_proj", 4096, 4096), ("up_proj", 11008, 4096)],
 }
 TORCH_BASELINES = ("torch_f32", "torch_bf16")
+VECTOR_EXTENSIONS = {"avx2", "fma", "f16c", "avx512f", "avx512_bf16", "avx_vnni"}
 
 
-def sample_seconds(candidates: dict[str, Callable[[], object]], rounds: int, sample_time: float) -> dict[str, float]:
-    """Median seconds per call of each candidate over `rounds` rounds; within a round every candidate runs one
-    sample of about `sample_time` seconds, so a drifting machine load slows them alike."""
+def sample_seconds(candidates: dict[str, Callable[[], object]], rounds: int,
+                   sample_time: float) -> dict[str, tuple[float, float]]:
+    """(median, best) seconds per call of each candidate over `rounds` rounds; within a round every candidate runs
+    one sample of about `sample_time` seconds, so a drifting machine load slows them alike."""
     calls = {}
     for name, fn in candidates.items():
         fn(), fn()
@@ -53,13 +58,13 @@ def sample_seconds(candidates: dict[str, Callable[[], object]], rounds: int, sam
             for _ in range(calls[name]):
                 fn()
             samples[name].append((time.perf_counter() - start) / calls[name])
-    return {name: statistics.median(times) for name, times in samples.items()}
+    return {name: (statistics.median(times), min(times)) for name, times in samples.items()}
 
 
 def stream_read_gbs(rounds: int, mib: int = 1024) -> float:
-    """Streaming-read bandwidth (GB/s) of .sum() over a tensor far larger than the caches."""
+    """Streaming-read bandwidth (GB/s, median) of .sum() over a tensor far larger than the caches."""
     big = torch.ones(mib << 18)
-    seconds = sample_seconds({"sum": big.sum}, rounds, sample_time=0.2)["sum"]
+    seconds, _ = sample_seconds({"sum": big.sum}, rounds, sample_time=0.2)["sum"]
     return big.numel() * 4 / seconds / 1e9
 
 
@@ -94,24 +99,41 @@ def bench_shape(model: str, name: str, out_features: int, in_features: int, form
     with torch.inference_mode():
         seconds = sample_seconds(candidates, rounds, sample_time)
     results = []
-    for candidate, t in seconds.items():
+    for candidate, (t, best) in seconds.items():
         gbs = weight_bytes[candidate] / t / 1e9
         results.append({
             "model": model, "layer": name, "out_features": out_features, "in_features": in_features, "rows": rows,
             "threads": threads, "candidate": candidate, "path": paths.get(candidate, "torch"),
-            "us": t * 1e6, "weight_bytes": weight_bytes[candidate], "gbs": gbs, "of_stream_read": gbs / stream_gbs,
-            "speedup_vs_torch_f32": seconds["torch_f32"] / t, "speedup_vs_torch_bf16": seconds["torch_bf16"] / t,
+            "us": t * 1e6, "us_best": best * 1e6, "weight_bytes": weight_bytes[candidate], "gbs": gbs,
+            "gbs_best": weight_bytes[candidate] / best / 1e9, "of_stream_read": gbs / stream_gbs,
+            "speedup_vs_torch_f32": seconds["torch_f32"][0] / t, "speedup_vs_torch_bf16": seconds["torch_bf16"][0] / t,
         })
     return results
 
 
+def machine() -> dict:
+    """What the numbers ran on: CPU model and vector extensions, logical CPUs, memory (Linux)."""
+    def read(path: str) -> str:
+        return Path(path).read_text() if Path(path).exists() else ""
+
+    cpu = {}
+    for line in read("/proc/cpuinfo").splitlines():
+        key, _, value = line.partition(":")
+        cpu.setdefault(key.strip(), value.strip())  # the first CPU's entry
+    memory = re.search(r"MemTotal:\s+(\d+) kB", read("/proc/meminfo"))
+    return {"cpu": cpu.get("model name", platform.machine()), "cpu_family": cpu.get("cpu family"),
+            "cpu_model": cpu.get("model"), "logical_cpus": os.cpu_count(),
+            "vector_extensions": sorted(set(cpu.get("flags", "").split()) & VECTOR_EXTENSIONS),
+            "memory_gib": round(int(memory.group(1)) / 2**20, 1) if memory else None}
+
+
 def print_table(results: list[dict], stream: dict[int, float]):
-    print(f"{'shape':28s} {'rows':>4s} {'thr':>3s} {'format':10s} {'path':9s} {'us':>9s} {'GB/s':>6s} "
+    print(f"{'shape':34s} {'rows':>4s} {'thr':>3s} {'format':10s} {'path':7s} {'us':>9s} {'GB/s':>6s} {'best':>6s} "
           f"{'/stream':>7s} {'vs f32':>7s} {'vs bf16':>7s}")
     for r in results:
         shape = f"{r['model']} {r['layer']} {r['out_features']}x{r['in_features']}"
-        print(f"{shape:28s} {r['rows']:4d} {r['threads']:3d} {r['candidate']:10s} {r['path']:9s} {r['us']:9.1f} "
-              f"{r['gbs']:6.1f} {r['of_stream_read']:6.0%} {r['speedup_vs_torch_f32']:6.2f}x "
+        print(f"{shape:34s} {r['rows']:4d} {r['threads']:3d} {r['candidate']:10s} {r['path']:7s} {r['us']:9.1f} "
+              f"{r['gbs']:6.1f} {r['gbs_best']:6.1f} {r['of_stream_read']:6.0%} {r['speedup_vs_torch_f32']:6.2f}x "
               f"{r['speedup_vs_torch_bf16']:6.2f}x")
     print("stream read GB/s: " + ", ".join(f"{t} thread(s) {gbs:.1f}" for t, gbs in stream.items()))
 
@@ -127,6 +149,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--sample-time", type=float, default=0.02, help="seconds per candidate per round")
     parser.add_argument("--out", default="bench/out/cpu_gemv.json")
+    parser.add_argument("--note", default="", help="free text stored with the results (e.g. what else ran)")
     args = parser.parse_args()
     if cpu_linear.ops is None:
         raise SystemExit("llmdrop_rt._cpu_gemv is not built (python setup.py build_ext --inplace)")
@@ -147,8 +170,8 @@ def main() -> None:
                     results += rows_results
     print_table(results, stream)
     report = {
-        "machine": {"processor": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
-                    "load_average_at_start": load_at_start, "load_average_at_end": os.getloadavg()},
+        "command": " ".join(["python", *sys.argv]), "note": args.note,
+        "machine": {**machine(), "load_average_at_start": load_at_start, "load_average_at_end": os.getloadavg()},
         "torch": torch.__version__, "simd_width": cpu_linear.ops.simd_width(),
         "weights": f"cold: each candidate cycles through copies totalling >= {args.cold_mib} MiB",
         "rounds": args.rounds, "stream_read_gbs": stream, "results": results,

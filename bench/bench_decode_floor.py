@@ -59,7 +59,7 @@ def main():
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    dense = llmdrop_rt.load(args.model, drop_attn=args.drop_attn, device="cpu")  # torch modules, fp32
+    dense = llmdrop_rt.load(args.model, drop_attn=args.drop_attn, device="cpu", weights=None)  # torch modules
     ours = llmdrop_rt.load(args.model, drop_attn=args.drop_attn, device="cpu", weights=args.weights)
     dense_layers, our_layers = linear_layers(dense), linear_layers(ours)
     weight_bytes = sum(layer.weight_bytes() for layer in our_layers)

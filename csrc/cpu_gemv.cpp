@@ -5,7 +5,7 @@
 //   q8_0, q4_0, q4_1  ggml blocks of 32 consecutive input columns, byte for byte as in a GGUF file, held as
 //                     uint8 [out, in / 32 * block_bytes] (the blocks of one output row back to back):
 //                       q8_0, 34 bytes: fp16 d, int8 q[32]             w = d * q
-//                       q4_0, 18 bytes: fp16 d, uint8 qs[16]           w = d * (q - 8)
+//                       q4_0, 18 bytes: fp16 d, uint8 qs[16]           w = d * q - 8 d
 //                       q4_1, 20 bytes: fp16 d, fp16 m, uint8 qs[16]   w = d * q + m
 //                     where qs[j] holds element j in its low nibble and element j + 16 in its high nibble.
 //                     The scales stay fp16, as GGUF stores them, so GGUF tensors are used without repacking.
@@ -14,9 +14,10 @@
 // registers and multiplied with x by FMA. For block formats x is first quantised per block of 32 to int16
 // (x ~ sx * xq, sx = max|x| / 32767 over the block: each x is off by at most 1.5e-5 of the largest
 // magnitude in its block); the
-// dot of a block's integer values (q, or q - 8) with xq is then an exact int32 sum of pairwise int16
-// products (_mm256_madd_epi16), scaled by d * sx into an fp32 accumulator. q4_1's m contributes
-// m * (sum of x over the block), from per-block sums of the unquantised x. Both steps run once per call.
+// dot of a block's integer values q with xq is then an exact int32 sum of pairwise int16 products
+// (_mm256_madd_epi16), scaled by d * sx into an fp32 accumulator. The offset of the 4-bit formats (-8 d,
+// or m) contributes offset * (sum of x over the block), from per-block sums of the unquantised x. Both x
+// preparations run once per call.
 // More rows (prefill): tiles of output rows are dequantised to fp32 and ATen's GEMM does the rest.
 // Parallelism is at::parallel_for (torch's thread pool) over contiguous ranges of output rows, so each
 // thread streams its own part of the weight. x86-64 builds carry AVX2 + FMA + F16C kernels picked at run
@@ -51,6 +52,7 @@ constexpr int64_t kGemvMaxRows = 8;  // more activation rows than this: dequanti
 constexpr int64_t kRowBlock = 4;     // activation rows sharing one decode of a weight row in the GEMV
 constexpr int64_t kBlock = 32;       // input columns per quantisation block
 constexpr int64_t kMinTaskBytes = 32 << 10;  // weight bytes per thread below which threading does not pay
+constexpr int64_t kPrefetchAhead = 2048;  // bytes of the weight stream requested ahead of use
 
 inline float fp16_bits_to_float(const uint8_t* p) {
   uint16_t bits;
@@ -59,12 +61,13 @@ inline float fp16_bits_to_float(const uint8_t* p) {
 }
 
 // Element j of the 32 nibbles in qs[16].
-inline int nibble(const uint8_t* qs, int j) { return j < 16 ? qs[j] >> 4 : qs[j - 16] & 0xF; }
+inline int nibble(const uint8_t* qs, int j) { return j < 16 ? qs[j] & 0xF : qs[j - 16] >> 4; }
 
 // ---------------------------------------------------------------------------------------------
-// Formats. Dense ones say how to read elements; block ones where d, m and the values sit in a
-// block and what integer value element j has (its weight is d * value, plus m for q4_1).
-// |value| <= 128, so a block's dot with int16 activations fits int32 with room to spare.
+// Formats. Dense ones say how to read elements; block ones where d and the values sit in a block, what
+// integer value element j has, and the block's offset: w = d * value + offset, the offset being
+// kOffsetPerD * d, or the fp16 m at byte 2 (kStoredOffset). |value| <= 128, so a block's dot with int16
+// activations fits int32 with room to spare.
 // ---------------------------------------------------------------------------------------------
 struct F32 {
   using Element = float;
@@ -95,7 +98,8 @@ struct Q8_0 {
   static constexpr const char* kName = "q8_0";
   static constexpr int64_t kBytes = 34;
   static constexpr int64_t kValuesAt = 2;  // byte offset of the values; d is at 0
-  static constexpr bool kHasMin = false;
+  static constexpr float kOffsetPerD = 0.f;
+  static constexpr bool kStoredOffset = false;
   static int value(const uint8_t* values, int j) { return static_cast<int8_t>(values[j]); }
 };
 
@@ -104,8 +108,9 @@ struct Q4_0 {
   static constexpr const char* kName = "q4_0";
   static constexpr int64_t kBytes = 18;
   static constexpr int64_t kValuesAt = 2;
-  static constexpr bool kHasMin = false;
-  static int value(const uint8_t* values, int j) { return nibble(values, j) - 8; }
+  static constexpr float kOffsetPerD = -8.f;
+  static constexpr bool kStoredOffset = false;
+  static int value(const uint8_t* values, int j) { return nibble(values, j); }
 };
 
 struct Q4_1 {
@@ -113,18 +118,24 @@ struct Q4_1 {
   static constexpr const char* kName = "q4_1";
   static constexpr int64_t kBytes = 20;
   static constexpr int64_t kValuesAt = 4;
-  static constexpr bool kHasMin = true;  // m, fp16 at byte 2
+  static constexpr float kOffsetPerD = 0.f;
+  static constexpr bool kStoredOffset = true;
   static int value(const uint8_t* values, int j) { return nibble(values, j); }
 };
 
-// q4_1's m term needs the sums of x over each block.
+// The offset term of the 4-bit formats needs the sums of x over each block.
 template <class Format>
-constexpr bool needs_block_sums() {
+constexpr bool has_offset() {
   if constexpr (Format::kBlocked) {
-    return Format::kHasMin;
+    return Format::kStoredOffset || Format::kOffsetPerD != 0.f;
   } else {
     return false;
   }
+}
+
+template <class Format>
+float block_offset(const uint8_t* block, float d) {
+  return Format::kStoredOffset ? fp16_bits_to_float(block + 2) : Format::kOffsetPerD * d;
 }
 
 template <class Format>
@@ -143,10 +154,11 @@ struct Problem {
   const float* bias;       // [out] or nullptr
   float* y;                // [rows, out]
   int64_t rows, in, out;
-  // The GEMV of block formats reads x as QuantizedX (quantize_x below) instead:
-  const int16_t* xq;       // [rows, in]
-  const float* xscale;     // [rows, in / 32], x ~ xscale * xq per block
-  const float* xsums;      // [rows, in / 32], sums of x over each block (q4_1 only)
+  // The GEMV of block formats reads x as QuantizedX (quantize_x below) instead, block-major so that the
+  // activation rows of one block lie together:
+  const int16_t* xq;       // [in / 32, rows, 32]
+  const float* xscale;     // [in / 32, rows], x ~ xscale * xq per block
+  const float* xsums;      // [in / 32, rows], sums of x over each block (4-bit formats only)
 };
 
 // x [rows, in] quantised per block of 32 columns to int16 (see the top of the file).
@@ -156,20 +168,24 @@ struct QuantizedX {
 };
 
 QuantizedX quantize_x(const float* x, int64_t rows, int64_t in, bool with_sums) {
-  const int64_t blocks = rows * (in / kBlock);
-  QuantizedX q{std::vector<int16_t>(rows * in), std::vector<float>(blocks), std::vector<float>(with_sums ? blocks : 0)};
-  for (int64_t b = 0; b < blocks; ++b) {
-    const float* xb = x + b * kBlock;
-    float largest = 0.f, sum = 0.f;
-    for (int j = 0; j < kBlock; ++j) {
-      largest = std::max(largest, std::fabs(xb[j]));
-      sum += xb[j];
+  const int64_t blocks = in / kBlock;
+  QuantizedX q{std::vector<int16_t>(rows * in), std::vector<float>(rows * blocks),
+               std::vector<float>(with_sums ? rows * blocks : 0)};
+  for (int64_t m = 0; m < rows; ++m) {
+    for (int64_t b = 0; b < blocks; ++b) {
+      const float* xb = x + m * in + b * kBlock;
+      float largest = 0.f, sum = 0.f;
+      for (int j = 0; j < kBlock; ++j) {
+        largest = std::max(largest, std::fabs(xb[j]));
+        sum += xb[j];
+      }
+      const float inverse = largest > 0.f ? 32767.f / largest : 0.f;
+      int16_t* values = q.values.data() + (b * rows + m) * kBlock;
+      for (int j = 0; j < kBlock; ++j)  // round half away from zero
+        values[j] = static_cast<int16_t>(xb[j] * inverse + std::copysign(0.5f, xb[j]));
+      q.scales[b * rows + m] = largest / 32767.f;
+      if (with_sums) q.sums[b * rows + m] = sum;
     }
-    const float inverse = largest > 0.f ? 32767.f / largest : 0.f;
-    for (int j = 0; j < kBlock; ++j)  // round half away from zero
-      q.values[b * kBlock + j] = static_cast<int16_t>(xb[j] * inverse + std::copysign(0.5f, xb[j]));
-    q.scales[b] = largest / 32767.f;
-    if (with_sums) q.sums[b] = sum;
   }
   return q;
 }
@@ -186,12 +202,13 @@ void row_dots_portable(const Problem& p, const uint8_t* wrow, int64_t m0, int64_
       const int64_t blocks = p.in / kBlock;
       for (int64_t b = 0; b < blocks; ++b) {
         const uint8_t* block = wrow + b * Format::kBytes;
-        const int16_t* xq = p.xq + (m0 + r) * p.in + b * kBlock;
+        const int64_t xb = b * p.rows + m0 + r;
+        const int16_t* xq = p.xq + xb * kBlock;
         int32_t block_dot = 0;
         for (int j = 0; j < kBlock; ++j) block_dot += Format::value(block + Format::kValuesAt, j) * xq[j];
-        const int64_t xb = (m0 + r) * blocks + b;
-        total += static_cast<float>(block_dot) * (fp16_bits_to_float(block) * p.xscale[xb]);
-        if constexpr (Format::kHasMin) total += fp16_bits_to_float(block + 2) * p.xsums[xb];
+        const float d = fp16_bits_to_float(block);
+        total += static_cast<float>(block_dot) * (d * p.xscale[xb]);
+        if constexpr (has_offset<Format>()) total += block_offset<Format>(block, d) * p.xsums[xb];
       }
     } else {
       const auto* w = reinterpret_cast<const typename Format::Element*>(wrow);
@@ -208,8 +225,8 @@ void dequant_row_portable(const uint8_t* wrow, int64_t in, float* w) {
     for (int64_t b = 0; b < in / kBlock; ++b) {
       const uint8_t* block = wrow + b * Format::kBytes;
       const float d = fp16_bits_to_float(block);
-      const float m = Format::kHasMin ? fp16_bits_to_float(block + 2) : 0.f;
-      for (int j = 0; j < kBlock; ++j) w[b * kBlock + j] = d * Format::value(block + Format::kValuesAt, j) + m;
+      const float offset = block_offset<Format>(block, d);
+      for (int j = 0; j < kBlock; ++j) w[b * kBlock + j] = d * Format::value(block + Format::kValuesAt, j) + offset;
     }
   } else {
     const auto* elements = reinterpret_cast<const typename Format::Element*>(wrow);
@@ -234,6 +251,11 @@ LLMDROP_AVX2 inline float fp16_bits_to_float_f16c(const uint8_t* p) {
   return _cvtsh_ss(bits);
 }
 
+template <class Format>
+LLMDROP_AVX2 inline float block_offset_f16c(const uint8_t* block, float d) {
+  return Format::kStoredOffset ? fp16_bits_to_float_f16c(block + 2) : Format::kOffsetPerD * d;
+}
+
 // Eight consecutive dense weights as fp32.
 LLMDROP_AVX2 inline __m256 load8(const float* w) { return _mm256_loadu_ps(w); }
 LLMDROP_AVX2 inline __m256 load8(const at::Half* w) {
@@ -256,95 +278,107 @@ LLMDROP_AVX2 inline void block_values_avx2(Q8_0, const uint8_t* values, __m256i 
     q[half] = bytes_to_int16<true>(_mm_loadu_si128(reinterpret_cast<const __m128i*>(values + 16 * half)));
 }
 
-// The low nibbles of qs are elements 0-15, the high ones 16-31; `offset` is subtracted from each.
-template <bool kSigned>
-LLMDROP_AVX2 inline void nibble_values_avx2(const uint8_t* values, int offset, __m256i q[2]) {
-  const __m128i packed = _mm_loadu_si128(reinterpret_cast<const __m128i*>(values));
-  const __m128i low_mask = _mm_set1_epi8(0x0F), bias = _mm_set1_epi8(static_cast<char>(offset));
-  q[1] = bytes_to_int16<kSigned>(_mm_sub_epi8(_mm_and_si128(packed, low_mask), bias));
-  q[0] = bytes_to_int16<kSigned>(_mm_sub_epi8(_mm_and_si128(_mm_srli_epi16(packed, 4), low_mask), bias));
+// Zero-extending qs[16] to 16-bit lanes puts byte j in lane j: its low nibble is element j, its high nibble
+// (all that is left after a shift by 4) element j + 16.
+LLMDROP_AVX2 inline void nibble_values_avx2(const uint8_t* values, __m256i q[2]) {
+  const __m256i bytes = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(values)));
+  q[0] = _mm256_and_si256(bytes, _mm256_set1_epi16(0x0F));
+  q[1] = _mm256_srli_epi16(bytes, 4);
 }
-LLMDROP_AVX2 inline void block_values_avx2(Q4_0, const uint8_t* values, __m256i q[2]) {
-  nibble_values_avx2<true>(values, 8, q);
-}
-LLMDROP_AVX2 inline void block_values_avx2(Q4_1, const uint8_t* values, __m256i q[2]) {
-  nibble_values_avx2<false>(values, 0, q);
-}
+LLMDROP_AVX2 inline void block_values_avx2(Q4_0, const uint8_t* values, __m256i q[2]) { nibble_values_avx2(values, q); }
+LLMDROP_AVX2 inline void block_values_avx2(Q4_1, const uint8_t* values, __m256i q[2]) { nibble_values_avx2(values, q); }
 
-// Independent accumulators per activation row: enough chains to hide the FMA latency with few rows.
-template <int NROWS>
-constexpr int kChains = NROWS == 1 ? 4 : 2;
+// Independent accumulators per (weight row, activation row) pair: enough chains in all to hide the FMA latency.
+constexpr int chains_for(int pairs) { return pairs >= 4 ? 1 : 4 / pairs; }
 
-// total[r] += W[o, block b] . x[m0 + r], the m term (q4_1) into min_term[r], for NROWS activation rows.
+// total[r] += W[o, block b] . x[m0 + r], its offset term into offset_term[r], for NROWS activation rows.
 template <class Format, int NROWS>
 LLMDROP_AVX2 inline void accumulate_block_avx2(const Problem& p, const uint8_t* wrow, int64_t m0, int64_t b,
-                                               __m256 (&total)[NROWS], float (&min_term)[NROWS]) {
-  const int64_t blocks = p.in / kBlock;
+                                               __m256 (&total)[NROWS], float (&offset_term)[NROWS]) {
   const uint8_t* block = wrow + b * Format::kBytes;
+  _mm_prefetch(reinterpret_cast<const char*>(block) + kPrefetchAhead, _MM_HINT_T0);
   __m256i q[2];
   block_values_avx2(Format{}, block + Format::kValuesAt, q);
-  const __m256 d = _mm256_set1_ps(fp16_bits_to_float_f16c(block));
+  const float d = fp16_bits_to_float_f16c(block);
+  const float offset = has_offset<Format>() ? block_offset_f16c<Format>(block, d) : 0.f;
+  const int64_t x0 = b * p.rows + m0;  // QuantizedX index of (block b, row m0)
   for (int r = 0; r < NROWS; ++r) {
-    const int16_t* xq = p.xq + (m0 + r) * p.in + b * kBlock;
-    const int64_t xb = (m0 + r) * blocks + b;
+    const int16_t* xq = p.xq + (x0 + r) * kBlock;
     const __m256i block_dot =
         _mm256_add_epi32(_mm256_madd_epi16(q[0], _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq))),
                          _mm256_madd_epi16(q[1], _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + 16))));
-    total[r] =
-        _mm256_fmadd_ps(_mm256_cvtepi32_ps(block_dot), _mm256_mul_ps(d, _mm256_broadcast_ss(p.xscale + xb)), total[r]);
-    if constexpr (Format::kHasMin) min_term[r] += fp16_bits_to_float_f16c(block + 2) * p.xsums[xb];
+    total[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(block_dot), _mm256_set1_ps(d * p.xscale[x0 + r]), total[r]);
+    if constexpr (has_offset<Format>()) offset_term[r] += offset * p.xsums[x0 + r];
   }
 }
 
-// dots[r] = W[o] . x[m0 + r] for NROWS activation rows (compile-time, so the accumulators stay in registers).
-template <class Format, int NROWS>
-LLMDROP_AVX2 void row_dots_avx2(const Problem& p, const uint8_t* wrow, int64_t m0, float* dots) {
-  constexpr int chains = kChains<NROWS>;
+// dots[k][r] = W[o + k] . x[m0 + r] for WROWS consecutive weight rows from wrow and NROWS activation rows
+// (compile-time, so the accumulators stay in registers). With several activation rows the dense formats take
+// two weight rows at a time, so that each load of fp32 x serves both; for the block formats (int16 x, half
+// the bytes) that measured slower, so they take one.
+template <class Format, int WROWS, int NROWS>
+LLMDROP_AVX2 void tile_dots_avx2(const Problem& p, const uint8_t* wrow, int64_t m0, float (*dots)[kRowBlock]) {
+  constexpr int chains = chains_for(WROWS * NROWS);
   if constexpr (Format::kBlocked) {
+    static_assert(WROWS == 1, "block formats decode one weight row at a time");
     const int64_t blocks = p.in / kBlock;
     __m256 total[chains][NROWS];  // chain c accumulates blocks c, c + chains, ...
-    float min_term[chains][NROWS];
+    float offset_term[chains][NROWS];
     for (int c = 0; c < chains; ++c) {
       for (int r = 0; r < NROWS; ++r) {
         total[c][r] = _mm256_setzero_ps();
-        min_term[c][r] = 0.f;
+        offset_term[c][r] = 0.f;
       }
     }
     int64_t b = 0;
-    for (; b + chains <= blocks; b += chains)
-      for (int c = 0; c < chains; ++c) accumulate_block_avx2<Format, NROWS>(p, wrow, m0, b + c, total[c], min_term[c]);
-    for (; b < blocks; ++b) accumulate_block_avx2<Format, NROWS>(p, wrow, m0, b, total[0], min_term[0]);
+    for (; b + chains <= blocks; b += chains) {
+      for (int c = 0; c < chains; ++c)
+        accumulate_block_avx2<Format, NROWS>(p, wrow, m0, b + c, total[c], offset_term[c]);
+    }
+    for (; b < blocks; ++b) accumulate_block_avx2<Format, NROWS>(p, wrow, m0, b, total[0], offset_term[0]);
     for (int r = 0; r < NROWS; ++r) {
       for (int c = 1; c < chains; ++c) {
         total[0][r] = _mm256_add_ps(total[0][r], total[c][r]);
-        min_term[0][r] += min_term[c][r];
+        offset_term[0][r] += offset_term[c][r];
       }
-      dots[r] = hsum_avx2(total[0][r]) + min_term[0][r];
+      dots[0][r] = hsum_avx2(total[0][r]) + offset_term[0][r];
     }
   } else {
-    const auto* w = reinterpret_cast<const typename Format::Element*>(wrow);
+    using Element = typename Format::Element;
     const float* x = p.x + m0 * p.in;
-    const int64_t in = p.in;
-    __m256 acc[NROWS][chains];  // chain c accumulates columns 8c..8c+7 of every 8 * chains
-    for (int r = 0; r < NROWS; ++r)
-      for (int c = 0; c < chains; ++c) acc[r][c] = _mm256_setzero_ps();
+    const int64_t in = p.in, bytes = row_bytes<Format>(in);
+    auto weights = [&](int k) { return reinterpret_cast<const Element*>(wrow + k * bytes); };
+    __m256 acc[WROWS][NROWS][chains];  // chain c accumulates columns 8c..8c+7 of every 8 * chains
+    for (int k = 0; k < WROWS; ++k)
+      for (int r = 0; r < NROWS; ++r)
+        for (int c = 0; c < chains; ++c) acc[k][r][c] = _mm256_setzero_ps();
     int64_t i = 0;
     for (; i + 8 * chains <= in; i += 8 * chains) {
-      __m256 wv[chains];
-      for (int c = 0; c < chains; ++c) wv[c] = load8(w + i + 8 * c);
-      for (int r = 0; r < NROWS; ++r)
-        for (int c = 0; c < chains; ++c)
-          acc[r][c] = _mm256_fmadd_ps(wv[c], _mm256_loadu_ps(x + r * in + i + 8 * c), acc[r][c]);
+      __m256 wv[WROWS][chains];
+      for (int k = 0; k < WROWS; ++k) {
+        _mm_prefetch(reinterpret_cast<const char*>(weights(k) + i) + kPrefetchAhead, _MM_HINT_T0);
+        for (int c = 0; c < chains; ++c) wv[k][c] = load8(weights(k) + i + 8 * c);
+      }
+      for (int r = 0; r < NROWS; ++r) {
+        for (int c = 0; c < chains; ++c) {
+          const __m256 xv = _mm256_loadu_ps(x + r * in + i + 8 * c);
+          for (int k = 0; k < WROWS; ++k) acc[k][r][c] = _mm256_fmadd_ps(wv[k][c], xv, acc[k][r][c]);
+        }
+      }
     }
     for (; i + 8 <= in; i += 8) {
-      const __m256 wv = load8(w + i);
-      for (int r = 0; r < NROWS; ++r) acc[r][0] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + r * in + i), acc[r][0]);
+      for (int r = 0; r < NROWS; ++r) {
+        const __m256 xv = _mm256_loadu_ps(x + r * in + i);
+        for (int k = 0; k < WROWS; ++k) acc[k][r][0] = _mm256_fmadd_ps(load8(weights(k) + i), xv, acc[k][r][0]);
+      }
     }
-    for (int r = 0; r < NROWS; ++r) {
-      for (int c = 1; c < chains; ++c) acc[r][0] = _mm256_add_ps(acc[r][0], acc[r][c]);
-      float total = hsum_avx2(acc[r][0]);
-      for (int64_t t = i; t < in; ++t) total += Format::to_float(w[t]) * x[r * in + t];
-      dots[r] = total;
+    for (int k = 0; k < WROWS; ++k) {
+      for (int r = 0; r < NROWS; ++r) {
+        for (int c = 1; c < chains; ++c) acc[k][r][0] = _mm256_add_ps(acc[k][r][0], acc[k][r][c]);
+        float total = hsum_avx2(acc[k][r][0]);
+        for (int64_t t = i; t < in; ++t) total += Format::to_float(weights(k)[t]) * x[r * in + t];
+        dots[k][r] = total;
+      }
     }
   }
 }
@@ -356,12 +390,12 @@ LLMDROP_AVX2 void dequant_row_avx2(const uint8_t* wrow, int64_t in, float* w) {
       const uint8_t* block = wrow + b * Format::kBytes;
       __m256i q[2];
       block_values_avx2(Format{}, block + Format::kValuesAt, q);
-      const __m256 d = _mm256_set1_ps(fp16_bits_to_float_f16c(block));
-      const __m256 m = _mm256_set1_ps(Format::kHasMin ? fp16_bits_to_float_f16c(block + 2) : 0.f);
+      const float d_scalar = fp16_bits_to_float_f16c(block);
+      const __m256 d = _mm256_set1_ps(d_scalar), offset = _mm256_set1_ps(block_offset_f16c<Format>(block, d_scalar));
       for (int k = 0; k < 4; ++k) {
         const __m128i eight = k % 2 ? _mm256_extracti128_si256(q[k / 2], 1) : _mm256_castsi256_si128(q[k / 2]);
         const __m256 values = _mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(eight));
-        _mm256_storeu_ps(w + b * kBlock + 8 * k, _mm256_fmadd_ps(values, d, m));
+        _mm256_storeu_ps(w + b * kBlock + 8 * k, _mm256_fmadd_ps(values, d, offset));
       }
     }
   } else {
@@ -390,32 +424,51 @@ int simd_bits() { return std::min(cpu_simd_bits(), simd_bits_cap.load()); }
 // ---------------------------------------------------------------------------------------------
 // Drivers
 // ---------------------------------------------------------------------------------------------
-template <class Format, int NROWS>
-void row_dots(bool avx2, const Problem& p, const uint8_t* wrow, int64_t m0, float* dots) {
+// dots[k][r] = W[o + k] . x[m0 + r] for WROWS weight rows from wrow and NROWS activation rows.
+template <class Format, int WROWS, int NROWS>
+void tile_dots(bool avx2, const Problem& p, const uint8_t* wrow, int64_t m0, float (*dots)[kRowBlock]) {
 #ifdef LLMDROP_HAVE_X86_SIMD
-  if (avx2) return row_dots_avx2<Format, NROWS>(p, wrow, m0, dots);
+  if (avx2) return tile_dots_avx2<Format, WROWS, NROWS>(p, wrow, m0, dots);
 #endif
-  row_dots_portable<Format>(p, wrow, m0, NROWS, dots);
+  for (int k = 0; k < WROWS; ++k)
+    row_dots_portable<Format>(p, wrow + k * row_bytes<Format>(p.in), m0, NROWS, dots[k]);
+}
+
+template <class Format, int WROWS>
+void tile_dots(bool avx2, const Problem& p, const uint8_t* wrow, int64_t m0, int64_t nrows, float (*dots)[kRowBlock]) {
+  switch (nrows) {
+    case 1: return tile_dots<Format, WROWS, 1>(avx2, p, wrow, m0, dots);
+    case 2: return tile_dots<Format, WROWS, 2>(avx2, p, wrow, m0, dots);
+    case 3: return tile_dots<Format, WROWS, 3>(avx2, p, wrow, m0, dots);
+    default: return tile_dots<Format, WROWS, 4>(avx2, p, wrow, m0, dots);
+  }
 }
 
 template <class Format>
 void gemv(const Problem& p) {
   const bool avx2 = simd_bits() >= 256;
   const int64_t bytes = row_bytes<Format>(p.in);
-  at::parallel_for(0, p.out, std::max<int64_t>(1, kMinTaskBytes / std::max<int64_t>(bytes, 1)),
-                   [&](int64_t o_begin, int64_t o_end) {
-    for (int64_t o = o_begin; o < o_end; ++o) {
+  // One activation row, or a block format: one weight row per tile. Several rows of dense formats: two.
+  // Threads take whole tiles, so every output is summed in the same order whatever the thread count.
+  const int64_t tile_rows = p.rows > 1 && !Format::kBlocked ? 2 : 1;
+  const int64_t tiles = (p.out + tile_rows - 1) / tile_rows;
+  const int64_t min_tiles_per_task = std::max<int64_t>(1, kMinTaskBytes / std::max<int64_t>(tile_rows * bytes, 1));
+  at::parallel_for(0, tiles, min_tiles_per_task, [&](int64_t t_begin, int64_t t_end) {
+    for (int64_t t = t_begin; t < t_end; ++t) {
+      const int64_t o = t * tile_rows, weight_rows = std::min(tile_rows, p.out - o);
       const uint8_t* wrow = p.weight + o * bytes;
-      const float bias = p.bias ? p.bias[o] : 0.f;
       for (int64_t m0 = 0; m0 < p.rows; m0 += kRowBlock) {
-        float dots[kRowBlock];
-        switch (std::min(kRowBlock, p.rows - m0)) {
-          case 1: row_dots<Format, 1>(avx2, p, wrow, m0, dots); break;
-          case 2: row_dots<Format, 2>(avx2, p, wrow, m0, dots); break;
-          case 3: row_dots<Format, 3>(avx2, p, wrow, m0, dots); break;
-          default: row_dots<Format, 4>(avx2, p, wrow, m0, dots); break;
+        const int64_t nrows = std::min(kRowBlock, p.rows - m0);
+        float dots[2][kRowBlock];
+        if (weight_rows == 1) {
+          tile_dots<Format, 1>(avx2, p, wrow, m0, nrows, dots);
+        } else if constexpr (!Format::kBlocked) {
+          tile_dots<Format, 2>(avx2, p, wrow, m0, nrows, dots);
         }
-        for (int64_t r = 0; r < std::min(kRowBlock, p.rows - m0); ++r) p.y[(m0 + r) * p.out + o] = dots[r] + bias;
+        for (int64_t k = 0; k < weight_rows; ++k) {
+          const float bias = p.bias ? p.bias[o + k] : 0.f;
+          for (int64_t r = 0; r < nrows; ++r) p.y[(m0 + r) * p.out + o + k] = dots[k][r] + bias;
+        }
       }
     }
   });
@@ -507,13 +560,13 @@ at::Tensor& gemv_out(const at::Tensor& x_any, const at::Tensor& weight, const c1
   if (rows <= kGemvMaxRows) {
     QuantizedX xq;
     if constexpr (Format::kBlocked) {
-      xq = quantize_x(p.x, rows, in, needs_block_sums<Format>());
+      xq = quantize_x(p.x, rows, in, has_offset<Format>());
       p.xq = xq.values.data(), p.xscale = xq.scales.data(), p.xsums = xq.sums.data();
     }
     gemv<Format>(p);
   } else {
     tiled_matmul<Format>(p, x, y);
-    (void)0;
+    if (bias) y.add_(*bias);
   }
   return y;
 }

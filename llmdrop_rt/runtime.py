@@ -123,7 +123,7 @@ def _cut_at_stop(text: str, stop: list[str] | None) -> str:
 
 def load(path: str | Path | None = None, drop_attn=None, drop_mlp=None, dtype=None, device=None,
          attn_backend: str | None = None, kernels: str | None = None, decode: str = "auto",
-         weights: str | None = None) -> LLM:
+         weights: str | None = "auto") -> LLM:
     """Load a Llama/Mistral checkpoint folder or llama GGUF file (default: the embedded SmolLM2-135M-Instruct).
 
     drop_attn / drop_mlp: layer indices (or a boolean mask) to drop, overriding config.json's
@@ -131,7 +131,8 @@ def load(path: str | Path | None = None, drop_attn=None, drop_mlp=None, dtype=No
     dtype: "float32" | "bfloat16" | "float16" | torch.dtype (default fp32 on CPU, bf16 on GPU).
     weights (CPU): "fp32" | "fp16" | "bf16" | "int8" | "int4": store the weights in that format, embedding and output
     head included, and run our CPU kernels (activations fp32; see llmdrop_rt.model.builder). A GGUF source's
-    q8_0 / q4_0 / q4_1 tensors load as stored for int8 / int4. Default: plain torch modules in `dtype`.
+    q8_0 / q4_0 / q4_1 tensors load as stored for int8 / int4. "auto" (default): fp32 kernels for an fp32 model on
+    the CPU, plain torch modules in `dtype` everywhere else; None: always torch modules.
     attn_backend: "flash" (default on CUDA when flash-attn is installed), "sdpa" (default otherwise) or "reference".
     kernels: "auto" (Triton on CUDA, torch elsewhere), "triton" or "torch", for this model only (see
     llmdrop_rt.model.ops); default: $LLMDROP_RT_KERNELS, else "auto".

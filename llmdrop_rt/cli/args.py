@@ -41,9 +41,10 @@ def add_model_arguments(parser: argparse.ArgumentParser, runtime: bool = True):
     if runtime:
         parser.add_argument("--dtype", help="float32 | bfloat16 | float16 (default: float32 on CPU, bfloat16 on GPU)")
         parser.add_argument("--device", help="cpu | cuda (default: cuda when available)")
-        parser.add_argument("--weights", choices=sorted(WEIGHT_FORMATS),
+        parser.add_argument("--weights", choices=["auto", *sorted(WEIGHT_FORMATS)], default="auto",
                             help="CPU weight format: our kernels on fp32/fp16/bf16 weights, int8 (q8_0 blocks) or int4 "
-                                 "(q4_0; a GGUF's q4_0/q4_1 as stored) (default: torch modules in --dtype)")
+                                 "(q4_0; a GGUF's q4_0/q4_1 as stored) (default: fp32 kernels for an fp32 model on "
+                                 "the CPU, torch modules in --dtype elsewhere)")
 
 
 def load_from_args(args):

@@ -7,7 +7,8 @@ model (projections, embedding, output head) in that precision; "int8" stores the
 projections as q4_0 blocks with the embedding / output head in q8_0 (the vocabulary matrix is the most sensitive
 to 4 bits). All of them run in `quant.cpu_linear`'s kernels. A reader that hands out blocks as stored (a GGUF
 file: `io.gguf_import.GGUFWeights`) gives the int8 / int4 formats its q8_0 / q4_0 / q4_1 tensors as they are,
-with no requantization; float tensors are quantized at load. `weights=None` keeps plain torch modules in `dtype`.
+with no requantization; float tensors are quantized at load. `weights=None` keeps plain torch modules in `dtype`;
+"auto" picks fp32 kernels for an fp32 model on the CPU (see `resolve_weight_format`).
 """
 from __future__ import annotations
 
@@ -65,6 +66,16 @@ WEIGHT_FORMATS = {"fp32": ("f32", "f32"), "fp16": ("f16", "f16"), "bf16": ("bf16
                   "int8": ("q8_0", "q8_0"), "int4": ("q4_0", "q8_0")}
 
 
+def resolve_weight_format(weights: str | None, device, dtype, ops: TorchOps, quantized_checkpoint: bool):
+    """"auto": our fp32 kernels for an fp32 model on the CPU on the torch ops path (torch's batch-1 fp32 GEMV reads
+    memory at a fraction of the machine's bandwidth), torch modules elsewhere. Any other request is checked."""
+    if weights == "auto":
+        fits = torch.device(device).type == "cpu" and dtype == torch.float32 and ops is not TRITON
+        return "fp32" if fits and not quantized_checkpoint and cpu_linear.ops is not None else None
+    check_weight_format(weights, device, dtype, quantized_checkpoint)
+    return weights
+
+
 def check_weight_format(weights: str | None, device, dtype, quantized_checkpoint: bool) -> None:
     """Refuse a `weights` request this build cannot honour, naming the argument."""
     if weights is None:
@@ -87,8 +98,8 @@ class ModelBuilder:
                  weights: str | None = None):
         self.cfg, self.plan, self.reader, self.dtype, self.device, self.ops = cfg, plan, reader, dtype, device, ops
         self.qconfig = parse_quant_config(cfg.raw, getattr(reader, "folder", None))
-        check_weight_format(weights, device, dtype, self.qconfig is not None)
-        self.formats = WEIGHT_FORMATS.get(weights)  # (projections, embedding / head) or None: torch modules
+        self.weights = resolve_weight_format(weights, device, dtype, ops, self.qconfig is not None)
+        self.formats = WEIGHT_FORMATS.get(self.weights)  # (projections, embedding / head) or None: torch modules
         # Fold MLP norms into gate/up when the fused Triton kernel will run (decided once, at load time).
         self.fold_mlp_norm = ops is TRITON and not cfg.mlp_bias and self.qconfig is None
 
@@ -117,11 +128,13 @@ class ModelBuilder:
             layers = [QuantLinear.from_checkpoint(self.quant_tensor, p, in_features, o, self.qconfig, bias)
                       for p, o in zip(prefixes, out_features)]
             return concat_quant_linear(layers).to(self.device)
-        biases = [self.tensor(f"{p}.bias", (o,)) for p, o in zip(prefixes, out_features)] if bias else None
         if self.formats is not None:
             fmt, stored = self.stored([f"{p}.weight" for p in prefixes], out_features, in_features, self.formats[0])
+        else:
+            weights = [self.tensor(f"{p}.weight", (o, in_features)) for p, o in zip(prefixes, out_features)]
+        biases = [self.tensor(f"{p}.bias", (o,)) for p, o in zip(prefixes, out_features)] if bias else None
+        if self.formats is not None:
             return cpu_linear.CpuLinear(stored, fmt, None if biases is None else torch.cat(biases))
-        weights = [self.tensor(f"{p}.weight", (o, in_features)) for p, o in zip(prefixes, out_features)]
         return dense_linear(weights, biases)
 
     def quant_tensor(self, name: str) -> torch.Tensor:

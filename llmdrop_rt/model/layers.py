@@ -228,7 +228,7 @@ class Transformer(nn.Module):
         with self.ranges.embedding:
             x = self.embed(tokens)
         if self.decode_calls is not None and tokens.shape[1] == 1 and ctx.cache is not None and \
-                isinstance(ctx.start, int) and ctx.attn_backend != "reference":
+                isinstance(ctx.start, int) and ctx.attn_backend == "sdpa":
             pending = cpu_decode.decode_layers(self.decode_calls, x, ctx)
         else:
             pending = None

@@ -12,7 +12,7 @@ one of these types therefore is already a valid stored weight (its raw bytes, on
 `quantize` reproduces gguf's reference quantizers (``gguf.quants.quantize``) bit for bit.
 
 `CpuLinear` runs the compiled kernels of ``llmdrop_rt._cpu_gemv`` (csrc/cpu_gemv.cpp) when they are built, and a
-pure-torch dequantize-and-matmul otherwise. Its ``path`` says which code runs a call with few rows (decode).
+pure-torch dequantize-and-matmul otherwise; its ``path`` says which.
 """
 from __future__ import annotations
 
@@ -25,7 +25,8 @@ BLOCK = 32  # input columns per quantisation block
 BLOCK_BYTES = {"q8_0": 34, "q4_0": 18, "q4_1": 20}
 DENSE_DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
 FORMATS = (*DENSE_DTYPES, *BLOCK_BYTES)
-# Up to this many rows the kernels run a fused GEMV; above it they dequantise tiles for ATen's GEMM.
+# Up to this many rows the kernels run a fused GEMV; above it they dequantise tiles for ATen's GEMM
+# (kGemvMaxRows in csrc/cpu_gemv.cpp).
 GEMV_MAX_ROWS = 8
 
 
@@ -144,14 +145,18 @@ def _check_format(fmt: str):
 # The layer
 # --------------------------------------------------------------------------------------------------
 class CpuLinear(torch.nn.Module):
-    """y = x @ W.T + bias for fp32 x [..., in] and W stored in one of `FORMATS`.
+    """y = x @ W.T + bias for fp32 x [..., in] and W stored in one of `FORMATS`; y is fp32.
 
-    path (the code that runs calls of up to GEMV_MAX_ROWS rows):
-      "kernel"    the compiled op torch.ops.llmdrop_cpu_gemv.gemv_<fmt>;
-      "torch"     F.linear on the stored weight (fp32 only);
-      "reference" dequantize to fp32, then F.linear (the extension is not built).
-    More rows always take the op where it is built (it hands fp32 straight to ATen's GEMM and runs tiles of
-    dequantised rows through it for the other formats).
+    path, the code that runs a call:
+      "kernel"    the compiled op torch.ops.llmdrop_cpu_gemv.gemv_<fmt> (its fused GEMV up to GEMV_MAX_ROWS rows,
+                  dequantised tiles and ATen's GEMM above), except that f32 calls with more rows go to F.linear,
+                  the same GEMM without the op in between;
+      "torch"     F.linear on the stored weight (f32 only: F.linear wants x and W of one dtype);
+      "reference" dequantize to fp32, then F.linear (what "auto" picks where the extension is not built).
+    "auto" picks "kernel" for every format and shape, by a rule measured with bench/bench_cpu_gemv.py: at 1-8 rows
+    the kernel beat F.linear fp32 on every decode shape measured (SmolLM2-135M and Llama-7B projections, 1 and 2
+    threads, cold weights), and above 8 rows both are the same GEMM. torch's bf16 F.linear, faster for many rows
+    where the CPU has bf16 dot products, is not a candidate: it would round x to bf16.
     """
 
     def __init__(self, weight: torch.Tensor, fmt: str, bias: torch.Tensor | None = None, path: str = "auto"):

@@ -53,5 +53,6 @@ def test_cpp_decode_step_equals_the_modules(tiny_checkpoints, name, weights, dro
     torch.testing.assert_close(logits, reference_logits, rtol=tolerance, atol=tolerance)
 
 
-def test_models_without_cpu_weight_formats_keep_the_module_path(tiny_checkpoints):
-    assert llmdrop_rt.load(tiny_checkpoints["llama3"]).model.decode_calls is None  # torch modules
+def test_the_cpu_default_is_our_fp32_kernels_and_torch_modules_keep_the_module_path(tiny_checkpoints):
+    assert llmdrop_rt.load(tiny_checkpoints["llama3"]).model.decode_calls is not None  # weights="auto": fp32 kernels
+    assert llmdrop_rt.load(tiny_checkpoints["llama3"], weights=None).model.decode_calls is None  # torch modules

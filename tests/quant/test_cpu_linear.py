@@ -8,6 +8,7 @@ byte for byte against gguf's reference implementation.
 from __future__ import annotations
 
 import os
+import random
 import zlib
 
 import gguf
@@ -29,12 +30,15 @@ GGUF_TYPES = {"q8_0": gguf.GGMLQuantizationType.Q8_0, "q4_0": gguf.GGMLQuantizat
 SHAPES = [(37, 64), (77, 96), (576, 1536)]
 DENSE_ODD_SHAPES = [(37, 77), (5, 13)]
 ROWS = [1, 3, 8, 33]  # 33: more than the GEMV takes (tiles + GEMM)
+# Fresh inputs every run; LLMDROP_TEST_SEED=<the seed a failing test printed> repeats them.
+SESSION_SEED = int(os.environ.get("LLMDROP_TEST_SEED") or random.randrange(2**31))
 
 
 @pytest.fixture
 def gen(request) -> torch.Generator:
-    """A generator seeded from the test's id: each test draws its own inputs, reproducibly."""
-    return torch.Generator().manual_seed(zlib.crc32(request.node.nodeid.encode()))
+    """A generator of the session's seed mixed with the test's id, so each test draws its own inputs."""
+    print(f"LLMDROP_TEST_SEED={SESSION_SEED}")
+    return torch.Generator().manual_seed(zlib.crc32(request.node.nodeid.encode()) ^ SESSION_SEED)
 
 
 @pytest.fixture(params=[256, 0], ids=["avx2", "portable"])
@@ -52,26 +56,30 @@ def random_weight(out_features: int, in_features: int, gen: torch.Generator) -> 
 
 
 def integer_part(stored: torch.Tensor, fmt: str) -> torch.Tensor:
-    """|d * value| per weight (float64): what multiplies the quantised x (q4_1's m term uses the exact x)."""
-    if fmt != "q4_1":
+    """|d * q| per weight (float64), q as the kernels multiply it with the quantised x: q8_0's int8, the raw
+    nibble of q4_0 / q4_1 (their offset, -8 d or m, multiplies the exact x)."""
+    if fmt == "q8_0":
         return dequantize(stored, fmt).abs()
-    without_m = stored.clone().reshape(stored.shape[0], -1, BLOCK_BYTES[fmt])
-    without_m[..., 2:4] = 0
-    return dequantize(without_m.reshape(stored.shape), fmt).abs()
+    blocks = stored.reshape(stored.shape[0], -1, BLOCK_BYTES[fmt])
+    d = blocks[..., :2].contiguous().view(torch.float16).to(torch.float64)
+    qs = blocks[..., -BLOCK // 2:]
+    q = torch.cat([qs & 0xF, qs >> 4], dim=-1).to(torch.float64)
+    return (d * q).abs().reshape(stored.shape[0], -1)
 
 
 def tolerance(x: torch.Tensor, stored: torch.Tensor, fmt: str) -> torch.Tensor:
-    """Elementwise bound [rows, out] on |kernel - exact|. fp32 rounding: 1e-5 of sum |w x|. Block formats
+    """Elementwise bound [rows, out] on |kernel - exact|. fp32 rounding: 1e-5 of sum |w x| (for the block
+    formats of sum (|d q| + |w|) |x|, which covers the separately summed offset term). Block formats also
     quantise x per block of 32 to int16, each x off by at most max|x over its block| / 65534 (half a step),
-    which moves y[m, o] by at most sum over blocks of sum|d * value| * that step."""
+    which moves y[m, o] by at most sum over blocks of sum|d q| * that step."""
     w = dequantize(stored, fmt)
     x64 = x.to(torch.float64)
-    bound = 1e-5 * (x64.abs() @ w.abs().T) + 1e-30
-    if fmt in BLOCK_FORMATS:
-        step = x64.reshape(x.shape[0], -1, BLOCK).abs().amax(-1) / 65534 * 1.001
-        weight_block_sums = integer_part(stored, fmt).reshape(w.shape[0], -1, BLOCK).sum(-1)
-        bound = bound + step @ weight_block_sums.T
-    return bound
+    if fmt not in BLOCK_FORMATS:
+        return 1e-5 * (x64.abs() @ w.abs().T) + 1e-30
+    int_part = integer_part(stored, fmt)
+    bound = 1e-5 * (x64.abs() @ (int_part + w.abs()).T) + 1e-30
+    step = x64.reshape(x.shape[0], -1, BLOCK).abs().amax(-1) / 65534 * 1.001
+    return bound + step @ int_part.reshape(w.shape[0], -1, BLOCK).sum(-1).T
 
 
 def reference(x: torch.Tensor, stored: torch.Tensor, fmt: str, bias: torch.Tensor | None) -> torch.Tensor:
@@ -87,9 +95,9 @@ def assert_close_to_reference(y: torch.Tensor, x: torch.Tensor, stored: torch.Te
     bound = tolerance(x, stored, fmt)
     worst = (error / bound).max().item()
     assert torch.isfinite(y).all() and worst <= 1.0, f"{fmt}: error {worst:.2f}x the bound"
-    # And the headline figure: relative error of the whole output stays far below 1e-3.
+    # And the headline figure, the relative error of the whole output (typically 2e-5 to 7e-5 for the block formats).
     relative = (error.norm() / exact.norm()).item()
-    assert relative < (1e-4 if fmt in BLOCK_FORMATS else 1e-6), relative
+    assert relative < (1e-3 if fmt in BLOCK_FORMATS else 1e-6), relative
 
 
 def shapes_for(fmt: str):
@@ -125,6 +133,24 @@ def test_dequantize_matches_gguf(fmt, gen):
     # Every weight of these formats is exact in float64; gguf's float32 result is that value rounded once.
     assert np.array_equal(dequantize(stored, fmt, torch.float32).numpy(), expected)
     assert torch.equal(dequantize(stored, fmt).to(torch.float32), dequantize(stored, fmt, torch.float32))
+
+
+@pytest.mark.parametrize("fmt", BLOCK_FORMATS)
+def test_gguf_tensor_is_a_stored_weight(fmt, gen, tmp_path):
+    """A tensor read from a GGUF file is used as it is: its bytes, one row per output feature."""
+    weight = random_weight(8, 64, gen)
+    writer = gguf.GGUFWriter(tmp_path / "w.gguf", "llama")
+    quantized = gguf.quants.quantize(weight.numpy(), GGUF_TYPES[fmt])
+    writer.add_tensor("w", quantized, raw_shape=quantized.shape, raw_dtype=GGUF_TYPES[fmt])
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    (tensor,) = gguf.GGUFReader(tmp_path / "w.gguf").tensors
+    layer = CpuLinear(torch.from_numpy(np.array(tensor.data)), fmt)
+    assert (layer.out_features, layer.in_features) == (8, 64)
+    x = torch.randn(2, 64, generator=gen)
+    assert_close_to_reference(layer(x), x, quantize(weight, fmt), fmt)
 
 
 def test_nibble_layout():
@@ -182,8 +208,9 @@ def test_non_contiguous_x(fmt, simd, gen):
 @requires_ext
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_threads_split_rows_without_changing_results(fmt, gen):
-    """Each output row is computed by one thread in one fixed order, whatever the thread count."""
-    stored = quantize(random_weight(576, 1536, gen), fmt)
+    """Each output is computed by one thread in one fixed order, whatever the thread count (an odd row count
+    puts a split inside what two threads would share)."""
+    stored = quantize(random_weight(575, 1536, gen), fmt)
     x = torch.randn(3, 1536, generator=gen)
     threads = torch.get_num_threads()
     try:
