@@ -18,22 +18,22 @@ def extension_build_kwargs():
         import torch
         from torch.utils import cpp_extension
     except ImportError:
-        print("llmdrop-rt: torch not importable at build time; skipping the int4 extension", file=sys.stderr)
+        print("llmdrop-rt: torch not importable at build time; skipping the C++ extensions", file=sys.stderr)
         return {}
 
+    # at::parallel_for is a header template inlined into each extension: against an OpenMP build of torch it runs
+    # threads only when the extension is compiled with OpenMP too (its libgomp resolves to the copy torch loaded,
+    # so torch.set_num_threads applies). Baseline ISA only: the AVX2 kernels are compiled per function with target
+    # attributes and picked at run time.
+    openmp = ["-fopenmp"] if torch.backends.openmp.is_available() and sys.platform.startswith("linux") else []
+
+    def cpu_extension(name: str, source: str):
+        return cpp_extension.CppExtension(name, [source], extra_compile_args=["-O3", *openmp], extra_link_args=openmp)
+
     extensions = [
-        cpp_extension.CppExtension(
-            "llmdrop_rt._int4_cpu",
-            ["csrc/int4_cpu.cpp"],
-            # Baseline ISA only: the AVX2 kernels are compiled per function and picked at run time.
-            extra_compile_args=["-O3"],
-        ),
-        cpp_extension.CppExtension(
-            "llmdrop_rt._cpu_gemv",
-            ["csrc/cpu_gemv.cpp"],
-            extra_compile_args=["-O3"],  # baseline ISA, like _int4_cpu
-        ),
-        cpp_extension.CppExtension("llmdrop_rt._cpu_decode", ["csrc/cpu_decode.cpp"], extra_compile_args=["-O3"]),
+        cpu_extension("llmdrop_rt._int4_cpu", "csrc/int4_cpu.cpp"),
+        cpu_extension("llmdrop_rt._cpu_gemv", "csrc/cpu_gemv.cpp"),
+        cpu_extension("llmdrop_rt._cpu_decode", "csrc/cpu_decode.cpp"),
     ]
     if torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None:
         extensions.append(

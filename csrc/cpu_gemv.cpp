@@ -36,6 +36,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <string>
 #include <type_traits>
 #include <vector>
@@ -179,11 +180,13 @@ QuantizedX quantize_x(const float* x, int64_t rows, int64_t in, bool with_sums) 
         largest = std::max(largest, std::fabs(xb[j]));
         sum += xb[j];
       }
-      const float inverse = largest > 0.f ? 32767.f / largest : 0.f;
+      // A NaN or infinity in the block: its scale becomes NaN, so every output it touches is NaN.
+      const bool finite = std::isfinite(largest) && !std::isnan(sum);
+      const float inverse = finite && largest > 0.f ? 32767.f / largest : 0.f;
       int16_t* values = q.values.data() + (b * rows + m) * kBlock;
       for (int j = 0; j < kBlock; ++j)  // round half away from zero
-        values[j] = static_cast<int16_t>(xb[j] * inverse + std::copysign(0.5f, xb[j]));
-      q.scales[b * rows + m] = largest / 32767.f;
+        values[j] = finite ? static_cast<int16_t>(xb[j] * inverse + std::copysign(0.5f, xb[j])) : 0;
+      q.scales[b * rows + m] = finite ? largest / 32767.f : std::numeric_limits<float>::quiet_NaN();
       if (with_sums) q.sums[b * rows + m] = sum;
     }
   }

@@ -223,6 +223,17 @@ def test_threads_split_rows_without_changing_results(fmt, gen):
 
 
 @requires_ext
+@pytest.mark.parametrize("rows", [1, 33])
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_nan_in_x_reaches_every_output_of_its_row(fmt, rows, simd, gen):
+    stored = quantize(random_weight(37, 64, gen), fmt)
+    x = torch.randn(rows, 64, generator=gen)
+    x[0, 5] = float("nan")
+    y = getattr(ops, f"gemv_{fmt}")(x, stored)
+    assert torch.isnan(y[0]).all() and not torch.isnan(y[1:]).any()
+
+
+@requires_ext
 def test_zero_rows_and_zero_blocks():
     stored = quantize(torch.zeros(8, 64), "q4_1")
     assert ops.gemv_q4_1(torch.empty(0, 64), stored).shape == (0, 8)
