@@ -6,8 +6,9 @@ torch.ops.llmdrop_cpu_gemv.gemv_<fmt>
 on the next of enough copies of the weight to exceed the caches (--cold-mib), so weights stream from memory as in a
 decode step. torch's F.linear on fp32 weights (fp32 x) and on bf16 weights (bf16 x) run in the same rounds: the
 candidates alternate within every round and each reports the median (and best) over rounds. GB/s counts weight
-bytes; the floor is the streaming-read bandwidth of a large tensor's .sum() at the same thread count (/stream: median
-GB/s over it). `path` is what CpuLinear would run for such a layer.
+bytes. The floor is the streaming-read bandwidth of .sum() over a 512 MiB tensor, timed as one more candidate in the
+same rounds (so under the same machine load); /stream is a candidate's median GB/s over the floor's. `path` is what
+CpuLinear would run for such a layer.
 
     python bench/bench_cpu_gemv.py --threads 1 2 --out bench/out/cpu_gemv.json
 """
@@ -38,6 +39,7 @@ SHAPES = {  # model -> [(name, out_features, in_features)]
     "Llama-7B": [("q_proj", 4096, 4096), ("up_proj", 11008, 4096)],
 }
 TORCH_BASELINES = ("torch_f32", "torch_bf16")
+STREAM_READ = "stream_read"
 VECTOR_EXTENSIONS = {"avx2", "fma", "f16c", "avx512f", "avx512_bf16", "avx_vnni"}
 
 
@@ -61,13 +63,6 @@ def sample_seconds(candidates: dict[str, Callable[[], object]], rounds: int,
     return {name: (statistics.median(times), min(times)) for name, times in samples.items()}
 
 
-def stream_read_gbs(rounds: int, mib: int = 1024) -> float:
-    """Streaming-read bandwidth (GB/s, median) of .sum() over a tensor far larger than the caches."""
-    big = torch.ones(mib << 18)
-    seconds, _ = sample_seconds({"sum": big.sum}, rounds, sample_time=0.2)["sum"]
-    return big.numel() * 4 / seconds / 1e9
-
-
 def rotating(copies: list) -> Callable[[], object]:
     state = itertools.cycle(copies)
     return lambda: next(state)
@@ -79,7 +74,7 @@ def cold_copies(tensor: torch.Tensor, cold_bytes: int) -> list[torch.Tensor]:
 
 
 def bench_shape(model: str, name: str, out_features: int, in_features: int, formats: list[str], rows: int,
-                threads: int, cold_bytes: int, rounds: int, sample_time: float, stream_gbs: float) -> list[dict]:
+                threads: int, cold_bytes: int, rounds: int, sample_time: float, stream: torch.Tensor) -> list[dict]:
     weight = torch.randn(out_features, in_features) / in_features ** 0.5
     x = torch.randn(rows, in_features)
     candidates, weight_bytes, paths = {}, {}, {}
@@ -90,20 +85,24 @@ def bench_shape(model: str, name: str, out_features: int, in_features: int, form
         candidates[fmt] = lambda op=op, next_weight=next_weight: op(x, next_weight())
         weight_bytes[fmt] = stored[0].numel() * stored[0].element_size()
         paths[fmt] = CpuLinear(stored[0], fmt).path
+    paths.update(dict.fromkeys(TORCH_BASELINES, "torch"))
     for baseline, dtype in zip(TORCH_BASELINES, (torch.float32, torch.bfloat16)):
         dense = cold_copies(weight.to(dtype), cold_bytes)
         next_dense = rotating(dense)
         xd = x.to(dtype)
         candidates[baseline] = lambda next_dense=next_dense, xd=xd: F.linear(xd, next_dense())
         weight_bytes[baseline] = dense[0].numel() * dense[0].element_size()
+    candidates[STREAM_READ] = stream.sum
+    weight_bytes[STREAM_READ] = stream.numel() * stream.element_size()
     with torch.inference_mode():
         seconds = sample_seconds(candidates, rounds, sample_time)
+    stream_gbs = weight_bytes[STREAM_READ] / seconds[STREAM_READ][0] / 1e9
     results = []
     for candidate, (t, best) in seconds.items():
         gbs = weight_bytes[candidate] / t / 1e9
         results.append({
             "model": model, "layer": name, "out_features": out_features, "in_features": in_features, "rows": rows,
-            "threads": threads, "candidate": candidate, "path": paths.get(candidate, "torch"),
+            "threads": threads, "candidate": candidate, "path": paths.get(candidate, "-"),
             "us": t * 1e6, "us_best": best * 1e6, "weight_bytes": weight_bytes[candidate], "gbs": gbs,
             "gbs_best": weight_bytes[candidate] / best / 1e9, "of_stream_read": gbs / stream_gbs,
             "speedup_vs_torch_f32": seconds["torch_f32"][0] / t, "speedup_vs_torch_bf16": seconds["torch_bf16"][0] / t,
@@ -127,7 +126,7 @@ def machine() -> dict:
             "memory_gib": round(int(memory.group(1)) / 2**20, 1) if memory else None}
 
 
-def print_table(results: list[dict], stream: dict[int, float]):
+def print_table(results: list[dict]):
     print(f"{'shape':34s} {'rows':>4s} {'thr':>3s} {'format':10s} {'path':7s} {'us':>9s} {'GB/s':>6s} {'best':>6s} "
           f"{'/stream':>7s} {'vs f32':>7s} {'vs bf16':>7s}")
     for r in results:
@@ -135,7 +134,6 @@ def print_table(results: list[dict], stream: dict[int, float]):
         print(f"{shape:34s} {r['rows']:4d} {r['threads']:3d} {r['candidate']:10s} {r['path']:7s} {r['us']:9.1f} "
               f"{r['gbs']:6.1f} {r['gbs_best']:6.1f} {r['of_stream_read']:6.0%} {r['speedup_vs_torch_f32']:6.2f}x "
               f"{r['speedup_vs_torch_bf16']:6.2f}x")
-    print("stream read GB/s: " + ", ".join(f"{t} thread(s) {gbs:.1f}" for t, gbs in stream.items()))
 
 
 def main() -> None:
@@ -156,25 +154,24 @@ def main() -> None:
 
     torch.manual_seed(0)
     load_at_start = os.getloadavg()
-    results, stream = [], {}
+    stream = torch.ones(512 << 18)
+    results = []
     for threads in args.threads:
         torch.set_num_threads(threads)
-        stream[threads] = stream_read_gbs(args.rounds)
-        print(f"threads={threads}: stream read {stream[threads]:.1f} GB/s", flush=True)
         for model in args.models:
             for name, out_features, in_features in SHAPES[model]:
                 for rows in args.rows:
                     rows_results = bench_shape(model, name, out_features, in_features, args.formats, rows, threads,
-                                               args.cold_mib << 20, args.rounds, args.sample_time, stream[threads])
-                    print_table(rows_results, {threads: stream[threads]})
+                                               args.cold_mib << 20, args.rounds, args.sample_time, stream)
+                    print_table(rows_results)
                     results += rows_results
-    print_table(results, stream)
+    print_table(results)
     report = {
         "command": " ".join(["python", *sys.argv]), "note": args.note,
         "machine": {**machine(), "load_average_at_start": load_at_start, "load_average_at_end": os.getloadavg()},
         "torch": torch.__version__, "simd_width": cpu_linear.ops.simd_width(),
         "weights": f"cold: each candidate cycles through copies totalling >= {args.cold_mib} MiB",
-        "rounds": args.rounds, "stream_read_gbs": stream, "results": results,
+        "rounds": args.rounds, "results": results,
     }
     directory = os.path.dirname(os.path.abspath(args.out))
     os.makedirs(directory, exist_ok=True)

@@ -52,7 +52,7 @@ namespace {
 constexpr int64_t kGemvMaxRows = 8;  // more activation rows than this: dequantised tiles + GEMM
 constexpr int64_t kRowBlock = 4;     // activation rows sharing one decode of a weight row in the GEMV
 constexpr int64_t kBlock = 32;       // input columns per quantisation block
-constexpr int64_t kMinTaskBytes = 32 << 10;  // weight bytes per thread below which threading does not pay
+constexpr int64_t kChunkBytes = 32 << 10;  // weight bytes a thread claims at a time in the GEMV
 constexpr int64_t kPrefetchAhead = 2048;  // bytes of the weight stream requested ahead of use
 
 inline float fp16_bits_to_float(const uint8_t* p) {
@@ -452,25 +452,31 @@ void gemv(const Problem& p) {
   const bool avx2 = simd_bits() >= 256;
   const int64_t bytes = row_bytes<Format>(p.in);
   // One activation row, or a block format: one weight row per tile. Several rows of dense formats: two.
-  // Threads take whole tiles, so every output is summed in the same order whatever the thread count.
+  // A tile is computed the same way whichever thread takes it, so results do not depend on the thread count.
   const int64_t tile_rows = p.rows > 1 && !Format::kBlocked ? 2 : 1;
   const int64_t tiles = (p.out + tile_rows - 1) / tile_rows;
-  const int64_t min_tiles_per_task = std::max<int64_t>(1, kMinTaskBytes / std::max<int64_t>(tile_rows * bytes, 1));
-  at::parallel_for(0, tiles, min_tiles_per_task, [&](int64_t t_begin, int64_t t_end) {
-    for (int64_t t = t_begin; t < t_end; ++t) {
-      const int64_t o = t * tile_rows, weight_rows = std::min(tile_rows, p.out - o);
-      const uint8_t* wrow = p.weight + o * bytes;
-      for (int64_t m0 = 0; m0 < p.rows; m0 += kRowBlock) {
-        const int64_t nrows = std::min(kRowBlock, p.rows - m0);
-        float dots[2][kRowBlock];
-        if (weight_rows == 1) {
-          tile_dots<Format, 1>(avx2, p, wrow, m0, nrows, dots);
-        } else if constexpr (!Format::kBlocked) {
-          tile_dots<Format, 2>(avx2, p, wrow, m0, nrows, dots);
-        }
-        for (int64_t k = 0; k < weight_rows; ++k) {
-          const float bias = p.bias ? p.bias[o + k] : 0.f;
-          for (int64_t r = 0; r < nrows; ++r) p.y[(m0 + r) * p.out + o + k] = dots[k][r] + bias;
+  const int64_t tiles_per_chunk = std::max<int64_t>(1, kChunkBytes / std::max<int64_t>(tile_rows * bytes, 1));
+  const int64_t chunks = (tiles + tiles_per_chunk - 1) / tiles_per_chunk;
+  // Threads claim chunks from a shared counter instead of taking one fixed share each: on a busy machine a
+  // thread that loses its core for a while holds up only the chunk it is on.
+  std::atomic<int64_t> next_chunk{0};
+  at::parallel_for(0, chunks, 1, [&](int64_t, int64_t) {
+    for (int64_t chunk; (chunk = next_chunk.fetch_add(1)) < chunks;) {
+      for (int64_t t = chunk * tiles_per_chunk; t < std::min(tiles, (chunk + 1) * tiles_per_chunk); ++t) {
+        const int64_t o = t * tile_rows, weight_rows = std::min(tile_rows, p.out - o);
+        const uint8_t* wrow = p.weight + o * bytes;
+        for (int64_t m0 = 0; m0 < p.rows; m0 += kRowBlock) {
+          const int64_t nrows = std::min(kRowBlock, p.rows - m0);
+          float dots[2][kRowBlock];
+          if (weight_rows == 1) {
+            tile_dots<Format, 1>(avx2, p, wrow, m0, nrows, dots);
+          } else if constexpr (!Format::kBlocked) {
+            tile_dots<Format, 2>(avx2, p, wrow, m0, nrows, dots);
+          }
+          for (int64_t k = 0; k < weight_rows; ++k) {
+            const float bias = p.bias ? p.bias[o + k] : 0.f;
+            for (int64_t r = 0; r < nrows; ++r) p.y[(m0 + r) * p.out + o + k] = dots[k][r] + bias;
+          }
         }
       }
     }

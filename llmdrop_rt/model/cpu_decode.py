@@ -7,22 +7,12 @@ what `DecoderLayer.forward_fused` computes. Everything else (prefill, other mode
 """
 from __future__ import annotations
 
-import importlib
-
 import torch
 
+from ..extensions import compiled_ops
 from ..quant.cpu_linear import CpuLinear
 
-
-def _load_ops():
-    try:
-        importlib.import_module("llmdrop_rt._cpu_decode")
-    except ImportError:
-        return None
-    return torch.ops.llmdrop_cpu_decode
-
-
-ops = _load_ops()
+ops = compiled_ops("_cpu_decode", "llmdrop_cpu_decode")
 
 
 def _projection_args(linear: CpuLinear | None):

@@ -16,10 +16,10 @@ pure-torch dequantize-and-matmul otherwise; its ``path`` says which.
 """
 from __future__ import annotations
 
-import importlib
-
 import torch
 import torch.nn.functional as F
+
+from ..extensions import compiled_ops
 
 BLOCK = 32  # input columns per quantisation block
 BLOCK_BYTES = {"q8_0": 34, "q4_0": 18, "q4_1": 20}
@@ -30,16 +30,7 @@ FORMATS = (*DENSE_DTYPES, *BLOCK_BYTES)
 GEMV_MAX_ROWS = 8
 
 
-def _load_ops():
-    """torch.ops.llmdrop_cpu_gemv once the compiled module has registered it, or None when it was not built."""
-    try:
-        importlib.import_module("llmdrop_rt._cpu_gemv")
-    except ImportError:
-        return None
-    return torch.ops.llmdrop_cpu_gemv
-
-
-ops = _load_ops()
+ops = compiled_ops("_cpu_gemv", "llmdrop_cpu_gemv")
 
 
 # --------------------------------------------------------------------------------------------------

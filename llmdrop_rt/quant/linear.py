@@ -1,7 +1,6 @@
 """`QuantLinear`: a linear layer over 4-bit AWQ/GPTQ weights, run by the fastest kernel this installation has."""
 from __future__ import annotations
 
-import importlib
 import math
 import os
 from typing import Callable
@@ -9,6 +8,7 @@ from typing import Callable
 import torch
 
 from .. import kernels
+from ..extensions import compiled_ops
 from .formats import (
     NIBBLES_PER_WORD,
     Int4Weights,
@@ -28,18 +28,8 @@ GEMV_MAX_ROWS = 8
 # --------------------------------------------------------------------------------------------------
 # Compiled kernels (optional)
 # --------------------------------------------------------------------------------------------------
-def _load_ops(module: str, namespace: str):
-    """Import a compiled module (which registers its TORCH_LIBRARY ops) and return the ops namespace,
-    or None when it was not built."""
-    try:
-        importlib.import_module(f"llmdrop_rt.{module}")
-    except ImportError:
-        return None
-    return getattr(torch.ops, namespace)
-
-
-_int4_cpu = _load_ops("_int4_cpu", "llmdrop_int4_cpu")
-_int4_cuda = _load_ops("_int4_cuda", "llmdrop_int4_cuda")
+_int4_cpu = compiled_ops("_int4_cpu", "llmdrop_int4_cpu")
+_int4_cuda = compiled_ops("_int4_cuda", "llmdrop_int4_cuda")
 
 
 def available_backends() -> dict[str, bool]:
