@@ -36,6 +36,9 @@ from .checkpoint import INDEX_FILE, SINGLE_FILE, CheckpointReader
 from .publish import publish_folder, staged_folder, write_json
 
 FORMATS = ("strip", "reference", "renumbered", "decilm")
+FORMAT_HELP = ("strip: weights without the dropped modules; reference: symlinks to the source weights; renumbered: "
+               "plain Llama/Mistral with the kept layers renumbered (block drops only); decilm: DeciLM/nemotron-nas "
+               "(vLLM, SGLang, TensorRT-LLM; transformers with trust_remote_code)")
 # The transformers code a `decilm` export carries (package data of llmdrop_rt.io.decilm_files), and its auto_map.
 DECILM_CODE_FILES = ("configuration_decilm.py", "modeling_decilm.py")
 DECILM_AUTO_MAP = {"AutoConfig": "configuration_decilm.DeciLMConfig",
@@ -117,14 +120,20 @@ def export_model(source: str | Path, destination: str | Path, plan: DropPlan, fm
 
 def decilm_ffn_mult(intermediate_size: int, hidden_size: int) -> float:
     """A float `ffn_mult` from which DeciLM's readers compute exactly `intermediate_size` (see
-    config.ffn_mult_to_intermediate_size); the shortest decimal that does, for a readable config."""
+    config.ffn_mult_to_intermediate_size). Preferred: the shortest decimal whose width before the rounding up to a
+    multiple of 256 is already `intermediate_size` (Llama-2-7B: 4.03125, not 4.0, which reaches 11008 only by
+    rounding up), so a reader that skips the rounding still gets it right."""
     if intermediate_size < 1 or intermediate_size % DECILM_FFN_MULTIPLE:
         raise ExportError(f"intermediate_size={intermediate_size} cannot be written as DeciLM's ffn_mult: its FFN "
                           f"widths are multiples of {DECILM_FFN_MULTIPLE}")
     exact = 3 * intermediate_size / (2 * hidden_size)
-    for candidate in [round(exact, digits) for digits in range(1, 8)] + [exact]:
+    candidates = [float(round(exact, digits)) for digits in range(1, 8)] + [exact]
+    for candidate in candidates:
+        if int(2 * candidate * hidden_size / 3) == intermediate_size:
+            return candidate
+    for candidate in candidates:
         if ffn_mult_to_intermediate_size(candidate, hidden_size) == intermediate_size:
-            return float(candidate)
+            return candidate
     raise ExportError(f"no ffn_mult reproduces intermediate_size={intermediate_size} for hidden_size={hidden_size}")
 
 
