@@ -161,11 +161,15 @@ def decilm_config(source_config: dict, cfg: ModelConfig, plan: DropPlan) -> dict
     config = {k: v for k, v in source_config.items() if k not in ("drop_attn_list", "drop_mlp_list")}
     config.update(architectures=[DECILM_ARCHITECTURE], model_type=DECILM_MODEL_TYPE, auto_map=DECILM_AUTO_MAP,
                   block_configs=blocks, num_key_value_heads=cfg.num_kv_heads, intermediate_size=cfg.intermediate_size)
-    # both spellings of the older and newer readers: torch_dtype / dtype, rope_theta beside rope_parameters
+    # both spellings, for older and newer readers: torch_dtype / dtype; rope_theta and rope_scaling (SGLang's
+    # DeciLM, mlx-lm) beside transformers 5's rope_parameters
     if cfg.torch_dtype:
         config.setdefault("torch_dtype", cfg.torch_dtype)
         config.setdefault("dtype", cfg.torch_dtype)
     config.setdefault("rope_theta", cfg.rope.theta)
+    rope_parameters = config.get("rope_parameters")
+    if isinstance(rope_parameters, dict) and rope_parameters.get("rope_type", "default") != "default":
+        config.setdefault("rope_scaling", {k: v for k, v in rope_parameters.items() if k != "rope_theta"})
     return config
 
 

@@ -85,6 +85,10 @@ def test_decilm_export_runs_in_transformers_and_loads_back(decilm_sources, tmp_p
     assert "drop_attn_list" not in config and "drop_mlp_list" not in config
     for key in ("rope_parameters", "rms_norm_eps", "vocab_size", "tie_word_embeddings", "hidden_size"):
         assert config[key] == source_config[key]
+    # the older spellings too: SGLang's DeciLM reads getattr(config, "rope_theta", 10000) and rope_scaling
+    theta = source_config["rope_parameters"]["rope_theta"]
+    assert config["rope_theta"] == theta and config["torch_dtype"] == config["dtype"] == "float32"
+    assert config.get("rope_scaling", {}).get("rope_type") == ("llama3" if model_name == "tied" else None)
     assert (out / "configuration_decilm.py").is_file() and (out / "modeling_decilm.py").is_file()
     assert (out / "tokenizer.json").is_file() and (out / "tokenizer_config.json").is_file()
     names = CheckpointReader(out).names()
@@ -247,7 +251,9 @@ def test_block_configs_as_vllm_and_llama_cpp_read_them(decilm_sources, tmp_path,
     expected_kv = {i: 2 for i in range(4) if plan.has_attn(i)}
     expected_widths = {i: 256 for i in range(4) if plan.has_mlp(i)}
     # the JSON as attributes, and our own configuration class (what trust_remote_code gives vLLM)
-    for reader_config in (as_attributes(config), AutoConfig.from_pretrained(out, trust_remote_code=True)):
+    our_config = AutoConfig.from_pretrained(out, trust_remote_code=True)
+    assert type(our_config).__name__ == "DeciLMConfig" and our_config.rope_theta == config["rope_theta"]
+    for reader_config in (as_attributes(config), our_config):
         names, kv_heads, widths = vllm_layer_tensors(reader_config)
         assert names == exported and kv_heads == expected_kv and widths == expected_widths
     kv_heads, widths = llama_cpp_layer_shapes(config)

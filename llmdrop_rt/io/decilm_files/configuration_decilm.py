@@ -45,6 +45,9 @@ class DeciLMConfig(LlamaConfig):
         self.block_configs = [block if isinstance(block, BlockConfig) else BlockConfig(**block)
                               for block in self.block_configs or []]
         super().__post_init__(**kwargs)
+        # readers written for older transformers (SGLang's DeciLM) take getattr(config, "rope_theta", 10000)
+        if getattr(self, "rope_theta", None) is None and self.rope_parameters:
+            self.rope_theta = self.rope_parameters["rope_theta"]
 
     def validate_architecture(self):
         super().validate_architecture()
