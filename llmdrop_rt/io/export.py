@@ -39,7 +39,8 @@ FORMATS = ("strip", "reference", "renumbered", "decilm")
 FORMAT_HELP = ("strip: weights without the dropped modules; reference: symlinks to the source weights; renumbered: "
                "plain Llama/Mistral with the kept layers renumbered (block drops only); decilm: DeciLM/nemotron-nas "
                "(vLLM, SGLang, TensorRT-LLM; transformers with trust_remote_code)")
-# The transformers code a `decilm` export carries (package data of llmdrop_rt.io.decilm_files), and its auto_map.
+# The transformers code a `decilm` export carries (package data in io/decilm_files/, for transformers'
+# trust_remote_code; llmdrop-rt itself never imports it, its loader reads config.json only), and its auto_map.
 DECILM_CODE_FILES = ("configuration_decilm.py", "modeling_decilm.py")
 DECILM_AUTO_MAP = {"AutoConfig": "configuration_decilm.DeciLMConfig",
                    "AutoModelForCausalLM": "modeling_decilm.DeciLMForCausalLM"}
