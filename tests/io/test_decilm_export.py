@@ -97,6 +97,17 @@ def test_decilm_export_runs_in_transformers_and_loads_back(decilm_sources, tmp_p
     check_matches_ours(source, out, plan, tokens(1))
 
 
+def test_decilm_generation_in_transformers_uses_its_cache(decilm_sources, tmp_path):
+    """Greedy decoding through transformers' KV cache, in which the layers without attention hold no entries."""
+    source = decilm_sources["gqa"]
+    plan = DropPlan.create(4, *PLANS["mixed"])
+    out = export_model(source, tmp_path / "decilm", plan, "decilm")
+    prompt = tokens(4, length=9)[:1]
+    generated = load_in_transformers(out).generate(prompt, max_new_tokens=8, do_sample=False)
+    ours = llmdrop_rt.load(source, drop_attn=plan.drop_attn, drop_mlp=plan.drop_mlp, device="cpu")
+    assert generated[0, 9:].tolist() == ours.generate_ids([prompt[0].tolist()], max_new_tokens=8)[0]
+
+
 def test_decilm_export_of_smollm2(smollm2_dir, tmp_path):
     plan = DropPlan.create(30, [5, *range(20, 28)], [10, 27])
     out = export_model(smollm2_dir, tmp_path / "smollm2-decilm", plan, "decilm")
