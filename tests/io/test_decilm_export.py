@@ -163,6 +163,10 @@ def test_block_configs_read_as_the_drop_plan(decilm_config_dict):
     # llama.cpp's spelling of an attention-free layer: n_heads_in_group null, no_op false
     decilm_config_dict["block_configs"][3]["attention"].update(no_op=False, n_heads_in_group=None)
     assert DropPlan.from_config(ModelConfig.from_dict(decilm_config_dict)).drop_attn == {1, 3}
+    # a newer config's width as ffn.intermediate_size in place of ffn_mult (vLLM's fallback)
+    del decilm_config_dict["block_configs"][0]["ffn"]["ffn_mult"]
+    decilm_config_dict["block_configs"][0]["ffn"]["intermediate_size"] = 256
+    assert ModelConfig.from_dict(decilm_config_dict).intermediate_size == 256
     # NVIDIA's configs leave num_key_value_heads / intermediate_size null: block_configs give them
     decilm_config_dict.update(num_key_value_heads=None, intermediate_size=None)
     cfg = ModelConfig.from_dict(decilm_config_dict)
@@ -176,6 +180,7 @@ def test_block_configs_read_as_the_drop_plan(decilm_config_dict):
     (3, "attention", {"n_heads_in_group": 3}, r"block_configs\[3\]\.attention\.n_heads_in_group = 3: expected"),
     (1, "ffn", {"ffn_mult": 8.0}, r"block_configs\[1\]\.ffn\.ffn_mult = 8.0 gives FFN width 512"),
     (1, "ffn", {"ffn_mult": None}, r"block_configs\[1\]\.ffn\.ffn_mult = None: expected a positive number"),
+    (1, "ffn", {"hidden_act": "gelu"}, r"block_configs\[1\]\.ffn\.hidden_act = 'gelu'"),
     (0, "attention", {"window_length": 128}, r"block_configs\[0\]\.attention\.window_length"),
 ])
 def test_block_configs_refusals(decilm_config_dict, layer, part, change, message):
