@@ -14,8 +14,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral"}
+SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral",
+                           "DeciLMForCausalLM": "llama"}
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+# NVIDIA's DeciLM / nemotron-nas: a Llama stack whose config.json describes each layer in `block_configs`.
+DECILM_ARCHITECTURE = "DeciLMForCausalLM"
+DECILM_MODEL_TYPE = "nemotron-nas"
+# DeciLM's FFN widths are multiples of this (vLLM's and llama.cpp's `_find_multiple(..., 256)`).
+DECILM_FFN_MULTIPLE = 256
 
 
 class ConfigError(ValueError):
@@ -74,6 +80,8 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     torch_dtype: str | None = None
+    # DeciLM block_configs' no-op modules: (attention layers, MLP layers); None for a config without block_configs
+    block_drops: tuple[tuple[int, ...], tuple[int, ...]] | None = None
     raw: dict = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
@@ -85,10 +93,13 @@ class ModelConfig:
 
         archs = cfg.get("architectures") or []
         arch = next((SUPPORTED_ARCHITECTURES[a] for a in archs if a in SUPPORTED_ARCHITECTURES), None)
+        model_type = cfg.get("model_type")
+        is_decilm = DECILM_ARCHITECTURE in archs or (model_type == DECILM_MODEL_TYPE and not archs)
         if arch is None:
-            model_type = cfg.get("model_type")
             if model_type in ("llama", "mistral") and not archs:
                 arch = model_type
+            elif is_decilm:
+                arch = "llama"
             else:
                 raise ConfigError(
                     f"{source}: unsupported architecture {archs or model_type!r}; "
@@ -102,7 +113,12 @@ class ModelConfig:
 
         hidden = int(need("hidden_size"))
         heads = int(need("num_attention_heads"))
-        kv_heads = int(cfg.get("num_key_value_heads") or heads)
+        block_drops = None
+        if is_decilm:
+            kv_heads, intermediate, block_drops = _parse_block_configs(cfg, hidden, heads, source)
+        else:
+            kv_heads = int(cfg.get("num_key_value_heads") or heads)
+            intermediate = int(need("intermediate_size"))
         if heads % kv_heads:
             raise ConfigError(f"{source}: num_attention_heads={heads} is not a multiple of "
                               f"num_key_value_heads={kv_heads}")
@@ -119,7 +135,7 @@ class ModelConfig:
             architecture=arch,
             vocab_size=int(need("vocab_size")),
             hidden_size=hidden,
-            intermediate_size=int(need("intermediate_size")),
+            intermediate_size=intermediate,
             num_layers=int(need("num_hidden_layers")),
             num_heads=heads,
             num_kv_heads=kv_heads,
@@ -134,6 +150,7 @@ class ModelConfig:
             bos_token_id=cfg.get("bos_token_id"),
             eos_token_ids=eos_ids,
             torch_dtype=cfg.get("torch_dtype") or cfg.get("dtype"),
+            block_drops=block_drops,
             raw=cfg,
         )
 
@@ -141,6 +158,86 @@ class ModelConfig:
     def from_folder(cls, folder: str | Path) -> "ModelConfig":
         path = Path(folder) / "config.json"
         return cls.from_dict(read_json(path), source=str(path))
+
+
+def ffn_mult_to_intermediate_size(ffn_mult: float, hidden_size: int) -> int:
+    """DeciLM's FFN width for `ffn_mult` (vLLM's `_ffn_mult_to_intermediate_size`, llama.cpp's converter)."""
+    width = int(2 * ffn_mult * hidden_size / 3)
+    return -(-width // DECILM_FFN_MULTIPLE) * DECILM_FFN_MULTIPLE
+
+
+def _parse_block_configs(cfg: dict, hidden: int, heads: int, source: str):
+    """(num_kv_heads, intermediate_size, (no-op attention layers, no-op MLP layers)) of a DeciLM config.
+
+    Our model has one attention and one MLP shape for all layers, so every kept layer must agree on
+    `n_heads_in_group` and on the FFN width its `ffn_mult` gives (and with num_key_value_heads / intermediate_size
+    when those are set). A layer without attention is `no_op: true` (vLLM) or `n_heads_in_group: null` (llama.cpp's
+    converter); either one drops it. Linear replacements are another kind of module, refused."""
+    blocks = cfg.get("block_configs")
+    layers = cfg.get("num_hidden_layers")
+    if not isinstance(blocks, list) or len(blocks) != layers:
+        got = f"{len(blocks)} entries" if isinstance(blocks, list) else repr(blocks)
+        raise ConfigError(f"{source}: block_configs must be a list of one entry per layer "
+                          f"(num_hidden_layers={layers}), got {got}")
+    if "drop_attn_list" in cfg or "drop_mlp_list" in cfg:
+        raise ConfigError(f"{source}: block_configs and drop_attn_list/drop_mlp_list both say what is dropped; "
+                          "expected only one of them")
+    kv_heads = cfg.get("num_key_value_heads")
+    intermediate = cfg.get("intermediate_size")
+    heads_source = "num_key_value_heads"
+    width_source = "intermediate_size"
+    no_attn, no_mlp = [], []
+    for layer, block in enumerate(blocks):
+        where = f"{source}: block_configs[{layer}]"
+        attention, ffn = _block_part(block, "attention", where), _block_part(block, "ffn", where)
+        for part_name, part in (("attention", attention), ("ffn", ffn)):
+            if part.get("replace_with_linear"):
+                raise ConfigError(f"{where}.{part_name}.replace_with_linear is true: linear replacements are not "
+                                  "supported (expected false)")
+        for windowed in ("window_length", "num_sink_tokens"):
+            if attention.get(windowed) is not None:
+                raise ConfigError(f"{where}.attention.{windowed} = {attention[windowed]!r}: windowed attention is "
+                                  "not supported (expected null)")
+        group = attention.get("n_heads_in_group")
+        if attention.get("no_op") or group is None:
+            no_attn.append(layer)
+        else:
+            if not isinstance(group, int) or isinstance(group, bool) or group < 1 or heads % group:
+                raise ConfigError(f"{where}.attention.n_heads_in_group = {group!r}: expected a positive divisor of "
+                                  f"num_attention_heads={heads}")
+            if kv_heads is not None and heads // group != kv_heads:
+                raise ConfigError(f"{where}.attention.n_heads_in_group = {group} gives {heads // group} KV heads, "
+                                  f"{heads_source} gives {kv_heads}: per-layer attention shapes are not supported")
+            kv_heads, heads_source = heads // group, f"block_configs[{layer}]"
+        if ffn.get("no_op"):
+            no_mlp.append(layer)
+            continue
+        if ffn.get("hidden_act", "silu") != "silu":
+            raise ConfigError(f"{where}.ffn.hidden_act = {ffn['hidden_act']!r} is not supported (only 'silu')")
+        # vLLM reads ffn_mult, else (newer configs) the width itself as ffn.intermediate_size
+        if "ffn_mult" not in ffn and "intermediate_size" in ffn:
+            field_name, width = "intermediate_size", ffn["intermediate_size"]
+            if isinstance(width, bool) or not isinstance(width, int) or width < 1:
+                raise ConfigError(f"{where}.ffn.intermediate_size = {width!r}: expected a positive integer")
+        else:
+            field_name, mult = "ffn_mult", ffn.get("ffn_mult")
+            if isinstance(mult, bool) or not isinstance(mult, (int, float)) or mult <= 0:
+                raise ConfigError(f"{where}.ffn.ffn_mult = {mult!r}: expected a positive number")
+            width = ffn_mult_to_intermediate_size(mult, hidden)
+        if intermediate is not None and width != intermediate:
+            raise ConfigError(f"{where}.ffn.{field_name} = {ffn[field_name]} gives FFN width {width}, {width_source} "
+                              f"gives {intermediate}: per-layer FFN widths are not supported")
+        intermediate, width_source = width, f"block_configs[{layer}]"
+    if intermediate is None:
+        raise ConfigError(f"{source}: every block's ffn is a no-op and intermediate_size is missing")
+    return int(kv_heads or heads), int(intermediate), (tuple(no_attn), tuple(no_mlp))
+
+
+def _block_part(block, name: str, where: str) -> dict:
+    part = block.get(name) if isinstance(block, dict) else None
+    if not isinstance(part, dict):
+        raise ConfigError(f"{where}.{name}: expected an object, got {part!r}")
+    return part
 
 
 def _parse_rope(cfg: dict, source: str) -> RopeConfig:
@@ -201,12 +298,14 @@ class DropPlan:
 
     @classmethod
     def from_config(cls, cfg: ModelConfig, drop_attn=None, drop_mlp=None) -> "DropPlan":
-        """The config's lists (LLM-Drop's `drop_attn_list`/`drop_mlp_list`), each overridden when given."""
-        return cls.create(
-            cfg.num_layers,
-            cfg.raw.get("drop_attn_list") if drop_attn is None else drop_attn,
-            cfg.raw.get("drop_mlp_list") if drop_mlp is None else drop_mlp,
-        )
+        """The config's lists (LLM-Drop's `drop_attn_list`/`drop_mlp_list`, or DeciLM's no-op blocks), each
+        overridden when given."""
+        if cfg.block_drops is not None:
+            attn, mlp = cfg.block_drops
+        else:
+            attn, mlp = cfg.raw.get("drop_attn_list"), cfg.raw.get("drop_mlp_list")
+        return cls.create(cfg.num_layers, attn if drop_attn is None else drop_attn,
+                          mlp if drop_mlp is None else drop_mlp)
 
     def has_attn(self, layer: int) -> bool:
         return layer not in self.drop_attn

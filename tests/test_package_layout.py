@@ -12,10 +12,14 @@ PACKAGE_DIRS = {"llmdrop_rt": ROOT / "llmdrop_rt", "llmdrop_rt.kernels": ROOT / 
 
 
 def package_modules() -> dict[str, Path]:
-    """Module name -> source file, for every module of the package (kernels/ installs as llmdrop_rt.kernels)."""
+    """Module name -> source file, for every module of the package (kernels/ installs as llmdrop_rt.kernels).
+    A .py file outside a package folder (no __init__.py: io/decilm_files/, the code a decilm export carries for
+    transformers) is data, never imported by the package."""
     modules = {}
     for package, folder in PACKAGE_DIRS.items():
         for path in folder.rglob("*.py"):
+            if not (path.parent / "__init__.py").is_file():
+                continue
             parts = list(path.relative_to(folder).with_suffix("").parts)
             if parts[-1] == "__init__":
                 parts.pop()

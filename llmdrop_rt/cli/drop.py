@@ -6,6 +6,7 @@ from pathlib import Path
 
 from ..drop.metrics import METRIC_SOURCES, METRICS
 from ..drop.selection import GRANULARITIES, MODES
+from ..io.export import FORMAT_HELP, FORMATS
 from .args import (
     add_calibration_arguments,
     add_model_arguments,
@@ -172,10 +173,7 @@ def add_commands(commands):
     add_selection_arguments(drop)
     drop.add_argument("--out", metavar="JSON", help="write the drop plan (and the scores behind it) here")
     drop.add_argument("--export", metavar="DIR", help="export the dropped model to this new folder")
-    drop.add_argument("--export-format", choices=["strip", "reference", "renumbered"], default="strip",
-                      help="strip: weights without dropped modules; reference: symlinks to the source weights; "
-                           "renumbered: plain Llama/Mistral with the kept layers renumbered (block drops only) "
-                           "(default: strip)")
+    drop.add_argument("--export-format", choices=FORMATS, default="strip", help=f"{FORMAT_HELP} (default: strip)")
     drop.add_argument("--force", action="store_true", help="replace --export DIR if it exists (never the source)")
     drop.set_defaults(func=cmd_drop)
 

@@ -6,6 +6,10 @@ Formats:
 - `reference`: the same config.json, with the weights linked (symlinks) to the source's files: no copy at all.
 - `renumbered` (block drops only): a plain Llama/Mistral checkpoint with the remaining layers renumbered
   0..n-1 and `num_hidden_layers` lowered, loadable by stock transformers without custom code.
+- `decilm`: NVIDIA's DeciLM / nemotron-nas format (`DeciLMForCausalLM`, one `block_configs` entry per layer with
+  `no_op` for a dropped module), the kept tensors under their Llama names, and our own configuration/modeling
+  files for transformers' `trust_remote_code`. vLLM, SGLang and TensorRT-LLM serve it natively. Layer 0 must keep
+  its attention and the FFN width must be one DeciLM's `ffn_mult` can express (a multiple of 256).
 
 The destination is written in a temporary sibling folder and renamed into place; the source is never written.
 """
@@ -13,16 +17,35 @@ from __future__ import annotations
 
 import os
 import shutil
+from importlib import resources
 from pathlib import Path
 
 from safetensors.torch import save_file
 
-from ..config import DropPlan, ModelConfig, read_json
+from ..config import (
+    DECILM_ARCHITECTURE,
+    DECILM_FFN_MULTIPLE,
+    DECILM_MODEL_TYPE,
+    DropPlan,
+    ModelConfig,
+    ffn_mult_to_intermediate_size,
+    read_json,
+)
 from ..model import hf_names
 from .checkpoint import INDEX_FILE, SINGLE_FILE, CheckpointReader
 from .publish import publish_folder, staged_folder, write_json
 
-FORMATS = ("strip", "reference", "renumbered")
+FORMATS = ("strip", "reference", "renumbered", "decilm")
+FORMAT_HELP = ("strip: weights without the dropped modules; reference: symlinks to the source weights; renumbered: "
+               "plain Llama/Mistral with the kept layers renumbered (block drops only); decilm: DeciLM/nemotron-nas "
+               "(vLLM, SGLang, TensorRT-LLM; transformers with trust_remote_code)")
+# The transformers code a `decilm` export carries (package data in io/decilm_files/, for transformers'
+# trust_remote_code; llmdrop-rt itself never imports it, its loader reads config.json only), and its auto_map.
+DECILM_CODE_FILES = ("configuration_decilm.py", "modeling_decilm.py")
+DECILM_AUTO_MAP = {"AutoConfig": "configuration_decilm.DeciLMConfig",
+                   "AutoModelForCausalLM": "modeling_decilm.DeciLMForCausalLM"}
+# Fields of a DeciLM config that a Llama / LLM-Drop config must not carry.
+DECILM_ONLY_FIELDS = ("block_configs", "auto_map")
 # Files copied next to the weights: tokenizer and generation settings (whatever of them the source has).
 SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
               "generation_config.json", "chat_template.jinja", "vocab.json", "merges.txt", "added_tokens.json")
@@ -55,12 +78,20 @@ def export_model(source: str | Path, destination: str | Path, plan: DropPlan, fm
     if fmt == "renumbered" and plan.drop_attn != plan.drop_mlp:
         raise ExportError("the 'renumbered' format needs a pure block drop (the same layers in drop_attn_list and "
                           f"drop_mlp_list), got {plan}")
+    source_config = read_json(source / "config.json")
+    if fmt == "decilm":
+        config = decilm_config(source_config, cfg, plan)
+    elif cfg.block_drops is not None:  # a DeciLM source written as a Llama checkpoint
+        config = {k: v for k, v in source_config.items() if k not in DECILM_ONLY_FIELDS}
+        config.update(architectures=["LlamaForCausalLM"], model_type="llama",
+                      num_key_value_heads=cfg.num_kv_heads, intermediate_size=cfg.intermediate_size)
+    else:
+        config = dict(source_config)
 
     with staged_folder(destination) as staging:
         for name in SIDE_FILES:
             if (source / name).is_file():
                 shutil.copy2(source / name, staging / name)
-        config = dict(read_json(source / "config.json"))
         reader = CheckpointReader(source)
         if fmt == "renumbered":
             kept_layers = [i for i in range(cfg.num_layers) if plan.has_attn(i)]
@@ -71,6 +102,11 @@ def export_model(source: str | Path, destination: str | Path, plan: DropPlan, fm
             if isinstance(config.get("layer_types"), list):  # per-layer lists follow the kept layers
                 config["layer_types"] = [config["layer_types"][i] for i in kept_layers]
             _write_tensors(reader, staging, _renumbered_names(reader.names(), new_index), max_shard_bytes)
+        elif fmt == "decilm":
+            for name in DECILM_CODE_FILES:
+                (staging / name).write_bytes(resources.files(__package__).joinpath("decilm_files", name).read_bytes())
+            kept = {n: n for n in reader.names() if not is_dropped_tensor(n, plan)}
+            _write_tensors(reader, staging, kept, max_shard_bytes)
         else:
             config.update(plan.to_config_lists())
             if fmt == "strip":
@@ -81,6 +117,61 @@ def export_model(source: str | Path, destination: str | Path, plan: DropPlan, fm
         write_json(staging / "config.json", config)
         publish_folder(staging, destination)
     return destination
+
+
+def decilm_ffn_mult(intermediate_size: int, hidden_size: int) -> float:
+    """A float `ffn_mult` from which DeciLM's readers compute exactly `intermediate_size` (see
+    config.ffn_mult_to_intermediate_size). Preferred: the shortest decimal whose width before the rounding up to a
+    multiple of 256 is already `intermediate_size` (Llama-2-7B: 4.03125, not 4.0, which reaches 11008 only by
+    rounding up), so a reader that skips the rounding still gets it right."""
+    if intermediate_size < 1 or intermediate_size % DECILM_FFN_MULTIPLE:
+        raise ExportError(f"intermediate_size={intermediate_size} cannot be written as DeciLM's ffn_mult: its FFN "
+                          f"widths are multiples of {DECILM_FFN_MULTIPLE}")
+    exact = 3 * intermediate_size / (2 * hidden_size)
+    candidates = [float(round(exact, digits)) for digits in range(1, 8)] + [exact]
+    for candidate in candidates:
+        if int(2 * candidate * hidden_size / 3) == intermediate_size:
+            return candidate
+    for candidate in candidates:
+        if ffn_mult_to_intermediate_size(candidate, hidden_size) == intermediate_size:
+            return candidate
+    raise ExportError(f"no ffn_mult reproduces intermediate_size={intermediate_size} for hidden_size={hidden_size}")
+
+
+def decilm_config(source_config: dict, cfg: ModelConfig, plan: DropPlan) -> dict:
+    """The source's config.json as a DeciLM / nemotron-nas config: one block_configs entry per layer.
+
+    A dropped attention is `no_op: true` (what vLLM and SGLang read) with `n_heads_in_group: null` (what
+    llama.cpp's converter reads); a dropped FFN is `no_op: true` with `ffn_mult: null` (llama.cpp's converter
+    computes a width from any non-null ffn_mult). Rope, norm and vocabulary fields are the source's."""
+    if not plan.has_attn(0):
+        raise ExportError(f"{plan}: the decilm format needs layer 0's attention (vLLM's DeciLM starts its fused "
+                          "residual norm there and llama.cpp reads the head size from it)")
+    if cfg.sliding_window is not None:
+        raise ExportError(f"sliding_window={cfg.sliding_window}: DeciLM's readers have no sliding-window attention")
+    ffn_mult = decilm_ffn_mult(cfg.intermediate_size, cfg.hidden_size) if len(plan.drop_mlp) < cfg.num_layers else None
+    n_heads_in_group = cfg.num_heads // cfg.num_kv_heads
+    blocks = []
+    for layer in range(cfg.num_layers):
+        attn, mlp = plan.has_attn(layer), plan.has_mlp(layer)
+        blocks.append({
+            "attention": {"no_op": not attn, "replace_with_linear": False,
+                          "n_heads_in_group": n_heads_in_group if attn else None},
+            "ffn": {"no_op": not mlp, "replace_with_linear": False, "ffn_mult": ffn_mult if mlp else None},
+        })
+    config = {k: v for k, v in source_config.items() if k not in ("drop_attn_list", "drop_mlp_list")}
+    config.update(architectures=[DECILM_ARCHITECTURE], model_type=DECILM_MODEL_TYPE, auto_map=DECILM_AUTO_MAP,
+                  block_configs=blocks, num_key_value_heads=cfg.num_kv_heads, intermediate_size=cfg.intermediate_size)
+    # both spellings, for older and newer readers: torch_dtype / dtype; rope_theta and rope_scaling (SGLang's
+    # DeciLM, mlx-lm) beside transformers 5's rope_parameters
+    if cfg.torch_dtype:
+        config.setdefault("torch_dtype", cfg.torch_dtype)
+        config.setdefault("dtype", cfg.torch_dtype)
+    config.setdefault("rope_theta", cfg.rope.theta)
+    rope_parameters = config.get("rope_parameters")
+    if isinstance(rope_parameters, dict) and rope_parameters.get("rope_type", "default") != "default":
+        config.setdefault("rope_scaling", {k: v for k, v in rope_parameters.items() if k != "rope_theta"})
+    return config
 
 
 def check_destination(source: Path, destination: Path, overwrite: bool):
