@@ -173,7 +173,7 @@ def add_commands(commands):
     add_selection_arguments(drop)
     drop.add_argument("--out", metavar="JSON", help="write the drop plan (and the scores behind it) here")
     drop.add_argument("--export", metavar="DIR", help="export the dropped model to this new folder")
-    drop.add_argument("--export-format", choices=FORMATS, default="strip", help=f"{FORMAT_HELP} (default: strip)")
+    drop.add_argument("--export-format", choices=FORMATS, default="auto", help=f"{FORMAT_HELP} (default: auto)")
     drop.add_argument("--force", action="store_true", help="replace --export DIR if it exists (never the source)")
     drop.set_defaults(func=cmd_drop)
 

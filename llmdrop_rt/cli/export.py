@@ -19,7 +19,7 @@ def add_commands(commands):
         description="Apply --drop-attn / --drop-mlp (default: the model's own drop lists) and write the result as a "
                     "new checkpoint folder; the source is never written.")
     add_model_arguments(export, runtime=False)
-    export.add_argument("--format", choices=FORMATS, default="strip", help=f"{FORMAT_HELP} (default: strip)")
+    export.add_argument("--format", choices=FORMATS, default="auto", help=f"{FORMAT_HELP} (default: auto)")
     export.add_argument("--out", required=True, metavar="DIR", help="the new checkpoint folder")
     export.add_argument("--force", action="store_true", help="replace --out DIR if it exists (never the source)")
     export.set_defaults(func=cmd_export)

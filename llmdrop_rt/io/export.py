@@ -35,10 +35,13 @@ from ..model import hf_names
 from .checkpoint import INDEX_FILE, SINGLE_FILE, CheckpointReader
 from .publish import publish_folder, staged_folder, write_json
 
-FORMATS = ("strip", "reference", "renumbered", "decilm")
-FORMAT_HELP = ("strip: weights without the dropped modules; reference: symlinks to the source weights; renumbered: "
-               "plain Llama/Mistral with the kept layers renumbered (block drops only); decilm: DeciLM/nemotron-nas "
-               "(vLLM, SGLang, TensorRT-LLM; transformers with trust_remote_code)")
+FORMATS = ("auto", "strip", "reference", "renumbered", "decilm")
+FORMAT_HELP = ("auto: renumbered for a pure block drop (or none), else decilm -- formats no loader can mistake for "
+               "another model; strip: LLM-Drop's drop lists in a Llama config, weights without the dropped modules "
+               "(llmdrop-rt and LLM-Drop only: stock transformers would load it with the missing modules randomly "
+               "initialised); reference: the same config, symlinks to the source weights; renumbered: plain "
+               "Llama/Mistral with the kept layers renumbered (block drops only); decilm: DeciLM/nemotron-nas (vLLM, "
+               "SGLang, TensorRT-LLM; transformers with trust_remote_code)")
 # The transformers code a `decilm` export carries (package data in io/decilm_files/, for transformers'
 # trust_remote_code; llmdrop-rt itself never imports it, its loader reads config.json only), and its auto_map.
 DECILM_CODE_FILES = ("configuration_decilm.py", "modeling_decilm.py")
@@ -65,12 +68,14 @@ def is_dropped_tensor(name: str, plan: DropPlan) -> bool:
     return (unit == "attn" and not plan.has_attn(layer)) or (unit == "mlp" and not plan.has_mlp(layer))
 
 
-def export_model(source: str | Path, destination: str | Path, plan: DropPlan, fmt: str = "strip",
+def export_model(source: str | Path, destination: str | Path, plan: DropPlan, fmt: str = "auto",
                  overwrite: bool = False, max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
     """Write `plan` applied to the checkpoint at `source` into the new folder `destination` (see module doc)."""
     source, destination = Path(source).resolve(), Path(destination).absolute()
     if fmt not in FORMATS:
         raise ExportError(f"export format {fmt!r} is not one of {FORMATS}")
+    if fmt == "auto":
+        fmt = "renumbered" if plan.drop_attn == plan.drop_mlp else "decilm"
     cfg = ModelConfig.from_folder(source)
     if plan.num_layers != cfg.num_layers:
         raise ExportError(f"the drop plan is for {plan.num_layers} layers, {source} has {cfg.num_layers}")

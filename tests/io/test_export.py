@@ -111,9 +111,9 @@ def test_unsafe_or_wrong_exports_are_refused(tiny_checkpoints, tmp_path):
     existing.mkdir()
     (existing / "keep.txt").write_text("mine")
     with pytest.raises(ExportError, match="already exists"):
-        export_model(source, existing, plan)
+        export_model(source, existing, plan, "strip")
     assert (existing / "keep.txt").read_text() == "mine"
-    export_model(source, existing, plan, overwrite=True)
+    export_model(source, existing, plan, "strip", overwrite=True)
     assert not (existing / "keep.txt").exists() and (existing / "config.json").is_file()
     assert folder_digest(source) == before
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging folders left behind
@@ -142,3 +142,15 @@ def test_cli_score_drop_export(tiny_checkpoints, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["drop", "--model", str(source), "--scores", str(scores), "--granularity", "attn", "-k", "7"])
     assert "only 6 are left" in capsys.readouterr().err
+
+
+def test_the_default_format_is_one_no_loader_mistakes(tiny_checkpoints, tmp_path):
+    """auto: a block drop becomes a plain renumbered checkpoint, anything else DeciLM -- never LLM-Drop's drop lists
+    in a Llama config, which stock transformers would load with random weights in place of the dropped modules."""
+    source = tiny_checkpoints["llama2"]
+    block = export_model(source, tmp_path / "block", DropPlan.create(4, [2], [2]))
+    config = json.loads((block / "config.json").read_text())
+    assert config["num_hidden_layers"] == 3 and "drop_attn_list" not in config
+    with pytest.raises(ExportError, match="256"):  # decilm, whose FFN widths this model's 80 cannot express
+        export_model(source, tmp_path / "attn", DropPlan.create(4, [1], []))
+    assert not (tmp_path / "attn").exists()

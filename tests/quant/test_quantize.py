@@ -80,7 +80,7 @@ def test_quantized_dropped_model_round_trip(source, tmp_path, monkeypatch, capsy
               "--out", str(out), "--verify"])
         assert "top-1 agreement" in capsys.readouterr().out
     else:  # from a stripped export: the dropped tensors do not even exist in the source
-        stripped = export_model(source, tmp_path / "stripped", DropPlan.create(4, DROP_ATTN, DROP_MLP))
+        stripped = export_model(source, tmp_path / "stripped", DropPlan.create(4, DROP_ATTN, DROP_MLP), "strip")
         kwargs = {"method": "awq"} if method == "awq" else {"method": "gptq", "desc_act": True, "sym": False}
         quantize_model(stripped, out, calib, group_size=32, **kwargs)
     assert folder_digest(source) == before and not (tmp_path / "logs").exists()
