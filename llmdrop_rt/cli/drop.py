@@ -6,7 +6,6 @@ from pathlib import Path
 
 from ..drop.metrics import METRIC_SOURCES, METRICS
 from ..drop.selection import GRANULARITIES, MODES
-from ..io.export import FORMAT_HELP, FORMATS
 from .args import (
     add_calibration_arguments,
     add_model_arguments,
@@ -19,6 +18,7 @@ from .args import (
     positive_int,
     start_plan,
 )
+from .export import add_format_arguments, write_export
 
 METRIC_HELP = "; ".join(f"{name}: {text}" for name, text in METRIC_SOURCES.items() if name in METRICS)
 
@@ -80,9 +80,7 @@ def cmd_drop(args):
         write_json(args.out, result)
         print(f"plan -> {args.out}")
     if args.export:
-        from ..io.export import export_model
-
-        path = export_model(source.folder, args.export, new_plan, args.export_format, args.force)
+        path = write_export(source.folder, args.export, new_plan, args.export_format, args.gguf_type, args.force)
         print(f"exported ({args.export_format}) -> {path}")
 
 
@@ -172,8 +170,8 @@ def add_commands(commands):
                                                          "scoring again (one-shot only)")
     add_selection_arguments(drop)
     drop.add_argument("--out", metavar="JSON", help="write the drop plan (and the scores behind it) here")
-    drop.add_argument("--export", metavar="DIR", help="export the dropped model to this new folder")
-    drop.add_argument("--export-format", choices=FORMATS, default="auto", help=f"{FORMAT_HELP} (default: auto)")
+    drop.add_argument("--export", metavar="PATH", help="export the dropped model to this new folder (or .gguf file)")
+    add_format_arguments(drop, "--export-format")
     drop.add_argument("--force", action="store_true", help="replace --export DIR if it exists (never the source)")
     drop.set_defaults(func=cmd_drop)
 

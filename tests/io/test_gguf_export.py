@@ -332,3 +332,17 @@ def test_llama_bench_runs_on_a_quantized_export(llama_cpp, tiny_untied, tmp_path
     rows = llama_cpp_peer.bench_summary(records)
     assert {(row["test"], row["threads"]) for row in rows} == {("pp16", 1), ("pp16", 2), ("tg8", 1), ("tg8", 2)}
     assert all(row["tok_s"] > 0 and "deci" in row["type"] and "Q4_0" in row["type"] for row in rows)
+
+
+def test_export_command_writes_gguf(tiny_untied, tmp_path, capsys):
+    from llmdrop_rt.cli import main
+
+    out = tmp_path / "dropped.gguf"
+    main(["export", "--model", str(tiny_untied), "--drop-attn", "2", "--format", "gguf", "--gguf-type", "q8_0",
+          "--out", str(out)])
+    fields, tensors = read_fields(out)
+    assert fields["general.architecture"] == "deci" and "blk.2.attn_q.weight" not in tensors
+    assert tensors["blk.1.ffn_up.weight"].tensor_type == gguf.GGMLQuantizationType.Q8_0
+    with pytest.raises(SystemExit):  # an existing file is never replaced unasked
+        main(["export", "--model", str(tiny_untied), "--format", "gguf", "--out", str(out)])
+    assert "already exists" in capsys.readouterr().err
