@@ -110,6 +110,18 @@ def bench_shape(model: str, name: str, out_features: int, in_features: int, form
     return results
 
 
+def busy_cpu_seconds() -> tuple[float, float]:
+    """(CPU seconds all processes have been busy, CPU seconds of this one): their growth over a stretch of time
+    tells how much other work shared the machine meanwhile (Linux; zeros elsewhere)."""
+    stat = Path("/proc/stat")
+    if not stat.exists():
+        return 0.0, 0.0
+    user, nice, system, idle, iowait, irq, softirq, steal = map(int, stat.read_text().split()[1:9])
+    hz = os.sysconf("SC_CLK_TCK")
+    own = os.times()
+    return (user + nice + system + irq + softirq + steal) / hz, own.user + own.system
+
+
 def machine() -> dict:
     """What the numbers ran on: CPU model and vector extensions, logical CPUs, memory (Linux)."""
     def read(path: str) -> str:
@@ -155,9 +167,10 @@ def main() -> None:
     torch.manual_seed(0)
     load_at_start = os.getloadavg()
     stream = torch.ones(512 << 18)
-    results = []
+    results, other_load = [], {}
     for threads in args.threads:
         torch.set_num_threads(threads)
+        (busy_start, own_start), wall_start = busy_cpu_seconds(), time.perf_counter()
         for model in args.models:
             for name, out_features, in_features in SHAPES[model]:
                 for rows in args.rows:
@@ -165,13 +178,18 @@ def main() -> None:
                                                args.cold_mib << 20, args.rounds, args.sample_time, stream)
                     print_table(rows_results)
                     results += rows_results
+        (busy_end, own_end), wall = busy_cpu_seconds(), time.perf_counter() - wall_start
+        other_load[threads] = ((busy_end - busy_start) - (own_end - own_start)) / wall
+        print(f"threads={threads}: other processes kept {other_load[threads]:.2f} CPUs busy meanwhile", flush=True)
     print_table(results)
     report = {
         "command": " ".join(["python", *sys.argv]), "note": args.note,
         "machine": {**machine(), "load_average_at_start": load_at_start, "load_average_at_end": os.getloadavg()},
         "torch": torch.__version__, "simd_width": cpu_linear.ops.simd_width(),
         "weights": f"cold: each candidate cycles through copies totalling >= {args.cold_mib} MiB",
-        "rounds": args.rounds, "results": results,
+        "rounds": args.rounds,
+        "other_processes_cpus_busy": other_load,  # per thread count, averaged over that part of the run
+        "results": results,
     }
     directory = os.path.dirname(os.path.abspath(args.out))
     os.makedirs(directory, exist_ok=True)

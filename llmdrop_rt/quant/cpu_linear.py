@@ -116,13 +116,14 @@ def dequantize(stored: torch.Tensor, fmt: str, dtype: torch.dtype = torch.float6
     if fmt == "q8_0":
         w = d * blocks[..., 2:].contiguous().view(torch.int8).to(dtype)
     else:
-        qs = blocks[..., BLOCK_BYTES[fmt] - BLOCK // 2:]
+        qs = blocks[..., nbytes - BLOCK // 2:]  # the nibbles close each block
         q = torch.cat([qs & 0xF, qs >> 4], dim=-1).to(dtype)
         w = d * (q - 8) if fmt == "q4_0" else d * q + fp16_at(2)
     return w.reshape(stored.shape[0], -1)
 
 
 def in_features_of(stored: torch.Tensor, fmt: str) -> int:
+    """The input features of a stored weight (its columns; 32 per block of the block formats)."""
     _check_format(fmt)
     return stored.shape[1] if fmt in DENSE_DTYPES else stored.shape[1] // BLOCK_BYTES[fmt] * BLOCK
 
