@@ -241,7 +241,7 @@ TINY = dict(layers=2, hidden=64, ffn=96, heads=4, kv_heads=2, head_dim=16)
 
 
 def write_tiny_gguf(path, *, architecture="llama", seed=0, lm_head=True, skip_tensor=None, f64_tensor=None,
-                    tokenizer_model="gpt2", bos_id=1):
+                    tokenizer_model="gpt2", bos_id=1, pre_tokenizer="smollm"):
     """A random 2-layer llama GGUF with a byte-level tokenizer, in several tensor encodings."""
     rng = np.random.default_rng(seed)
     control = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
@@ -261,7 +261,7 @@ def write_tiny_gguf(path, *, architecture="llama", seed=0, lm_head=True, skip_te
     writer.add_float32(f"{architecture}.attention.layer_norm_rms_epsilon", 1e-6)
     writer.add_uint32(f"{architecture}.vocab_size", len(tokens))
     writer.add_tokenizer_model(tokenizer_model)
-    writer.add_tokenizer_pre("smollm")
+    writer.add_tokenizer_pre(pre_tokenizer)
     writer.add_token_list(tokens)
     writer.add_token_types([3 if t in control else 1 for t in tokens])
     writer.add_token_merges(merges)
@@ -420,3 +420,11 @@ def test_concurrent_conversions_into_one_folder_all_succeed(tiny_gguf, tmp_path)
     assert results == [out] * 4
     assert gguf_import._read_marker(out) is not None
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "tiny.gguf"]
+
+
+@pytest.mark.parametrize("name", ["gpt-2", "gpt2"])
+def test_the_plain_byte_level_pre_tokenizer_under_both_spellings(tmp_path, name):
+    """llama.cpp names the GPT-2 regex "gpt-2" (what its converter and our exporter write); "gpt2" is read too."""
+    out = convert_gguf(write_tiny_gguf(tmp_path / "tiny.gguf", pre_tokenizer=name), tmp_path / "out")
+    pre = json.loads((out / "tokenizer.json").read_text())["pre_tokenizer"]
+    assert "Digits" not in json.dumps(pre)
