@@ -71,7 +71,8 @@ _TOKEN_TYPE_USER_DEFINED = 4
 
 # llama.cpp pre-tokenizer names we can express exactly with `tokenizers`, and whether they split digits.
 # "gpt-2" (llama.cpp's own name; "gpt2" is also read) is the plain GPT-2 regex (ByteLevel); "smollm" first splits
-# every digit on its own, as SmolLM's tokenizer.json does (Digits + ByteLevel). llama.cpp's "default" is a different regex and is not supported.
+# every digit on its own, as SmolLM's tokenizer.json does (Digits + ByteLevel). llama.cpp's "default" is a
+# different regex and is not supported.
 _PRE_TOKENIZERS_WITH_DIGIT_SPLIT = {"smollm": True, "gpt2": False, "gpt-2": False}
 
 # Per-layer GGUF tensor name -> Hugging Face name.
