@@ -16,13 +16,11 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import os
 import platform
 import re
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Callable
@@ -30,6 +28,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from llmdrop_rt.io.publish import write_json
 from llmdrop_rt.quant import cpu_linear
 from llmdrop_rt.quant.cpu_linear import CpuLinear
 
@@ -191,12 +190,7 @@ def main() -> None:
         "other_processes_cpus_busy": other_load,  # per thread count, averaged over that part of the run
         "results": results,
     }
-    directory = os.path.dirname(os.path.abspath(args.out))
-    os.makedirs(directory, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=directory, delete=False, suffix=".tmp") as f:
-        json.dump(report, f, indent=2)
-    os.replace(f.name, args.out)
-    print(f"wrote {args.out}")
+    print(f"wrote {write_json(args.out, report)}")
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ the floor is the hardware's, not any GEMV's. The same run times, interleaved rou
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 
@@ -24,6 +23,7 @@ import llmdrop_rt
 from llmdrop_rt.bench.baselines import timed_generation
 from llmdrop_rt.bench.quick import read_bandwidth
 from llmdrop_rt.config import parse_layer_list
+from llmdrop_rt.io.publish import write_json
 from llmdrop_rt.quant.cpu_linear import CpuLinear
 
 
@@ -93,8 +93,7 @@ def main():
           f"({result['our_step_of_floor']:.0%} of the floor; {result['outside_gemv_share']:.0%} of the step outside "
           "the GEMVs)")
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
+        write_json(args.out, result)
 
 
 if __name__ == "__main__":

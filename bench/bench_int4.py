@@ -16,17 +16,15 @@ from __future__ import annotations
 import argparse
 import copy
 import itertools
-import json
-import os
 import platform
 import statistics
-import tempfile
 import time
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
+from llmdrop_rt.io.publish import write_json
 from llmdrop_rt.quant import linear
 from llmdrop_rt.quant.formats import Int4Weights, dequantize_reference
 from llmdrop_rt.quant.linear import QuantLinear
@@ -154,12 +152,7 @@ def main() -> None:
             "weights": "warm (one copy, cache-resident)" if args.warm else f"cold (copies > {COLD_BYTES >> 20} MiB)",
             "backends": linear.available_backends(), "results": results,
         }
-        directory = os.path.dirname(os.path.abspath(args.out))
-        os.makedirs(directory, exist_ok=True)
-        with tempfile.NamedTemporaryFile("w", dir=directory, delete=False, suffix=".tmp") as f:
-            json.dump(report, f, indent=2)
-        os.replace(f.name, args.out)
-        print(f"wrote {args.out}")
+        print(f"wrote {write_json(args.out, report)}")
 
 
 if __name__ == "__main__":

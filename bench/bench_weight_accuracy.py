@@ -13,7 +13,6 @@ flatters every 4-bit result (int4 here rounds weights that were 4-bit to begin w
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 from pathlib import Path
 
@@ -21,6 +20,7 @@ import torch
 
 import llmdrop_rt
 from llmdrop_rt.bench import llama_cpp
+from llmdrop_rt.io.publish import write_json
 from llmdrop_rt.model.builder import WEIGHT_FORMATS
 
 
@@ -68,8 +68,8 @@ def main():
         print(f"| {row['impl']} | {row['weights']} | {row['perplexity']:.4f} | {row['vs_fp32']:+.2%} | "
               f"{row['weight_bytes'] / 1e6:.0f} |")
     if args.out:
-        Path(args.out).write_text(json.dumps({"command": "python bench/bench_weight_accuracy.py", "text": args.text,
-                                              "ctx": args.ctx, "tokens": len(tokens), "rows": rows}, indent=1))
+        write_json(args.out, {"command": "python bench/bench_weight_accuracy.py", "text": args.text, "ctx": args.ctx,
+                              "tokens": len(tokens), "rows": rows})
 
 
 if __name__ == "__main__":

@@ -8,7 +8,6 @@ same run). Weights are SYNTHETIC (random, the real shape): speed does not depend
 from __future__ import annotations
 
 import argparse
-import json
 import time
 
 import torch
@@ -16,6 +15,7 @@ import torch
 from llmdrop_rt.bench.baselines import attention_layers_to_drop, sync, timed_generation
 from llmdrop_rt.bench.synthetic import load_synthetic, model_config
 from llmdrop_rt.devices import resolve_device
+from llmdrop_rt.io.publish import write_json
 
 
 def read_bandwidth(device, nbytes: int = 4 << 30) -> float:
@@ -60,8 +60,7 @@ def main():
               "gpu": torch.cuda.get_device_name(0) if device.type == "cuda" else None, "torch": torch.__version__,
               "read_bandwidth_gb_s": bandwidth / 1e9, "rows": rows}
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(report, f, indent=1)
+        write_json(args.out, report)
 
 
 if __name__ == "__main__":
