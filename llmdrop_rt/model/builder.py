@@ -128,14 +128,17 @@ class ModelBuilder:
             layers = [QuantLinear.from_checkpoint(self.quant_tensor, p, in_features, o, self.qconfig, bias)
                       for p, o in zip(prefixes, out_features)]
             return concat_quant_linear(layers).to(self.device)
-        if self.formats is not None:
-            fmt, stored = self.stored([f"{p}.weight" for p in prefixes], out_features, in_features, self.formats[0])
-        else:
-            weights = [self.tensor(f"{p}.weight", (o, in_features)) for p, o in zip(prefixes, out_features)]
-        biases = [self.tensor(f"{p}.bias", (o,)) for p, o in zip(prefixes, out_features)] if bias else None
-        if self.formats is not None:
-            return cpu_linear.CpuLinear(stored, fmt, None if biases is None else torch.cat(biases))
-        return dense_linear(weights, biases)
+        names = [f"{p}.weight" for p in prefixes]
+        # Weights are read before biases, so a checkpoint's bad weight is the error reported.
+        if self.formats is None:
+            weights = [self.tensor(name, (o, in_features)) for name, o in zip(names, out_features)]
+            return dense_linear(weights, self.biases(prefixes, out_features, bias))
+        fmt, stored = self.stored(names, out_features, in_features, self.formats[0])
+        biases = self.biases(prefixes, out_features, bias)
+        return cpu_linear.CpuLinear(stored, fmt, None if biases is None else torch.cat(biases))
+
+    def biases(self, prefixes: list[str], out_features: list[int], bias: bool) -> list[torch.Tensor] | None:
+        return [self.tensor(f"{p}.bias", (o,)) for p, o in zip(prefixes, out_features)] if bias else None
 
     def quant_tensor(self, name: str) -> torch.Tensor:
         """Packed tensors as stored (QuantLinear validates and repacks them); KeyError when absent."""
