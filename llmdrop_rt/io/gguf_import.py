@@ -377,6 +377,7 @@ class GGUFWeights:
         self._tensors = {hf_name: (gguf_name, by_name[gguf_name], shape)
                          for gguf_name, (hf_name, shape) in expected.items()}
         self.bytes_read = 0
+        self.used: set[str] = set()
 
     def names(self) -> list[str]:
         return list(self._tensors)
@@ -405,6 +406,7 @@ class GGUFWeights:
             raise GGUFImportError(f"{self.path}: tensor {gguf_name!r} has shape {expected}, expected {tuple(shape)}")
         values = np.asarray(gguf.quants.dequantize(tensor.data, tensor.tensor_type), dtype=np.float32)
         self.bytes_read += tensor.n_bytes
+        self.used.add(name)
         return torch.from_numpy(np.array(self._rows_in_hf_order(gguf_name, values.reshape(expected))))
 
     def blocks(self, name: str):
@@ -417,6 +419,7 @@ class GGUFWeights:
             return None
         rows = np.asarray(tensor.data, dtype=np.uint8).reshape(expected[0], -1)
         self.bytes_read += tensor.n_bytes
+        self.used.add(name)
         return fmt, torch.from_numpy(np.array(self._rows_in_hf_order(gguf_name, rows)))  # a writable copy
 
 
