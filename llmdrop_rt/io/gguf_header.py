@@ -40,9 +40,11 @@ def check_header(path: Path) -> None:
 class _Walker:
     def __init__(self, path: Path, data):
         self.path, self.data, self.offset = path, data, 0
+        self.last_entry = None  # the last entry read whole: a wrong count or length before a failure is often its
 
     def fail(self, what: str):
-        raise GGUFHeaderError(f"{self.path}: {what}")
+        after = f" (after {self.last_entry})" if self.last_entry else ""
+        raise GGUFHeaderError(f"{self.path}: {what}{after}")
 
     def read(self, fmt: str, what: str):
         need = struct.calcsize(fmt)
@@ -83,6 +85,7 @@ class _Walker:
             if not key:
                 self.fail(f"metadata entry {index} has an empty key")
             self.value(self.read("<I", f"metadata key {key!r}'s type"), f"metadata key {key!r}", nested=False)
+            self.last_entry = f"metadata key {key!r}, entry {index + 1} of GGUF.kv_count = {keys}"
         for index in range(tensors):
             name = self.string(f"tensor entry {index}'s name")
             dims = self.read("<I", f"tensor {name!r}'s dimension count")
@@ -92,6 +95,7 @@ class _Walker:
             if 0 in shape or math.prod(shape) > len(self.data) * 8:  # no GGML type stores under 1 bit an element
                 self.fail(f"tensor {name!r} has shape {shape}: more elements than the file could hold")
             self.read("<IQ", f"tensor {name!r}'s type and offset")
+            self.last_entry = f"tensor {name!r}, entry {index + 1} of GGUF.tensor_count = {tensors}"
 
     def value(self, kind: int, what: str, nested: bool) -> None:
         if kind == STRING:

@@ -275,7 +275,8 @@ def _hyper_parameters(reader, gguf_path: Path) -> LlamaHyperParameters:
     rotary_dim = int(get("rope.dimension_count", default=head_dim))
     if value_dim != head_dim or rotary_dim != head_dim:
         raise GGUFImportError(
-            f"{gguf_path}: key length {head_dim}, value length {value_dim} and rotary dimension {rotary_dim} "
+            f"{gguf_path}: head dimension {head_dim} (llama.attention.key_length, else embedding_length / "
+            f"head_count), llama.attention.value_length = {value_dim} and llama.rope.dimension_count = {rotary_dim} "
             "must all be equal (partial rotary or distinct value heads are not supported)"
         )
     num_kv_heads = int(get("attention.head_count_kv", default=num_heads))
@@ -533,7 +534,7 @@ def _build_tokenizer(reader, gguf_path: Path, hp: LlamaHyperParameters, special_
         )
     tokens = _metadata(reader, "tokenizer.ggml.tokens", gguf_path, required=True)
     token_types = _metadata(reader, "tokenizer.ggml.token_type", gguf_path, default=[1] * len(tokens))
-    merges = _metadata(reader, "tokenizer.ggml.merges", gguf_path, required=True)
+    merges = _metadata(reader, "tokenizer.ggml.merges", gguf_path, default=[])  # none: every token is a byte
     if len(tokens) != hp.vocab_size or len(token_types) != len(tokens):
         raise GGUFImportError(
             f"{gguf_path}: {len(tokens)} tokens and {len(token_types)} token types "
