@@ -22,7 +22,8 @@ def check_all_used(reader, cfg: ModelConfig, plan: DropPlan) -> None:
     unread = [name for name in reader.names() if name not in reader.used and not _accounted_for(name, plan)]
     if hf_names.LM_HEAD in unread and cfg.tie_word_embeddings and _same_as_embedding(reader):
         unread.remove(hf_names.LM_HEAD)  # a tied checkpoint that also stores the (identical) head
-    unindexed = reader.unindexed() if hasattr(reader, "unindexed") else {}
+    unindexed = {name: shard for name, shard in (reader.unindexed() if hasattr(reader, "unindexed") else {}).items()
+                 if not _accounted_for(name, plan)}
     if not unread and not unindexed:
         return
     source = getattr(reader, "folder", None) or getattr(reader, "path", "checkpoint")

@@ -74,7 +74,9 @@ class CheckpointReader:
     def get(self, name: str, shape: tuple[int, ...] | None = None) -> torch.Tensor:
         """One tensor as stored; `shape`, when given, is checked and named in the error."""
         if name not in self.shard_of:
-            raise CheckpointError(f"{self.folder}: tensor '{name}' is missing from the checkpoint")
+            shard = self.unindexed().get(name) if (self.folder / INDEX_FILE).is_file() else None
+            hint = f" (it is stored in {shard}, but {INDEX_FILE} does not list it there)" if shard else ""
+            raise CheckpointError(f"{self.folder}: tensor '{name}' is missing from the checkpoint{hint}")
         shard = self.shard_of[name]
         try:
             tensor = self._open(shard).get_tensor(name)
