@@ -134,8 +134,9 @@ class _BoundedSandbox(ImmutableSandboxedEnvironment):
         return _check_size(super().call(context, obj, *args, **kwargs), "a call's result")
 
     def call_binop(self, context, operator_name, left, right):
-        if operator_name == "**" and _is_number(left) and _is_number(right) and abs(right) > 64 and abs(left) > 1:
-            raise ChatTemplateError(f"the chat template computes {left!r} ** {right!r}: too large")
+        if operator_name == "**" and isinstance(left, int) and isinstance(right, int) and abs(left) > 1 \
+                and right * abs(left).bit_length() > 8 * MAX_SIZE:
+            raise ChatTemplateError(f"the chat template computes an integer power of over {8 * MAX_SIZE} bits")
         if operator_name == "*":
             for sequence, count in ((left, right), (right, left)):
                 if isinstance(sequence, (str, list, tuple)) and _is_number(count) and len(sequence) * count > MAX_SIZE:
