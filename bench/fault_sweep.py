@@ -12,6 +12,7 @@ this process, each outcome classified:
 
 Before the cases run, the pristine tiny checkpoint's logits are compared with transformers' model of the same
 folder (when transformers is installed): the "correct result" of the load cases is that checkpoint's result.
+Everything the cases write (GGUF conversions included) stays in a temporary folder.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import argparse
 import contextlib
 import importlib
 import io
+import os
 import sys
 import tempfile
 import time
@@ -104,6 +106,7 @@ def main_sweep(argv=None):
 
     results, checks = [], {}
     with tempfile.TemporaryDirectory(prefix="fault-sweep-") as tmp:
+        os.environ["LLMDROP_RT_CACHE"] = str(Path(tmp) / "cache")  # GGUF conversions stay out of the user's cache
         for module_name, module in case_modules():
             workdir = Path(tmp) / module_name
             workdir.mkdir()

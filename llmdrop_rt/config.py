@@ -83,8 +83,8 @@ ROPE_FIELDS = {
 # DeciLM block_configs[i].attention / .ffn
 BLOCK_FIELDS = {
     "attention": {"no_op": BOOLEAN, "replace_with_linear": BOOLEAN, "n_heads_in_group": POSITIVE_INT.or_null()},
-    "ffn": {"no_op": BOOLEAN, "replace_with_linear": BOOLEAN, "ffn_mult": POSITIVE_NUMBER,
-            "intermediate_size": POSITIVE_INT, "hidden_act": STRING},
+    "ffn": {"no_op": BOOLEAN, "replace_with_linear": BOOLEAN, "ffn_mult": POSITIVE_NUMBER.or_null(),  # null: no-op
+            "intermediate_size": POSITIVE_INT.or_null(), "hidden_act": STRING},
 }
 
 

@@ -23,7 +23,7 @@ class LLM:
     def __init__(self, folder: Path, cfg: ModelConfig, plan: DropPlan, model: Transformer, tokenizer: Tokenizer,
                  attn_backend: str, decode: str = "auto"):
         self.folder, self.cfg, self.plan, self.model, self.tokenizer = folder, cfg, plan, model, tokenizer
-        self.eos_ids = set(cfg.eos_token_ids) | _generation_eos(folder)
+        self.eos_ids = set(cfg.eos_token_ids) | _generation_eos(folder, cfg.vocab_size)
         if tokenizer.eos_token_id is not None:
             self.eos_ids.add(tokenizer.eos_token_id)
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else next(iter(self.eos_ids), 0)
@@ -108,13 +108,18 @@ class LLM:
         return sum(unique.values())
 
 
-def _generation_eos(folder: Path) -> set[int]:
+def _generation_eos(folder: Path, vocab_size: int) -> set[int]:
     path = folder / "generation_config.json"
     if not path.is_file():
         return set()
     eos = read_json(path).get("eos_token_id")
     TOKEN_IDS.or_null().check(eos, f"{path}: eos_token_id", ConfigError)
-    return set(eos) if isinstance(eos, list) else ({eos} if eos is not None else set())
+    ids = set(eos) if isinstance(eos, list) else ({eos} if eos is not None else set())
+    outside = sorted(i for i in ids if i >= vocab_size)
+    if outside:
+        raise ConfigError(f"{path}: eos_token_id = {outside[0]} is outside the vocabulary (expected "
+                          f"0..{vocab_size - 1})")
+    return ids
 
 
 def _cut_at_stop(text: str, stop: list[str] | None) -> str:

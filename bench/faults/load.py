@@ -293,6 +293,13 @@ def _config_field_cases(b: _Builder) -> None:
     b.config_case("config-hidden-larger", "error", ("model.layers.0.self_attn.q_proj.weight", "(32, 32)"),
                   hidden_size=64, head_dim=DELETE)
     b.config_case("config-intermediate-other", "error", ("mlp.gate_proj",), intermediate_size=INTER * 2)
+    for field, value in {"num_hidden_layers": 10**9, "vocab_size": 10**12, "hidden_size": 10**10,
+                         "intermediate_size": 10**11, "head_dim": 10**9, "num_attention_heads": 2**20}.items():
+        b.config_case(f"config-{field}-absurd", "error", ("model.",), **{field: value, "num_key_value_heads": None}
+                      if field == "num_attention_heads" else {field: value})
+    for label, value in {"list": [], "string": "gptq", "bits-8": {"quant_method": "gptq", "bits": 8},
+                         "method-unknown": {"quant_method": "fp8"}}.items():
+        b.config_case(f"config-quantization-{label}", "error", ("quantization_config",), quantization_config=value)
     # valid but unusual: the same model
     b.config_case("config-rope-theta-integer", "ok", rope_theta=10000)
     b.config_case("config-eps-spelled-differently", "ok", rms_norm_eps=0.00001)
@@ -307,6 +314,7 @@ def _config_field_cases(b: _Builder) -> None:
     b.config_case("config-dtype-bfloat16-note", "ok", torch_dtype="bfloat16")
     b.config_case("config-pretraining-tp-1", "ok", pretraining_tp=1)
     b.config_case("config-max-positions-large", "ok", max_position_embeddings=131072)
+    b.config_case("config-max-positions-absurd", "ok", max_position_embeddings=10**15)
 
 
 def _rope_cases(b: _Builder) -> None:
@@ -467,6 +475,10 @@ def _index_cases(b: _Builder) -> None:
 
     index_case("index-lists-absent-tensor", lists_absent, mentions=("model.layers.0.mlp.up_proj.bias",))
 
+    both = write_folder(b.root / "index-and-single-file", None, tensors, shards=3)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(both / "model.safetensors"))
+    b.add("index-and-single-file", both, "error", ("model.safetensors", index_name))
+
 
 def _json_cases(b: _Builder) -> None:
     for file in ("config.json", "generation_config.json", "tokenizer_config.json"):
@@ -486,6 +498,9 @@ def _json_cases(b: _Builder) -> None:
         folder = b.folder(f"json-generation-eos-{label}")
         (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": value}))
         b.add(f"json-generation-eos-{label}", folder, "error", ("generation_config.json", "eos_token_id"))
+    folder = b.folder("json-generation-eos-outside-vocab")
+    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": [1, VOCAB]}))
+    b.add("json-generation-eos-outside-vocab", folder, "error", ("generation_config.json", "eos_token_id"))
     folder = b.folder("json-generation-extra-eos")
     (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": [1, 2], "do_sample": False}))
     b.add("json-generation-extra-eos", folder, "ok")

@@ -36,6 +36,8 @@ class CheckpointReader:
 
     def _tensor_index(self) -> dict[str, str]:
         index_path = self.folder / INDEX_FILE
+        if index_path.is_file() and (self.folder / SINGLE_FILE).is_file():  # readers disagree on which one wins
+            raise CheckpointError(f"{self.folder}: holds both {SINGLE_FILE} and {INDEX_FILE}; expected one of them")
         if index_path.is_file():
             weight_map = _weight_map(index_path)
             for shard in sorted(set(weight_map.values())):

@@ -106,7 +106,8 @@ class ModelBuilder:
     def tensor(self, name, shape):
         stored = self.reader.get(name, shape)
         if not stored.is_floating_point():  # an integer tensor here is not these weights: casting would hide that
-            raise ValueError(f"tensor '{name}' is stored as {stored.dtype}; expected a floating-point dtype")
+            source = getattr(self.reader, "folder", None) or getattr(self.reader, "path", "checkpoint")
+            raise ValueError(f"{source}: tensor '{name}' is stored as {stored.dtype}; expected a floating-point dtype")
         return stored.to(device=self.device, dtype=self.dtype)
 
     def stored(self, names: list[str], rows: list[int], in_features: int, fmt: str) -> tuple[str, torch.Tensor]:

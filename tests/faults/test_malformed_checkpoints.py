@@ -182,3 +182,16 @@ def test_folder_without_tokenizer_files_serves_token_ids(llama2, tiny_checkpoint
         assert str(llama2) in one_line(caught)
     with pytest.raises(TokenizerMissingError, match="no tokenizer.json, so text cannot be encoded or decoded"):
         llm.generate("hello", max_new_tokens=2)
+
+
+def test_single_file_and_index_together_are_ambiguous(sharded, tiny_checkpoints):
+    shutil.copy(tiny_checkpoints["llama2"] / "model.safetensors", sharded / "model.safetensors")
+    with pytest.raises(CheckpointError) as caught:
+        llmdrop_rt.load(sharded)
+    assert "holds both model.safetensors and model.safetensors.index.json; expected one of them" in one_line(caught)
+
+
+def test_generation_config_eos_outside_the_vocabulary(llama2):
+    (llama2 / "generation_config.json").write_text(json.dumps({"eos_token_id": [1, 300]}))
+    with pytest.raises(ConfigError, match=r"generation_config.json: eos_token_id = 300 is outside the vocabulary"):
+        llmdrop_rt.load(llama2)
