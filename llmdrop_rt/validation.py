@@ -44,36 +44,15 @@ class Rule:
             raise error(f"{where} = {_show(value)}: expected {self.allowed}")
 
 
-def integer(minimum: int | None = None, maximum: int | None = None) -> Rule:
-    words = ("a positive integer" if minimum == 1 else "a non-negative integer" if minimum == 0
-             else f"an integer >= {minimum}" if minimum is not None else "an integer")
-    if maximum is not None:
-        words = f"an integer in {minimum}..{maximum}"
-    return Rule(words, lambda v: _is_int(v) and (minimum is None or v >= minimum)
-                and (maximum is None or v <= maximum))
-
-
-def number(minimum: float | None = None, exclusive: bool = True) -> Rule:
-    """A finite number (an integer is accepted); `minimum` is exclusive unless told otherwise."""
-    if minimum is None:
-        return Rule("a finite number", _is_number)
-    words = f"a finite number {'>' if exclusive else '>='} {minimum:g}"
-    return Rule(words, lambda v: _is_number(v) and (v > minimum if exclusive else v >= minimum))
-
-
-def one_of(*choices) -> Rule:
-    return Rule(f"one of {list(choices)}", lambda v: isinstance(v, str) and v in choices)
-
-
 BOOLEAN = Rule("true or false (a JSON boolean)", lambda v: isinstance(v, bool))
 STRING = Rule("a string", lambda v: isinstance(v, str))
 STRINGS = Rule("a list of strings", lambda v: isinstance(v, list) and all(isinstance(s, str) for s in v))
-POSITIVE_INT = integer(1)
-TOKEN_ID = integer(0)
+POSITIVE_INT = Rule("a positive integer", lambda v: _is_int(v) and v >= 1)
+TOKEN_ID = Rule("a non-negative integer", lambda v: _is_int(v) and v >= 0)
 TOKEN_IDS = Rule("a token id (a non-negative integer) or a non-empty list of them",
                  lambda v: _is_int(v) and v >= 0 or isinstance(v, list) and bool(v)
                  and all(_is_int(t) and t >= 0 for t in v))
-POSITIVE_NUMBER = number(0)
+POSITIVE_NUMBER = Rule("a finite number > 0", lambda v: _is_number(v) and v > 0)  # an integer is a number too
 OBJECT = Rule("an object", lambda v: isinstance(v, dict))
 
 
