@@ -271,9 +271,12 @@ def read_json(path: Path) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: file not found")
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise ConfigError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a JSON object, got a {type(data).__name__}")
+    return data
 
 
 @dataclass(frozen=True)
@@ -345,20 +348,3 @@ def _parse_drop_list(value, num_layers: int, name: str) -> list[int]:
             raise ConfigError(f"{name}[{pos}] = {v}: duplicate layer index")
         seen.add(v)
     return items
-
-
-def parse_layer_list(text: str | None) -> list[int] | None:
-    """'1,3,5-7' -> [1, 3, 5, 6, 7]; None keeps config.json's list; '' means drop nothing."""
-    if text is None:
-        return None
-    layers: list[int] = []
-    for part in filter(None, (p.strip() for p in text.split(","))):
-        try:
-            if "-" in part:
-                lo, hi = part.split("-")
-                layers.extend(range(int(lo), int(hi) + 1))
-            else:
-                layers.append(int(part))
-        except ValueError:
-            raise ConfigError(f"bad layer list entry {part!r}: expected N or N-M") from None
-    return layers

@@ -44,4 +44,4 @@ def add_commands(commands):
     ev.add_argument("--offline", action="store_true",
                     help="set HF_DATASETS_OFFLINE/HF_HUB_OFFLINE (for machines without the hub)")
     ev.add_argument("--out", default="eval/results.json", help="results JSON (default: eval/results.json)")
-    ev.set_defaults(func=cmd_eval)
+    ev.set_defaults(func=cmd_eval, outputs={"out": "file"})

@@ -42,4 +42,4 @@ def add_commands(commands):
     add_format_arguments(export, "--format")
     export.add_argument("--out", required=True, metavar="PATH", help="the new checkpoint folder (or .gguf file)")
     export.add_argument("--force", action="store_true", help="replace --out if it exists (never the source)")
-    export.set_defaults(func=cmd_export)
+    export.set_defaults(func=cmd_export, outputs={"out": "folder"})

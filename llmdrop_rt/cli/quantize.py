@@ -49,4 +49,4 @@ def add_commands(commands):
     quantize.add_argument("--verify", action="store_true",
                           help="afterwards, compare our runtime's logits with GPTQModel's on one calibration "
                                "sequence and print the agreement")
-    quantize.set_defaults(func=cmd_quantize)
+    quantize.set_defaults(func=cmd_quantize, outputs={"out": "folder"})
