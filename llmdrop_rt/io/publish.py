@@ -73,6 +73,21 @@ def reclaim_stale_staging(path: Path) -> list[Path]:
     return removed
 
 
+def current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def follow_umask(path: Path) -> None:
+    """Give `path` (and, for a folder, everything in it but symlinks) the permissions a new file or folder gets
+    under the user's umask: libraries we write through (safetensors, mkstemp users) create theirs 0600."""
+    mask = current_umask()
+    for entry in [path, *(path.rglob("*") if path.is_dir() else ())]:
+        if not entry.is_symlink():
+            entry.chmod((0o777 if entry.is_dir() else 0o666) & ~mask)
+
+
 @contextlib.contextmanager
 def replacing(path: str | Path) -> Iterator[Path]:
     """A temporary sibling of `path` for the block to write; renamed onto `path` when the block succeeds, removed
@@ -158,6 +173,7 @@ def publish_folder(staging: Path, destination: Path, keep_existing: Callable[[Pa
     decides when given (True keeps it and discards staging, False replaces it, raising refuses); else it is
     replaced only if `replace(dest)` says so, and otherwise the publication fails without touching it.
     """
+    follow_umask(staging)
     try:
         os.rename(staging, destination)  # succeeds if destination is absent or an empty folder
         return
@@ -210,6 +226,7 @@ def staged_file(destination: str | Path, overwrite: bool = False,
     staging = sibling(destination, "partial")
     try:
         yield staging
+        follow_umask(staging)
         if overwrite:
             if (destination.exists() or destination.is_symlink()) and not ours(destination):
                 raise OutputError(f"refusing to replace {destination}: it is not a file of the kind this writes")
