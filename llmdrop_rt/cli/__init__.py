@@ -18,8 +18,15 @@ DEBUG_ENV_VAR = "LLMDROP_RT_DEBUG"
 REFUSALS = (ValueError, OSError, ImportError, KeyError)
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with its errors as one line, like every other error of ours (the usage is in --help)."""
+
+    def error(self, message):
+        self.exit(2, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="python -m llmdrop_rt", description="llmdrop-rt: run Llama/Mistral models with dropped modules.",
         epilog="Errors are one line on stderr naming the file, field or argument (exit 2; 1 for an internal "
                f"error); --debug or {DEBUG_ENV_VAR}=1 shows the traceback instead.")

@@ -32,6 +32,26 @@ def positive_int(text: str) -> int:
     return value
 
 
+def non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
+    return value
+
+
+def positive_number(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
+    return value
+
+
 def int_list(text: str) -> list[int]:
     return [positive_int(part) for part in text.split(",") if part.strip()]
 
@@ -89,7 +109,7 @@ def add_calibration_arguments(parser: argparse.ArgumentParser, required: bool = 
                        help=f"calibration sequences (default: {n_samples}, as {defaults_from})")
     group.add_argument("--seq-len", type=positive_int, default=seq_len,
                        help=f"tokens per calibration sequence (default: {seq_len}, as {defaults_from})")
-    group.add_argument("--seed", type=int, default=0,
+    group.add_argument("--seed", type=non_negative_int, default=0,
                        help="seed choosing which sequences are used (default: 0); see --in-order")
     group.add_argument("--in-order", action="store_true",
                        help="take the first --n-samples sequences in text order (LLM-Drop's no-shuffle) instead")
@@ -131,9 +151,9 @@ def calibration_from_args(args, folder, cfg):
 
 def add_selection_arguments(parser):
     group = parser.add_argument_group("selection")
-    group.add_argument("--protect-first", type=int, default=0, metavar="N",
+    group.add_argument("--protect-first", type=non_negative_int, default=0, metavar="N",
                        help="never drop modules of the first N layers (default: 0)")
-    group.add_argument("--protect-last", type=int, default=0, metavar="N",
+    group.add_argument("--protect-last", type=non_negative_int, default=0, metavar="N",
                        help="never drop modules of the last N layers (default: 0)")
 
 

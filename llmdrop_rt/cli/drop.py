@@ -56,9 +56,10 @@ def cmd_drop(args):
     if args.scores:
         if args.mode != "one-shot":
             raise ValueError("--scores gives one fixed ranking: it works with --mode one-shot only")
+        data = read_json(Path(args.scores))
         try:
-            table = table_from_dict(read_json(Path(args.scores)))
-        except (KeyError, TypeError, AttributeError) as e:
+            table = table_from_dict(data)
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise ValueError(f"{args.scores}: not a scores file written by `score` ({type(e).__name__}: {e})") from None
         if table.num_layers != source.cfg.num_layers:
             raise ValueError(f"{args.scores} scores {table.num_layers} layers, the model has {source.cfg.num_layers}")
