@@ -176,7 +176,9 @@ def add_commands(commands):
     drop.add_argument("--out", metavar="JSON", help="write the drop plan (and the scores behind it) here")
     drop.add_argument("--export", metavar="PATH", help="export the dropped model to this new folder (or .gguf file)")
     add_format_arguments(drop, "--export-format")
-    drop.add_argument("--force", action="store_true", help="replace --export DIR if it exists (never the source)")
+    drop.add_argument("--force", action="store_true",
+                      help="replace --export if it is an earlier output of ours (a folder with "
+                           "llmdrop_rt_output.json, or a GGUF file); anything else is refused")
     drop.set_defaults(func=cmd_drop, outputs={"out": "file", "export": "folder"})
 
     ppl = commands.add_parser(
