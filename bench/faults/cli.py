@@ -178,7 +178,10 @@ def cases(workdir: Path) -> list[Case]:
     # --- devices and dtypes -----------------------------------------------------------------------------------
     for command in ("generate", "ppl", "score", "eval"):
         argv = base(command, f"{command}-device")
-        for device, mention in (("cuda", "cuda"), ("bogus", "bogus"), ("cuda:99", "cuda:99"), ("tpu", "tpu")):
+        for device, mention in (("cuda", "cuda"), ("bogus", "bogus"), ("cuda:99", "cuda:99"), ("tpu", "tpu"),
+                                ("xpu", "xpu")):
+            if device == "cuda" and torch.cuda.is_available():
+                continue
             add(f"{command}-device-{device}", [*argv, "--device", device], mentions=(mention,))
         add(f"{command}-dtype-bogus", [*argv, "--dtype", "float12"], mentions=("float12",))
 
@@ -311,6 +314,9 @@ def cases(workdir: Path) -> list[Case]:
     add("quantize-awq-desc-act", [*quantize, "--method", "awq", "--desc-act"], mentions=("desc_act",))
     add("quantize-dtype-float32", [*quantize, "--dtype", "float32"], mentions=("--dtype",))
     add("quantize-method-int8", [*quantize, "--method", "int8"], mentions=("--method",))
+    if not torch.cuda.is_available():
+        add("quantize-device-cuda", [*quantize, "--device", "cuda"], mentions=("cuda",))
+    add("quantize-device-bogus", [*quantize, "--device", "bogus"], mentions=("bogus",))
 
     # --- commands that work, including on a folder carrying code ----------------------------------------------
     fired = workdir / "CANARY_FIRED"

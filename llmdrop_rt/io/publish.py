@@ -94,6 +94,7 @@ def replacing(path: str | Path) -> Iterator[Path]:
     when it fails. Parent folders are created."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    reclaim_stale_staging(path)
     tmp = sibling(path, "tmp")
     try:
         yield tmp

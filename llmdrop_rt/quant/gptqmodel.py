@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from ..config import DropPlan, ModelConfig
-from ..devices import DTYPES
+from ..devices import DTYPES, resolve_device
 from ..drop.calibration import CalibrationSet
 from ..io.code_free import code_free_view
 from ..io.export import SIDE_FILES, check_destination
@@ -113,6 +113,7 @@ def quantize_model(source: str | Path, destination: str | Path, calibration: Cal
         raise QuantizeError(f"dtype {dtype!r}: GPTQModel quantizes in {list(HALF_DTYPES)} only")
     if group_size != -1 and (group_size < 8 or group_size % 8):
         raise QuantizeError(f"group_size={group_size}: expected -1 or a positive multiple of 8")
+    resolve_device(device)  # an unknown device, or CUDA where there is none, is refused before any work
     cfg = ModelConfig.from_folder(source)
     if cfg.block_drops is not None:
         raise QuantizeError(f"{source} is a DeciLM folder: transformers builds its model only from the code shipped "

@@ -104,6 +104,15 @@ def test_the_cli_refuses_bad_drop_lists_before_loading(capsys):
         assert f"argument --drop-attn: layer list: {message}" in capsys.readouterr().err
 
 
+def test_a_drop_list_argument_out_of_the_models_range_is_named_as_the_argument(tiny_checkpoints, tmp_path, capsys):
+    from llmdrop_rt.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["export", "--model", str(tiny_checkpoints["llama2"]), "--drop-mlp", "1,7", "--out", str(tmp_path / "x")])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == "error: drop_mlp[1] = 7: out of range for 4 layers (0..3)\n"
+
+
 # --- generation arguments ---------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
