@@ -367,11 +367,13 @@ class DropPlan:
     drop_mlp: frozenset[int] = frozenset()
 
     @classmethod
-    def create(cls, num_layers: int, drop_attn: Iterable | None = None, drop_mlp: Iterable | None = None) -> "DropPlan":
+    def create(cls, num_layers: int, drop_attn: Iterable | None = None, drop_mlp: Iterable | None = None,
+               names: tuple[str, str] = ("drop_attn_list", "drop_mlp_list")) -> "DropPlan":
+        """`names`: what errors call the two lists (config.json's fields, or the arguments that gave them)."""
         plan = cls(
             num_layers,
-            frozenset(_parse_drop_list(drop_attn, num_layers, "drop_attn_list")),
-            frozenset(_parse_drop_list(drop_mlp, num_layers, "drop_mlp_list")),
+            frozenset(_parse_drop_list(drop_attn, num_layers, names[0])),
+            frozenset(_parse_drop_list(drop_mlp, num_layers, names[1])),
         )
         if len(plan.drop_attn & plan.drop_mlp) == num_layers:
             raise ConfigError(f"every one of the {num_layers} layers is dropped (attention and MLP): "
@@ -387,7 +389,9 @@ class DropPlan:
         else:
             attn, mlp = cfg.raw.get("drop_attn_list"), cfg.raw.get("drop_mlp_list")
         return cls.create(cfg.num_layers, attn if drop_attn is None else drop_attn,
-                          mlp if drop_mlp is None else drop_mlp)
+                          mlp if drop_mlp is None else drop_mlp,
+                          ("drop_attn_list" if drop_attn is None else "drop_attn",
+                           "drop_mlp_list" if drop_mlp is None else "drop_mlp"))
 
     def has_attn(self, layer: int) -> bool:
         return layer not in self.drop_attn
@@ -427,20 +431,3 @@ def _parse_drop_list(value, num_layers: int, name: str) -> list[int]:
             raise ConfigError(f"{name}[{pos}] = {v}: duplicate layer index")
         seen.add(v)
     return items
-
-
-def parse_layer_list(text: str | None) -> list[int] | None:
-    """'1,3,5-7' -> [1, 3, 5, 6, 7]; None keeps config.json's list; '' means drop nothing."""
-    if text is None:
-        return None
-    layers: list[int] = []
-    for part in filter(None, (p.strip() for p in text.split(","))):
-        try:
-            if "-" in part:
-                lo, hi = part.split("-")
-                layers.extend(range(int(lo), int(hi) + 1))
-            else:
-                layers.append(int(part))
-        except ValueError:
-            raise ConfigError(f"bad layer list entry {part!r}: expected N or N-M") from None
-    return layers

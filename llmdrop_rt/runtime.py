@@ -1,11 +1,13 @@
 """The public API: `load()` a checkpoint folder into an `LLM`, then generate, stream, score logits."""
 from __future__ import annotations
 
+import numbers
 from pathlib import Path
 from typing import Iterator
 
 import torch
 
+from .arguments import ArgumentError, stop_strings, token_ids
 from .config import ConfigError, DropPlan, ModelConfig, read_json
 from .devices import resolve_device, resolve_dtype
 from .engine import Engine, Sampling
@@ -45,11 +47,23 @@ class LLM:
         return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
 
     def _encode_prompts(self, prompts) -> list[list[int]]:
-        if isinstance(prompts, str):
+        """A string, token ids, or a list of either -> token ids per prompt (checked against the vocabulary)."""
+        if isinstance(prompts, torch.Tensor):
+            prompts = prompts.tolist()
+        if isinstance(prompts, str) or _is_token_ids(prompts):
             prompts = [prompts]
-        return [self.tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompts]
+        if not isinstance(prompts, (list, tuple)) or not prompts:
+            raise ArgumentError(f"prompts must be a string, token ids, or a non-empty list of either, got "
+                                f"{type(prompts).__name__} {prompts!r}")
+        encoded = []
+        for i, prompt in enumerate(prompts):
+            if isinstance(prompt, str):
+                encoded.append(self.tokenizer.encode(prompt))
+            else:
+                encoded.append(token_ids(prompt, self.cfg.vocab_size, f"prompts[{i}]"))
+        return encoded
 
-    def _stop_checker(self, stop: list[str] | None):
+    def _stop_checker(self, stop: list[str]):
         if not stop:
             return None
         return lambda row, ids: any(s in self.tokenizer.decode(ids) for s in stop)
@@ -57,6 +71,7 @@ class LLM:
     def generate(self, prompts, max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0,
                  top_p: float = 1.0, seed: int | None = None, stop: list[str] | None = None) -> list[str]:
         """Continuations of each prompt (a string, token ids, or a list of either), cut before any stop string."""
+        stop = stop_strings(stop)
         ids = self.generate_ids(prompts, max_new_tokens, temperature, top_k, top_p, seed, stop)
         return [_cut_at_stop(self.tokenizer.decode(seq), stop) for seq in ids]
 
@@ -64,12 +79,13 @@ class LLM:
                      top_p: float = 1.0, seed: int | None = None, stop: list[str] | None = None) -> list[list[int]]:
         sampling = Sampling(temperature, top_k, top_p, seed)
         return self.engine.generate(self._encode_prompts(prompts), max_new_tokens, sampling, self.eos_ids,
-                                    self._stop_checker(stop))
+                                    self._stop_checker(stop_strings(stop)))
 
     def stream(self, prompt, max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
                seed: int | None = None, stop: list[str] | None = None) -> Iterator[str]:
         """Yield the text of one prompt's continuation piece by piece as tokens are generated."""
         sampling = Sampling(temperature, top_k, top_p, seed)
+        stop = stop_strings(stop)
         ids: list[int] = []
         shown = ""
         for step in self.engine.stream(self._encode_prompts(prompt)[:1], max_new_tokens, sampling, self.eos_ids,
@@ -90,6 +106,12 @@ class LLM:
         tokens = torch.as_tensor(tokens, device=self.device)
         if tokens.dim() == 1:
             tokens = tokens[None]
+        if tokens.dim() != 2 or tokens.dtype.is_floating_point or tokens.dtype.is_complex or tokens.dtype == torch.bool:
+            raise ArgumentError(f"tokens must be integer token ids [B, T] or [T], got {tokens.dtype} of shape "
+                                f"{list(tokens.shape)}")
+        if tokens.numel() and not 0 <= int(tokens.min()) <= int(tokens.max()) < self.cfg.vocab_size:
+            bad = int(tokens.min()) if int(tokens.min()) < 0 else int(tokens.max())
+            raise ArgumentError(f"token id {bad} is outside the vocabulary (ids 0..{self.cfg.vocab_size - 1})")
         if tokens.shape[1] > self.cfg.max_position_embeddings:
             raise ValueError(f"{tokens.shape[1]} tokens exceed the model's context of "
                              f"{self.cfg.max_position_embeddings}")
@@ -122,8 +144,14 @@ def _generation_eos(folder: Path, vocab_size: int) -> set[int]:
     return ids
 
 
-def _cut_at_stop(text: str, stop: list[str] | None) -> str:
-    for s in stop or []:
+def _is_token_ids(value) -> bool:
+    """One prompt's token ids (a non-empty sequence of integers), as opposed to a list of prompts."""
+    return isinstance(value, (list, tuple)) and bool(value) and all(
+        isinstance(t, numbers.Integral) and not isinstance(t, bool) for t in value)
+
+
+def _cut_at_stop(text: str, stop: list[str]) -> str:
+    for s in stop:
         if s in text:
             text = text[: text.index(s)]
     return text
