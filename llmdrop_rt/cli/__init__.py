@@ -9,7 +9,8 @@ from . import drop, evaluate, export, generate, quantize
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m llmdrop_rt",
-                                     description="llmdrop-rt: run Llama/Mistral models with dropped modules.")
+                                     description="llmdrop-rt: run Llama, Mistral, Qwen and Gemma2 models with "
+                                                 "dropped modules.")
     commands = parser.add_subparsers(dest="command", required=True)
     for group in (generate, evaluate, drop, export, quantize):
         group.add_commands(commands)
