@@ -415,7 +415,7 @@ def test_llama_cpp_agrees_with_us_on_the_families(name, dropped, llama_cpp, fami
     out = export_gguf(source, tmp_path / f"{name}.gguf", llm.plan, "f32")
     text_file, where = excerpt
     tokens = llm.tokenizer.encode(text_file.read_text().removesuffix("\n"))
-    ours = llama_cpp_peer.chunked_perplexity(llm, tokens, ctx=64)
+    ours = llama_cpp_peer.chunked_perplexity(llm, tokens, ctx=64, bos_token_id=0)  # the tokenizer adds BOS
     theirs = llama_cpp_peer.perplexity(out, text_file, ctx=64)
     assert theirs.chunks == ours.chunks, f"{where}: llama.cpp tokenized the text differently"
     assert theirs.perplexity == pytest.approx(ours.perplexity, rel=1e-3), f"seed {SEED}, {where}"

@@ -129,3 +129,16 @@ def test_family_fields_we_do_not_implement_are_refused(family_checkpoints, tmp_p
     with pytest.raises(ConfigError, match=f"config.json: {message}") as error:
         llmdrop_rt.load(folder)
     assert "\n" not in str(error.value)
+
+
+def test_flash_backend_is_not_used_for_soft_capped_attention(family_checkpoints, monkeypatch):
+    """flash-attn's kernel does not soft-cap here: asked for, it is refused; as the default, sdpa runs instead."""
+    from llmdrop_rt import runtime
+
+    folder = family_checkpoints["gemma2"]
+    monkeypatch.setattr(runtime, "flash_attn_with_kvcache", object())  # as if flash-attn were installed
+    with pytest.raises(ValueError, match="attn_backend='flash' does not soft-cap attention logits, which gemma2"):
+        llmdrop_rt.load(folder, attn_backend="flash")
+    monkeypatch.setattr(runtime, "default_backend", lambda device: "flash")
+    assert llmdrop_rt.load(folder).engine.attn_backend == "sdpa"
+    assert llmdrop_rt.load(family_checkpoints["qwen3"]).engine.attn_backend == "flash"
