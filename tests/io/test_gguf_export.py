@@ -415,7 +415,10 @@ def test_llama_cpp_agrees_with_us_on_the_families(name, dropped, llama_cpp, fami
     out = export_gguf(source, tmp_path / f"{name}.gguf", llm.plan, "f32")
     text_file, where = excerpt
     tokens = llm.tokenizer.encode(text_file.read_text().removesuffix("\n"))
-    ours = llama_cpp_peer.chunked_perplexity(llm, tokens, ctx=64, bos_token_id=0)  # the tokenizer adds BOS
     theirs = llama_cpp_peer.perplexity(out, text_file, ctx=64)
-    assert theirs.chunks == ours.chunks, f"{where}: llama.cpp tokenized the text differently"
+    # llama-perplexity's asynchronous log can lose its last rows on a loaded machine: compare the chunks it printed
+    # (its running mean over them), at most one fewer than the text holds.
+    assert len(tokens) // 64 - 1 <= theirs.chunks <= len(tokens) // 64, f"{where}: {theirs.chunks} chunks"
+    ours = llama_cpp_peer.chunked_perplexity(llm, tokens[:theirs.chunks * 64], ctx=64, bos_token_id=0)  # (BOS: as
+    # llama-perplexity puts it first in each chunk when the vocabulary adds it)
     assert theirs.perplexity == pytest.approx(ours.perplexity, rel=1e-3), f"seed {SEED}, {where}"
