@@ -1,7 +1,8 @@
 """Model configuration and the drop plan: the two small values everything else is built from.
 
-`ModelConfig` is parsed from a Hugging Face `config.json` (Llama and Mistral families). Every field we do not
-support is refused with a message naming it, so an unsupported checkpoint never loads as a silently wrong model.
+`ModelConfig` is parsed from a Hugging Face `config.json` (the families of `llmdrop_rt.families`: Llama, Mistral,
+Qwen2, Qwen3, Gemma2). Every field we do not support is refused with a message naming it, so an unsupported
+checkpoint never loads as a silently wrong model.
 
 `DropPlan` says which attention and MLP modules exist. It is the only carrier of drop flags: the loader, the
 model builder, the KV cache, the exporter and the scorer all take it.
@@ -14,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
+from .families import FAMILIES, Family, family_of
 from .validation import (
     BOOLEAN,
     OBJECT,
@@ -28,8 +30,7 @@ from .validation import (
     expect_object,
 )
 
-SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral",
-                           "DeciLMForCausalLM": "llama"}
+SUPPORTED_ARCHITECTURES = {a: family.name for family in FAMILIES.values() for a in family.architectures}
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 # NVIDIA's DeciLM / nemotron-nas: a Llama stack whose config.json describes each layer in `block_configs`.
 DECILM_ARCHITECTURE = "DeciLMForCausalLM"
@@ -122,7 +123,7 @@ class RopeConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    architecture: str  # "llama" or "mistral"
+    architecture: str  # a key of llmdrop_rt.families.FAMILIES
     vocab_size: int
     hidden_size: int
     intermediate_size: int
@@ -142,6 +143,12 @@ class ModelConfig:
     torch_dtype: str | None = None
     # DeciLM block_configs' no-op modules: (attention layers, MLP layers); None for a config without block_configs
     block_drops: tuple[tuple[int, ...], tuple[int, ...]] | None = None
+    # Read by the family (Family.read_fields). sliding_layers: the layers sliding_window applies to, None for all.
+    o_proj_bias: bool = False
+    sliding_layers: tuple[int, ...] | None = None
+    attention_scale: float | None = None  # the softmax scale; None: head_dim ** -0.5
+    attn_logit_softcapping: float | None = None  # scores -> cap * tanh(scores / cap)
+    final_logit_softcapping: float | None = None
     raw: dict = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
@@ -154,22 +161,22 @@ class ModelConfig:
         expect_object(cfg, source, ConfigError)
         check_fields(cfg, CONFIG_FIELDS, source, ConfigError)
         archs = cfg.get("architectures") or []
-        arch = next((SUPPORTED_ARCHITECTURES[a] for a in archs if a in SUPPORTED_ARCHITECTURES), None)
         model_type = cfg.get("model_type")
         is_decilm = DECILM_ARCHITECTURE in archs or (model_type == DECILM_MODEL_TYPE and not archs)
-        if arch is None:
-            if model_type in ("llama", "mistral") and not archs:
-                arch = model_type
-            elif is_decilm:
-                arch = "llama"
-            else:
-                raise ConfigError(
-                    f"{source}: unsupported architecture {archs or model_type!r}; "
-                    f"supported: {sorted(SUPPORTED_ARCHITECTURES)}"
-                )
-        act = cfg.get("hidden_act", "silu")
-        if act != "silu":
-            raise ConfigError(f"{source}: hidden_act={act!r} is not supported (only 'silu')")
+        family = family_of(archs, model_type)
+        if family is None:
+            raise ConfigError(
+                f"{source}: unsupported architecture {archs or model_type!r}; "
+                f"supported: {sorted(SUPPORTED_ARCHITECTURES)}"
+            )
+        act = cfg.get(family.activation_field, family.activation_names[0])
+        if act not in family.activation_names:
+            raise ConfigError(f"{source}: {family.activation_field}={act!r} is not supported for {family.name} "
+                              f"(only {' or '.join(map(repr, family.activation_names))})")
+        try:
+            family_fields = family.read_fields(cfg, int(need("num_hidden_layers")))
+        except ValueError as e:
+            raise ConfigError(f"{source}: {e}") from None
         if cfg.get("pretraining_tp", 1) not in (1, None):
             raise ConfigError(f"{source}: pretraining_tp={cfg['pretraining_tp']} is not supported (only 1)")
 
@@ -187,7 +194,7 @@ class ModelConfig:
         if heads % kv_heads:
             raise ConfigError(f"{source}: num_attention_heads={heads} is not a multiple of "
                               f"num_key_value_heads={kv_heads}")
-        head_dim = cfg.get("head_dim")
+        head_dim = cfg.get("head_dim") or family.default_head_dim
         if head_dim is None:
             if hidden % heads:
                 raise ConfigError(f"{source}: num_attention_heads={heads} does not divide hidden_size={hidden} "
@@ -206,9 +213,11 @@ class ModelConfig:
             if outside:
                 raise ConfigError(f"{source}: {name} = {outside[0]} is outside the vocabulary "
                                   f"(expected 0..{vocab - 1}, vocab_size={vocab})")
-        sliding = cfg.get("sliding_window") if arch == "mistral" else None
+        # Mistral's window covers every layer; the other families' fields name their sliding layers.
+        sliding = cfg.get("sliding_window") if family.name == "mistral" else family_fields.pop("sliding_window", None)
+        attention_bias = cfg.get("attention_bias", False) if family.qkv_bias is None else family.qkv_bias
         return cls(
-            architecture=arch,
+            architecture=family.name,
             vocab_size=vocab,
             hidden_size=hidden,
             intermediate_size=intermediate,
@@ -219,16 +228,28 @@ class ModelConfig:
             rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
             max_position_embeddings=cfg.get("max_position_embeddings", 2048),
             rope=_parse_rope(cfg, source),
-            tie_word_embeddings=cfg.get("tie_word_embeddings", False),
-            attention_bias=cfg.get("attention_bias", False),
+            tie_word_embeddings=cfg.get("tie_word_embeddings", family.default_tied),
+            attention_bias=attention_bias,
+            o_proj_bias=attention_bias if family.o_proj_bias is None else family.o_proj_bias,
             mlp_bias=cfg.get("mlp_bias", False),
             sliding_window=sliding,
             bos_token_id=cfg.get("bos_token_id"),
             eos_token_ids=eos_ids,
             torch_dtype=cfg.get("torch_dtype") or cfg.get("dtype"),
             block_drops=block_drops,
+            **family_fields,
             raw=cfg,
         )
+
+    @property
+    def family(self) -> Family:
+        return FAMILIES[self.architecture]
+
+    def window_of(self, layer: int) -> int | None:
+        """The sliding window of `layer`'s attention, None for full attention."""
+        if self.sliding_layers is None or layer in self.sliding_layers:
+            return self.sliding_window
+        return None
 
     @classmethod
     def from_folder(cls, folder: str | Path) -> "ModelConfig":

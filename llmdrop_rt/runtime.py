@@ -160,7 +160,8 @@ def _cut_at_stop(text: str, stop: list[str]) -> str:
 def load(path: str | Path | None = None, drop_attn=None, drop_mlp=None, dtype=None, device=None,
          attn_backend: str | None = None, kernels: str | None = None, decode: str = "auto",
          weights: str | None = "auto", strict: bool = True) -> LLM:
-    """Load a Llama/Mistral checkpoint folder or llama GGUF file (default: the embedded SmolLM2-135M-Instruct).
+    """Load a Llama/Mistral/Qwen2/Qwen3/Gemma2 checkpoint folder or llama GGUF file (default: the embedded
+    SmolLM2-135M-Instruct).
 
     drop_attn / drop_mlp: layer indices (or a boolean mask) to drop, overriding config.json's
     `drop_attn_list` / `drop_mlp_list`; dropped modules are never built and their weights never read.
@@ -195,6 +196,12 @@ def load(path: str | Path | None = None, drop_attn=None, drop_mlp=None, dtype=No
         raise ValueError(f"attn_backend {backend!r} is not one of {BACKENDS}")
     if backend == "flash" and flash_attn_with_kvcache is None:
         raise ValueError("attn_backend='flash' asked for, but the flash-attn package is not importable")
+    if backend == "flash" and cfg.attn_logit_softcapping is not None:
+        # (soft-capped layers run the explicit path, under any backend but flash)
+        if attn_backend == "flash":
+            raise ValueError(f"attn_backend='flash' does not soft-cap attention logits, which {cfg.architecture} "
+                             "needs (attn_logit_softcapping); choose 'sdpa'")
+        backend = "sdpa"
     ops = select_ops(kernels, device)
     tokenizer = Tokenizer(folder)
     native_blocks = gguf_file is not None and weights in ("int8", "int4")

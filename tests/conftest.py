@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import TINY_MODELS, make_checkpoint
+from helpers import FAMILY_MODELS, TINY_MODELS, make_checkpoint
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -38,6 +38,18 @@ def tiny_checkpoints(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(params=list(TINY_MODELS))
 def tiny(request, tiny_checkpoints) -> Path:
     return tiny_checkpoints[request.param]
+
+
+@pytest.fixture(scope="session")
+def family_checkpoints(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("families")
+    return {name: make_checkpoint(root / name, make_config(), seed=10 + seed)
+            for seed, (name, make_config) in enumerate(FAMILY_MODELS.items())}
+
+
+@pytest.fixture(params=list(FAMILY_MODELS))
+def family(request, family_checkpoints) -> Path:
+    return family_checkpoints[request.param]
 
 
 @pytest.fixture(scope="session")

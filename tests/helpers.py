@@ -106,6 +106,51 @@ def sharded_config():
 TINY_MODELS = {"llama2": llama2_config, "llama3": llama3_config, "mistral": mistral_config, "sharded": sharded_config}
 
 
+def qwen2_config():
+    """Qwen2.5's small-model shape: q/k/v biases (no o_proj bias), tied embeddings, MQA."""
+    from transformers import Qwen2Config
+
+    return Qwen2Config(vocab_size=VOCAB, hidden_size=40, intermediate_size=56, num_hidden_layers=4,
+                       num_attention_heads=5, num_key_value_heads=1, max_position_embeddings=256,
+                       rms_norm_eps=1e-6, tie_word_embeddings=True, bos_token_id=0, eos_token_id=1,
+                       rope_parameters={"rope_type": "default", "rope_theta": 1000000.0})
+
+
+def qwen2_sliding_config():
+    """use_sliding_window: layers from max_window_layers on attend within a window of 5."""
+    from transformers import Qwen2Config
+
+    return Qwen2Config(vocab_size=VOCAB, hidden_size=36, intermediate_size=44, num_hidden_layers=4,
+                       num_attention_heads=3, num_key_value_heads=3, max_position_embeddings=256,
+                       rms_norm_eps=1e-6, tie_word_embeddings=False, use_sliding_window=True, sliding_window=5,
+                       max_window_layers=2, bos_token_id=0, eos_token_id=1)
+
+
+def qwen3_config():
+    """Per-head q/k RMSNorm, explicit head_dim != hidden / heads."""
+    from transformers import Qwen3Config
+
+    return Qwen3Config(vocab_size=VOCAB, hidden_size=44, intermediate_size=68, num_hidden_layers=4,
+                       num_attention_heads=4, num_key_value_heads=2, head_dim=14, max_position_embeddings=256,
+                       rms_norm_eps=1e-6, tie_word_embeddings=False, bos_token_id=0, eos_token_id=1)
+
+
+def gemma2_config():
+    """Small soft-caps and window so that every Gemma2 feature changes the output."""
+    from transformers import Gemma2Config
+
+    return Gemma2Config(vocab_size=VOCAB, hidden_size=44, intermediate_size=60, num_hidden_layers=5,
+                        num_attention_heads=4, num_key_value_heads=2, head_dim=12, query_pre_attn_scalar=20,
+                        max_position_embeddings=256, rms_norm_eps=1e-6, sliding_window=6,
+                        attn_logit_softcapping=3.0, final_logit_softcapping=4.0, tie_word_embeddings=True,
+                        bos_token_id=0, eos_token_id=1, pad_token_id=1)
+
+
+# The other families (llmdrop_rt.families), as separate fixtures: tests that hold for every family use them.
+FAMILY_MODELS = {"qwen2": qwen2_config, "qwen2_sliding": qwen2_sliding_config, "qwen3": qwen3_config,
+                 "gemma2": gemma2_config}
+
+
 def hf_model(folder: Path, drop_attn=(), drop_mlp=()):
     """transformers' own model on the same folder, with dropped modules replaced by zero deltas in the residual
     stream (identity sub-blocks): an independent reference for our physically-dropped model."""

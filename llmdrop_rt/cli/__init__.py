@@ -27,7 +27,8 @@ class Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(
-        prog="python -m llmdrop_rt", description="llmdrop-rt: run Llama/Mistral models with dropped modules.",
+        prog="python -m llmdrop_rt",
+        description="llmdrop-rt: run Llama, Mistral, Qwen and Gemma2 models with dropped modules.",
         epilog="Errors are one line on stderr naming the file, field or argument (exit 2; 1 for an internal "
                f"error); --debug or {DEBUG_ENV_VAR}=1 shows the traceback instead.")
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error (before the command)")

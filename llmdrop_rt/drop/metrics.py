@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from ..config import DropPlan
+from ..model.layers import cap_logits
 from .calibration import CalibrationSet
 from .sources import LayerSource, Module, ScoringError, StepContexts, batch_slices, progress_bar
 
@@ -109,7 +110,7 @@ def score_pass(source: LayerSource, calib: CalibrationSet, plan: DropPlan | None
             y = x
             if has_attn:
                 normed = layer.attn_norm(x)
-                delta = layer.attn(normed, ctx)
+                delta = layer.attn_output(normed, ctx)
                 y = x + delta
                 acc["attn"] += cos_sum(x, y, w)
                 acc["attn_nores"] += cos_sum(normed, delta, w)
@@ -195,7 +196,7 @@ def loss_pass(source: LayerSource, calib: CalibrationSet, plan: DropPlan, candid
         total = 0.0
         count = 0
         for s in batches:
-            logits = head(norm(hidden[s].to(source.device))).float()
+            logits = cap_logits(head(norm(hidden[s].to(source.device))), cfg).float()
             labels = calib.tokens[s, 1:].to(source.device)
             scored = (calib.valid[s, 1:] & calib.valid[s, :-1]).to(source.device)
             nll = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels.flatten(), reduction="none")

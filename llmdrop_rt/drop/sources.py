@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from ..config import DropPlan, ModelConfig
 from ..io.checkpoint import CheckpointReader
 from ..model import ModelBuilder, select_ops, step_context
-from ..model.layers import DecoderLayer, Transformer
+from ..model.layers import DecoderLayer, Transformer, scale_embeddings
 from .calibration import CalibrationSet
 
 Module = tuple[str, int]  # ("attn" | "mlp" | "block", layer index)
@@ -33,13 +33,14 @@ class LayerSource:
     folder: Path | None = None
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The residual stream entering layer 0 (embeddings scaled as the family scales them)."""
         raise NotImplementedError
 
     def layer(self, index: int, plan: DropPlan) -> DecoderLayer:
         raise NotImplementedError
 
     def head(self) -> tuple[torch.nn.Module, torch.nn.Module]:
-        """(final norm, output projection)."""
+        """(final norm, output projection); the family's logit soft-capping (`layers.cap_logits`) comes after."""
         raise NotImplementedError
 
     def inv_freq(self) -> torch.Tensor:
@@ -73,7 +74,7 @@ class StreamingSource(LayerSource):
 
     def embed(self, tokens):
         table = self._built(self.base_plan, ModelBuilder.embedding)
-        return F.embedding(tokens.to(self.device), table)
+        return scale_embeddings(F.embedding(tokens.to(self.device), table), self.cfg)
 
     def layer(self, index, plan):
         return self._built(plan, lambda builder: builder.layer(index))
@@ -98,7 +99,7 @@ class InMemorySource(LayerSource):
         return cls(builder.build(), folder)
 
     def embed(self, tokens):
-        return self.model.embed(tokens.to(self.device))
+        return scale_embeddings(self.model.embed(tokens.to(self.device)), self.cfg)
 
     def layer(self, index, plan):
         try:

@@ -30,12 +30,17 @@ class StaticDecoder:
             self._capture(warmup_start)
 
     def _step(self):
-        window = self.model.cfg.sliding_window
-        visible = self.key_index <= self.start
-        if window is not None:
-            visible = visible & (self.key_index > self.start - window)
-        ctx = StepContext(self.model.rope_tables(self.positions), self.cache, self.start,
-                          self.key_valid & visible, self.attn_backend)
+        cfg = self.model.cfg
+        visible = self.key_valid & (self.key_index <= self.start)
+        sliding = None
+        if cfg.sliding_window is not None:
+            sliding = visible & (self.key_index > self.start - cfg.sliding_window)
+        if cfg.sliding_layers is None:  # one window (or none) for every layer
+            ctx = StepContext(self.model.rope_tables(self.positions), self.cache, self.start,
+                              visible if sliding is None else sliding, self.attn_backend)
+        else:
+            ctx = StepContext(self.model.rope_tables(self.positions), self.cache, self.start, visible,
+                              self.attn_backend, sliding)
         return self.model.run(self.tokens, ctx)
 
     def _capture(self, warmup_start: int):

@@ -11,6 +11,12 @@ Formats:
   files for transformers' `trust_remote_code`. vLLM, SGLang and TensorRT-LLM serve it natively. Layer 0 must keep
   its attention and the FFN width must be one DeciLM's `ffn_mult` can express (a multiple of 256).
 
+Families (`llmdrop_rt.families`): Llama and Mistral export in every format. DeciLM's layers are Llama's, so Qwen2
+(q/k/v biases), Qwen3 (q/k norms) and Gemma2 (post-norms, GeGLU, soft-capping) drops export as `strip`,
+`reference` or `renumbered` (stock transformers loads the last one), and `decilm` is refused naming the family;
+`auto` is `renumbered` for a block drop, else `strip`. A renumbered export writes `layer_types` for the kept
+layers, so each keeps its sliding window or full attention (Gemma2's default alternation follows the index).
+
 The destination is written in a temporary sibling folder and renamed into place; the source is never written.
 """
 from __future__ import annotations
@@ -31,17 +37,19 @@ from ..config import (
     ffn_mult_to_intermediate_size,
     read_json,
 )
+from ..families import FULL, LLAMA, SLIDING, Family
 from ..model import hf_names
 from .checkpoint import INDEX_FILE, SINGLE_FILE, CheckpointReader
 from .publish import check_output_folder, staged_output, write_json
 
 FORMATS = ("auto", "strip", "reference", "renumbered", "decilm")
-FORMAT_HELP = ("auto: renumbered for a pure block drop (or none), else decilm -- formats no loader can mistake for "
-               "another model; strip: LLM-Drop's drop lists in a Llama config, weights without the dropped modules "
-               "(llmdrop-rt and LLM-Drop only: stock transformers would load it with the missing modules randomly "
-               "initialised); reference: the same config, symlinks to the source weights; renumbered: plain "
-               "Llama/Mistral with the kept layers renumbered (block drops only); decilm: DeciLM/nemotron-nas (vLLM, "
-               "SGLang, TensorRT-LLM; transformers with trust_remote_code)")
+FORMAT_HELP = ("auto: renumbered for a pure block drop (or none), else decilm (strip for Qwen/Gemma) -- formats no "
+               "loader can mistake for another model; strip: LLM-Drop's drop lists in the source's config, weights "
+               "without the dropped modules (llmdrop-rt and LLM-Drop only: stock transformers would load it with the "
+               "missing modules randomly initialised); reference: the same config, symlinks to the source weights; "
+               "renumbered: a plain checkpoint of the source's architecture with the kept layers renumbered (block "
+               "drops only); decilm: DeciLM/nemotron-nas, Llama/Mistral only (vLLM, SGLang, TensorRT-LLM; "
+               "transformers with trust_remote_code)")
 # The transformers code a `decilm` export carries (package data in io/decilm_files/, for transformers'
 # trust_remote_code; llmdrop-rt itself never imports it, its loader reads config.json only), and its auto_map.
 DECILM_CODE_FILES = ("configuration_decilm.py", "modeling_decilm.py")
@@ -59,12 +67,12 @@ class ExportError(ValueError):
     """An export that would be wrong or unsafe (overwriting the source, non-block plan for renumbering, ...)."""
 
 
-def is_dropped_tensor(name: str, plan: DropPlan) -> bool:
-    """True for a tensor that belongs to a module the plan drops (its norm included)."""
+def is_dropped_tensor(name: str, plan: DropPlan, family: Family = LLAMA) -> bool:
+    """True for a tensor that belongs to a module the plan drops (its norms included)."""
     parts = hf_names.split_layer_name(name)
     if parts is None:
         return False
-    layer, unit = parts[0], hf_names.unit_of(parts[1])
+    layer, unit = parts[0], hf_names.unit_of(parts[1], family)
     return (unit == "attn" and not plan.has_attn(layer)) or (unit == "mlp" and not plan.has_mlp(layer))
 
 
@@ -74,9 +82,13 @@ def export_model(source: str | Path, destination: str | Path, plan: DropPlan, fm
     source, destination = Path(source).resolve(), Path(destination).absolute()
     if fmt not in FORMATS:
         raise ExportError(f"export format {fmt!r} is not one of {FORMATS}")
-    if fmt == "auto":
-        fmt = "renumbered" if plan.drop_attn == plan.drop_mlp else "decilm"
     cfg = ModelConfig.from_folder(source)
+    decilm_shaped = cfg.family.name in ("llama", "mistral")
+    if fmt == "auto":
+        fmt = "renumbered" if plan.drop_attn == plan.drop_mlp else "decilm" if decilm_shaped else "strip"
+    if fmt == "decilm" and not decilm_shaped:
+        raise ExportError(f"{source}: a {cfg.family.name} model cannot be written as decilm (DeciLM's layers are "
+                          "Llama's); choose strip, reference or renumbered (block drops)")
     if plan.num_layers != cfg.num_layers:
         raise ExportError(f"the drop plan is for {plan.num_layers} layers, {source} has {cfg.num_layers}")
     check_destination(source, destination, overwrite)
@@ -106,16 +118,18 @@ def export_model(source: str | Path, destination: str | Path, plan: DropPlan, fm
             config["num_hidden_layers"] = len(kept_layers)
             if isinstance(config.get("layer_types"), list):  # per-layer lists follow the kept layers
                 config["layer_types"] = [config["layer_types"][i] for i in kept_layers]
+            if cfg.sliding_layers:  # also where config.json derives them from the layer index
+                config["layer_types"] = [SLIDING if i in cfg.sliding_layers else FULL for i in kept_layers]
             _write_tensors(reader, staging, _renumbered_names(reader.names(), new_index), max_shard_bytes)
         elif fmt == "decilm":
             for name in DECILM_CODE_FILES:
                 (staging / name).write_bytes(resources.files(__package__).joinpath("decilm_files", name).read_bytes())
-            kept = {n: n for n in reader.names() if not is_dropped_tensor(n, plan)}
+            kept = {n: n for n in reader.names() if not is_dropped_tensor(n, plan, cfg.family)}
             _write_tensors(reader, staging, kept, max_shard_bytes)
         else:
             config.update(plan.to_config_lists())
             if fmt == "strip":
-                kept = {n: n for n in reader.names() if not is_dropped_tensor(n, plan)}
+                kept = {n: n for n in reader.names() if not is_dropped_tensor(n, plan, cfg.family)}
                 _write_tensors(reader, staging, kept, max_shard_bytes)
             else:
                 _link_weights(source, staging)

@@ -22,10 +22,18 @@ Two limits of llama.cpp's ``deci`` graph (src/models/deci.cpp, llama.cpp 0c1e570
 * the head size is read from the first layer's head count, so the first layer written must keep its attention.
   A plan that drops it (and not that layer's MLP) is refused.
 
-Q and K rows are permuted into llama.cpp's rotary layout (the inverse of gguf_import's unpermute), matrices are
-stored as F32/F16/Q8_0/Q4_0, norms and every other 1-D tensor as F32. The tokenizer metadata (byte-level BPE
-only) comes from the folder's tokenizer.json and tokenizer_config.json. The file is written under a temporary
-name in the destination folder, one tensor in memory at a time, and renamed into place.
+Qwen2, Qwen3 and Gemma2 are written as llama.cpp's ``qwen2``, ``qwen3`` and ``gemma2`` architectures: full
+models and pure block drops (renumbered) only, since those graphs have one head count for every layer and no
+per-layer way to leave out an attention or an MLP; other plans are refused with that reason. Their rotary layout
+is NeoX's, Hugging Face's own (no Q/K permutation). Qwen2 carries its q/k/v biases, Qwen3 its q/k norms; Gemma2
+its post-norms, soft-caps and window, one sliding/full flag per written layer (so a renumbered layer keeps its
+kind), and its norm weights as (1 + w), llama.cpp's convention. llama.cpp derives Gemma2's attention scale from
+the model's size, so a file whose scale would differ from `query_pre_attn_scalar` is refused.
+
+Llama/Mistral Q and K rows are permuted into llama.cpp's rotary layout (the inverse of gguf_import's
+unpermute); matrices are stored as F32/F16/Q8_0/Q4_0, norms and every other 1-D tensor as F32. The tokenizer
+metadata (byte-level BPE only) comes from the folder's tokenizer.json and tokenizer_config.json. The file is
+written under a temporary name in the destination folder, one tensor in memory at a time, and renamed into place.
 """
 from __future__ import annotations
 
@@ -38,6 +46,7 @@ import gguf
 import numpy as np
 
 from ..config import DropPlan, ModelConfig, read_json
+from ..families import GEMMA2
 from ..model import hf_names
 from .checkpoint import CheckpointReader
 from .gguf_import import GGUF_LAYER_TENSORS
@@ -57,9 +66,11 @@ GGUF_TYPES = tuple(GGML_TYPES)
 PRE_TOKENIZER_GPT2 = "gpt-2"
 PRE_TOKENIZER_SMOLLM = "smollm"
 
-# Hugging Face per-layer tensor -> GGUF per-layer tensor, grouped by the unit that owns it (the importer's table).
-ATTENTION_TENSORS = {hf: g for g, hf in GGUF_LAYER_TENSORS.items() if hf_names.unit_of(hf + ".") == "attn"}
-MLP_TENSORS = {hf: g for g, hf in GGUF_LAYER_TENSORS.items() if hf_names.unit_of(hf + ".") == "mlp"}
+# Family -> llama.cpp architecture of a full model or a block drop ("deci" takes Llama's other plans).
+GGUF_ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma2": "gemma2"}
+# llama.cpp's layer tensors beyond Llama's (the importer's table), Hugging Face name -> GGUF name.
+QK_NORM_TENSORS = {hf_names.QK_NORMS["q"]: "attn_q_norm", hf_names.QK_NORMS["k"]: "attn_k_norm"}
+POST_NORM_TENSORS = {"attn": "post_attention_norm", "mlp": "post_ffw_norm"}
 # The vocabulary matrix (embedding, output head) of a q4_0 file is stored in q8_0: 4 bits cost it the most,
 # and it matches llmdrop-rt's own int4 weights (model.builder.WEIGHT_FORMATS).
 TABLE_STORAGE = {"q4_0": "q8_0"}
@@ -89,6 +100,7 @@ class _Tensor:
     shape: tuple[int, ...]  # row-major, as in the checkpoint
     storage: str  # one of GGUF_TYPES
     rotary_heads: int = 0  # Q/K rows: the number of heads to permute them by, else 0
+    offset: float = 0.0  # added to the values (Gemma's norms: llama.cpp stores 1 + w)
 
 
 def export_gguf(source_folder: str | os.PathLike, out_path: str | os.PathLike, plan: DropPlan | None = None,
@@ -112,13 +124,21 @@ def export_gguf(source_folder: str | os.PathLike, out_path: str | os.PathLike, p
         raise GGUFExportError(f"the drop plan is for {plan.num_layers} layers, {source_folder} has {cfg.num_layers}")
 
     layers = _written_layers(plan)
-    architecture = "llama" if all(layer.attention and layer.mlp for layer in layers) else "deci"
+    architecture = GGUF_ARCHITECTURES[cfg.architecture]
+    if not all(layer.attention and layer.mlp for layer in layers):
+        if architecture != "llama":
+            raise GGUFExportError(f"{plan}: llama.cpp's {architecture!r} architecture has one head count and FFN "
+                                  "width for every layer, so only a full model or a block drop (the same layers in "
+                                  "both lists) can be written; export this plan with the strip format")
+        architecture = "deci"
+    if architecture == "gemma2":
+        _check_gemma2_attention_scale(cfg, len(layers), source_folder)
     if architecture == "deci" and not layers[0].attention:
         raise GGUFExportError(
             f"{plan}: layer {layers[0].source}, the first layer written, has its attention dropped; llama.cpp's "
             "'deci' architecture reads the head size from the first layer's attention and cannot load such a file"
         )
-    tensors = _tensor_plan(cfg, layers, gguf_type)
+    tensors = _tensor_plan(cfg, layers, gguf_type, permute_rotary=architecture in ("llama", "deci"))
     tokenizer = _tokenizer_metadata(source_folder, cfg)  # read before writing: it can refuse
 
     writer = gguf.GGUFWriter(None, architecture)
@@ -160,15 +180,31 @@ def is_gguf_file(path: Path) -> bool:
 
 
 def _check_supported(cfg: ModelConfig, folder: Path) -> None:
-    """Refuse what llama.cpp's llama/deci graphs (or this writer) would get wrong."""
+    """Refuse what llama.cpp's graphs for the family (or this writer) would get wrong."""
     source = folder / "config.json"
-    if cfg.attention_bias or cfg.mlp_bias:
-        raise GGUFExportError(f"{source}: attention_bias/mlp_bias checkpoints are not supported by the GGUF export")
+    qwen2_biases = cfg.architecture == "qwen2" and not cfg.o_proj_bias  # the q/k/v biases llama.cpp's qwen2 reads
+    if (cfg.attention_bias and not qwen2_biases) or cfg.mlp_bias:
+        raise GGUFExportError(f"{source}: attention_bias/mlp_bias checkpoints are not supported by the GGUF export "
+                              "(except Qwen2's q/k/v biases)")
     if cfg.rope.rope_type != "default":
         raise GGUFExportError(f"{source}: rope type {cfg.rope.rope_type!r} is not supported by the GGUF export "
                               "(only unscaled rotary embeddings)")
-    if cfg.sliding_window:
-        raise GGUFExportError(f"{source}: sliding_window={cfg.sliding_window} is not supported by the GGUF export")
+    if cfg.sliding_window and cfg.family is not GEMMA2:
+        raise GGUFExportError(f"{source}: sliding_window={cfg.sliding_window} is not supported by the GGUF export "
+                              f"of {cfg.architecture}")
+    if cfg.family is GEMMA2 and not cfg.tie_word_embeddings:
+        raise GGUFExportError(f"{source}: llama.cpp's gemma2 reads the output head from the embedding; untied "
+                              "embeddings (tie_word_embeddings=false) cannot be written")
+
+
+def _check_gemma2_attention_scale(cfg: ModelConfig, written_layers: int, folder: Path) -> None:
+    """llama.cpp's gemma2 scales queries by 1/sqrt(hidden / heads) for its 27B size (46 layers), else by
+    1/sqrt(head_dim); the file must describe our model's `query_pre_attn_scalar`."""
+    scalar = cfg.hidden_size / cfg.num_heads if written_layers == 46 else cfg.head_dim
+    if abs(scalar**-0.5 - cfg.attention_scale) > 1e-9:
+        raise GGUFExportError(f"{folder / 'config.json'}: query_pre_attn_scalar={cfg.attention_scale**-2:g}, but "
+                              f"llama.cpp's gemma2 would scale queries by 1/sqrt({scalar:g}) for "
+                              f"{written_layers} layers")
 
 
 def _written_layers(plan: DropPlan) -> list[_Layer]:
@@ -177,17 +213,40 @@ def _written_layers(plan: DropPlan) -> list[_Layer]:
             for i in range(plan.num_layers) if plan.has_attn(i) or plan.has_mlp(i)]
 
 
-def _tensor_plan(cfg: ModelConfig, layers: list[_Layer], gguf_type: str) -> list[_Tensor]:
-    """Every tensor of the file, in file order, with its source, shape and storage type."""
+def _unit_tensors(cfg: ModelConfig) -> dict[str, list[tuple[str, str, tuple[int, ...]]]]:
+    """unit ("attn" / "mlp") -> its layer tensors as (Hugging Face suffix, GGUF suffix, shape), for the family."""
+    family = cfg.family
     h, ffn, d = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
     q_rows, kv_rows = cfg.num_heads * d, cfg.num_kv_heads * d
-    shapes = {
-        "input_layernorm": (h,), "self_attn.q_proj": (q_rows, h), "self_attn.k_proj": (kv_rows, h),
-        "self_attn.v_proj": (kv_rows, h), "self_attn.o_proj": (h, q_rows),
-        "post_attention_layernorm": (h,), "mlp.gate_proj": (ffn, h), "mlp.up_proj": (ffn, h),
-        "mlp.down_proj": (h, ffn),
-    }
-    rotary = {"self_attn.q_proj": cfg.num_heads, "self_attn.k_proj": cfg.num_kv_heads}
+    shapes = {"self_attn.q_proj": (q_rows, h), "self_attn.k_proj": (kv_rows, h), "self_attn.v_proj": (kv_rows, h),
+              "self_attn.o_proj": (h, q_rows), "mlp.gate_proj": (ffn, h), "mlp.up_proj": (ffn, h),
+              "mlp.down_proj": (h, ffn)}
+    norms = {hf_names.ATTN_NORM: family.attn_norm, hf_names.MLP_NORM: family.mlp_norm}
+    units: dict[str, list] = {"attn": [], "mlp": []}
+    for gguf_part, hf_part in GGUF_LAYER_TENSORS.items():
+        hf_part = norms.get(hf_part, hf_part)
+        units[hf_names.unit_of(hf_part + ".", family)].append((f"{hf_part}.weight", f"{gguf_part}.weight",
+                                                               shapes.get(hf_part, (h,))))
+    if cfg.attention_bias:
+        for n in "qkv":
+            gguf_part = next(g for g, hf in GGUF_LAYER_TENSORS.items() if hf == hf_names.ATTN_PROJECTIONS[n])
+            units["attn"].append((f"{hf_names.ATTN_PROJECTIONS[n]}.bias", f"{gguf_part}.bias",
+                                  shapes[hf_names.ATTN_PROJECTIONS[n]][:1]))
+    if family.qk_norm:
+        units["attn"] += [(f"{hf}.weight", f"{g}.weight", (d,)) for hf, g in QK_NORM_TENSORS.items()]
+    for unit, post_norm in (("attn", family.attn_post_norm), ("mlp", family.mlp_post_norm)):
+        if post_norm:
+            units[unit].append((f"{post_norm}.weight", f"{POST_NORM_TENSORS[unit]}.weight", (h,)))
+    return units
+
+
+def _tensor_plan(cfg: ModelConfig, layers: list[_Layer], gguf_type: str, permute_rotary: bool) -> list[_Tensor]:
+    """Every tensor of the file, in file order, with its source, shape and storage type."""
+    h = cfg.hidden_size
+    rotary = {f"{hf_names.ATTN_PROJECTIONS['q']}.weight": cfg.num_heads,
+              f"{hf_names.ATTN_PROJECTIONS['k']}.weight": cfg.num_kv_heads} if permute_rotary else {}
+    norm_offset = 1.0 if cfg.family.norm_offset else 0.0
+    units = _unit_tensors(cfg)
 
     def matrix(name, source, shape, heads=0, storage=gguf_type):
         return _Tensor(name, source, shape, _matrix_storage(name, shape, storage), heads)
@@ -196,19 +255,20 @@ def _tensor_plan(cfg: ModelConfig, layers: list[_Layer], gguf_type: str) -> list
     tensors = [matrix("token_embd.weight", hf_names.EMBEDDING, (cfg.vocab_size, h), storage=table)]
     for new_index, layer in enumerate(layers):
         prefix, source = f"blk.{new_index}.", f"{hf_names.layer_prefix(layer.source)}."
-        parts = (ATTENTION_TENSORS if layer.attention else {}) | (MLP_TENSORS if layer.mlp else {})
-        for hf_part, gguf_part in parts.items():
-            name, shape = f"{prefix}{gguf_part}.weight", shapes[hf_part]
+        parts = (units["attn"] if layer.attention else []) + (units["mlp"] if layer.mlp else [])
+        for hf_part, gguf_part, shape in parts:
+            name = prefix + gguf_part
             if len(shape) == 1:
-                tensors.append(_Tensor(name, f"{source}{hf_part}.weight", shape, "f32"))
+                offset = norm_offset if "norm" in gguf_part else 0.0
+                tensors.append(_Tensor(name, source + hf_part, shape, "f32", offset=offset))
             else:
-                tensors.append(matrix(name, f"{source}{hf_part}.weight", shape, rotary.get(hf_part, 0)))
+                tensors.append(matrix(name, source + hf_part, shape, rotary.get(hf_part, 0)))
         if layer.attention and not layer.mlp:
             width = STAND_IN_MLP_WIDTH
             for gguf_part, shape in (("ffn_norm", (h,)), ("ffn_gate", (width, h)), ("ffn_up", (width, h)),
                                      ("ffn_down", (h, width))):
                 tensors.append(_Tensor(f"{prefix}{gguf_part}.weight", None, shape, "f32"))
-    tensors.append(_Tensor("output_norm.weight", hf_names.FINAL_NORM, (h,), "f32"))
+    tensors.append(_Tensor("output_norm.weight", hf_names.FINAL_NORM, (h,), "f32", offset=norm_offset))
     if not cfg.tie_word_embeddings:
         tensors.append(matrix("output.weight", hf_names.LM_HEAD, (cfg.vocab_size, h), storage=table))
     return tensors
@@ -234,7 +294,7 @@ def _tensor_values(reader: CheckpointReader, tensor: _Tensor) -> np.ndarray:
     if tensor.source is None:
         values = np.zeros(tensor.shape, dtype=np.float32)
     else:
-        values = reader.get(tensor.source, tensor.shape).float().numpy()
+        values = reader.get(tensor.source, tensor.shape).float().numpy() + np.float32(tensor.offset)
     if tensor.rotary_heads:
         values = _permute_rotary_rows(values, tensor.rotary_heads)
     return gguf.quants.quantize(np.ascontiguousarray(values), GGML_TYPES[tensor.storage])
@@ -267,10 +327,15 @@ def _add_metadata(writer, cfg: ModelConfig, layers: list[_Layer], architecture: 
     writer.add_key_length(cfg.head_dim)
     writer.add_value_length(cfg.head_dim)
     writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
-    if architecture == "llama":
+    if architecture != "deci":
         writer.add_feed_forward_length(cfg.intermediate_size)
         writer.add_head_count(cfg.num_heads)
         writer.add_head_count_kv(cfg.num_kv_heads)
+        if architecture == "gemma2":
+            writer.add_sliding_window(cfg.sliding_window)
+            writer.add_sliding_window_pattern([layer.source in cfg.sliding_layers for layer in layers])
+            writer.add_attn_logit_softcapping(cfg.attn_logit_softcapping)
+            writer.add_final_logit_softcapping(cfg.final_logit_softcapping)
     else:  # per-layer arrays (of INT32, as llama.cpp's own converter writes them for Nemotron)
         writer.add_feed_forward_length([cfg.intermediate_size if layer.mlp else STAND_IN_MLP_WIDTH
                                         for layer in layers])

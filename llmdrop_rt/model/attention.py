@@ -3,7 +3,8 @@
 Backends:
 - `sdpa`: PyTorch scaled_dot_product_attention (FlashAttention / memory-efficient kernels on CUDA, a fused CPU
   kernel on CPU); GQA through `enable_gqa`, so K/V heads are never repeated in memory.
-- `reference`: explicit fp32 softmax(QK^T)V; slow and simple, for debugging and tests.
+- `reference`: explicit fp32 softmax(QK^T)V; slow and simple, for debugging and tests. Also the path of every
+  layer with attention-logit soft-capping (Gemma2), which sdpa and its kernels cannot express.
 - `flash`: the `flash-attn` package's `flash_attn_with_kvcache` for cached steps of un-padded batches (it appends
   K/V to the cache itself and handles GQA and the sliding window natively); other steps use `sdpa`. Chosen by
   default on CUDA when flash-attn is importable. (flash-attn ships only as an sdist that compiles for hours, so it
@@ -59,9 +60,13 @@ def build_mask(
     return allowed
 
 
-def attention(q, k, v, mask: torch.Tensor | None, scale: float, backend: str = "sdpa") -> torch.Tensor:
-    """softmax(q k^T * scale + mask) v; causal when mask is None and q and k have the same length."""
+def attention(q, k, v, mask: torch.Tensor | None, scale: float, backend: str = "sdpa",
+              softcap: float | None = None) -> torch.Tensor:
+    """softmax(q k^T * scale + mask) v; causal when mask is None and q and k have the same length. With `softcap`
+    the scores are soft-capped first (softcap * tanh(scores / softcap)), on the explicit path."""
     causal = mask is None and q.shape[-2] == k.shape[-2] and q.shape[-2] > 1
+    if softcap is not None:
+        return reference_attention(q, k, v, mask, scale, causal, softcap)
     if backend == "sdpa":
         return F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=q.shape[1] != k.shape[1]
@@ -71,11 +76,13 @@ def attention(q, k, v, mask: torch.Tensor | None, scale: float, backend: str = "
     raise ValueError(f"attention backend {backend!r} is not available here; choose from {BACKENDS}")
 
 
-def reference_attention(q, k, v, mask, scale, causal=False):
+def reference_attention(q, k, v, mask, scale, causal=False, softcap=None):
     groups = q.shape[1] // k.shape[1]
     k = k.repeat_interleave(groups, dim=1).float()
     v = v.repeat_interleave(groups, dim=1).float()
     scores = (q.float() @ k.transpose(-1, -2)) * scale
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
     if causal:
         t, s = scores.shape[-2:]
         mask = torch.ones(t, s, dtype=torch.bool, device=q.device).tril(s - t)

@@ -21,7 +21,7 @@ from ..quant import cpu_linear
 from ..quant.formats import parse_quant_config
 from ..quant.linear import QuantLinear
 from . import hf_names
-from .layers import MLP, Attention, DecoderLayer, RMSNorm, Transformer
+from .layers import MLP, Attention, DecoderLayer, OffsetRMSNorm, RMSNorm, Transformer
 from .ops import TRITON, TorchOps
 
 
@@ -100,8 +100,10 @@ class ModelBuilder:
         self.qconfig = parse_quant_config(cfg.raw, getattr(reader, "folder", None))
         self.weights = resolve_weight_format(weights, device, dtype, ops, self.qconfig is not None)
         self.formats = WEIGHT_FORMATS.get(self.weights)  # (projections, embedding / head) or None: torch modules
-        # Fold MLP norms into gate/up when the fused Triton kernel will run (decided once, at load time).
-        self.fold_mlp_norm = ops is TRITON and not cfg.mlp_bias and self.qconfig is None
+        # Fold MLP norms into gate/up when the fused Triton kernel (Llama's norm, SwiGLU) will run (decided once,
+        # at load time).
+        self.fold_mlp_norm = ops is TRITON and not cfg.mlp_bias and self.qconfig is None and \
+            cfg.family.activation == "silu" and not cfg.family.norm_offset
 
     def tensor(self, name, shape):
         stored = self.reader.get(name, shape)
@@ -150,38 +152,47 @@ class ModelBuilder:
             raise KeyError(name)
         return self.reader.get(name)
 
-    def norm(self, name):
-        return RMSNorm(self.tensor(name, (self.cfg.hidden_size,)), self.cfg.rms_norm_eps, self.ops)
+    def norm(self, name, size: int | None = None):
+        """The RMSNorm `name` (a prefix, or None: no norm there) in the family's kind."""
+        if name is None:
+            return None
+        kind = OffsetRMSNorm if self.cfg.family.norm_offset else RMSNorm
+        return kind(self.tensor(f"{name}.weight", (size or self.cfg.hidden_size,)), self.cfg.rms_norm_eps, self.ops)
 
     def layer(self, i: int) -> DecoderLayer:
-        cfg, p = self.cfg, hf_names.layer_prefix(i)
-        attn_norm = attn = mlp_norm = mlp = None
+        cfg, family, p = self.cfg, self.cfg.family, hf_names.layer_prefix(i)
+        attn_norm = attn = attn_post_norm = mlp_norm = mlp = mlp_post_norm = None
         if self.plan.has_attn(i):
             h, q_out, kv_out = cfg.hidden_size, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
             names = hf_names.ATTN_PROJECTIONS
             qkv = self.projection([f"{p}.{names[n]}" for n in "qkv"], h, [q_out, kv_out, kv_out], cfg.attention_bias)
-            o_proj = self.projection([f"{p}.{names['o']}"], q_out, [h], cfg.attention_bias)
-            attn_norm = self.norm(f"{p}.{hf_names.ATTN_NORM}.weight")
-            attn = Attention(cfg, i, qkv, o_proj, self.ops)
+            o_proj = self.projection([f"{p}.{names['o']}"], q_out, [h], cfg.o_proj_bias)
+            q_norm = k_norm = None
+            if family.qk_norm:
+                q_norm, k_norm = (self.norm(f"{p}.{hf_names.QK_NORMS[n]}", cfg.head_dim) for n in "qk")
+            attn_norm = self.norm(f"{p}.{family.attn_norm}")
+            attn_post_norm = self.norm(family.attn_post_norm and f"{p}.{family.attn_post_norm}")
+            attn = Attention(cfg, i, qkv, o_proj, self.ops, q_norm, k_norm)
         if self.plan.has_mlp(i):
             h, inter, names = cfg.hidden_size, cfg.intermediate_size, hf_names.MLP_PROJECTIONS
             gate_up = self.projection([f"{p}.{names['gate']}", f"{p}.{names['up']}"], h, [inter, inter], cfg.mlp_bias)
             down = self.projection([f"{p}.{names['down']}"], inter, [h], cfg.mlp_bias)
-            mlp_norm = self.norm(f"{p}.{hf_names.MLP_NORM}.weight")
+            mlp_norm = self.norm(f"{p}.{family.mlp_norm}")
+            mlp_post_norm = self.norm(family.mlp_post_norm and f"{p}.{family.mlp_post_norm}")
             if self.fold_mlp_norm:  # (a Triton model: torch modules, so gate_up has a dense weight)
                 gate, up = gate_up.weight.chunk(2)
                 folded = kernels.prepare_norm_mlp(mlp_norm.weight, gate, up)
                 mlp = MLP(None, down, self.ops, cfg.rms_norm_eps, folded)
             else:
-                mlp = MLP(gate_up, down, self.ops, cfg.rms_norm_eps)
-        return DecoderLayer(i, attn_norm, attn, mlp_norm, mlp)
+                mlp = MLP(gate_up, down, self.ops, cfg.rms_norm_eps, activation=family.activation)
+        return DecoderLayer(i, attn_norm, attn, mlp_norm, mlp, attn_post_norm, mlp_post_norm)
 
     def embedding(self) -> torch.Tensor:
         """The embedding table as a dense tensor in `dtype` (what the layer-streaming scorer looks tokens up in)."""
         return self.tensor(hf_names.EMBEDDING, (self.cfg.vocab_size, self.cfg.hidden_size))
 
     def final_norm(self) -> RMSNorm:
-        return self.norm(hf_names.FINAL_NORM)
+        return self.norm(hf_names.FINAL_NORM.removesuffix(".weight"))
 
     def embedding_and_head(self) -> tuple[nn.Module, nn.Module]:
         """The token embedding and the output projection; with tied embeddings they share one stored table."""

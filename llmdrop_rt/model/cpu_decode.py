@@ -3,7 +3,8 @@
 A decode step (one new token per row) of a model whose projections are all `quant.cpu_linear.CpuLinear` (any
 `load(weights=...)` model) runs `torch.ops.llmdrop_cpu_decode.decode_layer` per layer (csrc/cpu_decode.cpp): the
 norms, RoPE, the KV-cache write, attention and SwiGLU happen in C++ between the GEMV kernels, computing exactly
-what `DecoderLayer.forward_fused` computes. Everything else (prefill, other models) runs the modules as usual.
+what `DecoderLayer.forward_fused` computes. Everything else (prefill, other models, the families whose layers are
+not Llama's: Qwen3, Gemma2, sliding-window Qwen2) runs the modules as usual.
 """
 from __future__ import annotations
 
@@ -40,7 +41,10 @@ class LayerCall:
 
 def layer_calls(model) -> list[LayerCall] | None:
     """The C++ calls for `model`'s layers, or None when its decode step cannot run that way."""
+    cfg = model.cfg
     if ops is None or model.device.type != "cpu" or model.dtype != torch.float32:
+        return None
+    if not cfg.family.llama_shaped or cfg.sliding_layers:  # the C++ layer is Llama's, one window for all layers
         return None
     for layer in model.layers:
         projections = ([layer.attn.qkv, layer.attn.o_proj] if layer.attn is not None else []) + \

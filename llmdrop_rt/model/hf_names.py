@@ -1,4 +1,5 @@
-"""The one table of Hugging Face checkpoint tensor names for Llama-family decoder stacks.
+"""The one table of Hugging Face checkpoint tensor names for Llama-family decoder stacks (the norms that differ
+between families are in `llmdrop_rt.families`).
 
 Every reader and writer of checkpoints (the model builder, the exporter, the quantizer's exclusion rules, the GGUF
 importer) names tensors through this module, so the scheme lives in one place.
@@ -7,20 +8,23 @@ from __future__ import annotations
 
 import re
 
+from ..families import LLAMA, Family
+
 EMBEDDING = "model.embed_tokens.weight"
 FINAL_NORM = "model.norm.weight"
 LM_HEAD = "lm_head.weight"
 
-# Modules inside a decoder layer, relative to its prefix. A layer's attention unit is its input norm + self_attn;
-# its MLP unit is the post-attention norm + mlp (LLM-Drop's units: dropping one drops both parts).
-ATTN_NORM = "input_layernorm"
-MLP_NORM = "post_attention_layernorm"
+# Modules inside a decoder layer, relative to its prefix. A Llama layer's attention unit is its input norm +
+# self_attn; its MLP unit is the post-attention norm + mlp (LLM-Drop's units: dropping one drops both parts).
+# Other families' units: Family.unit_parts.
+ATTN_NORM = LLAMA.attn_norm
+MLP_NORM = LLAMA.mlp_norm
 ATTN = "self_attn"
 MLP = "mlp"
 ATTN_PROJECTIONS = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj",
                     "o": "self_attn.o_proj"}
 MLP_PROJECTIONS = {"gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"}
-UNIT_PARTS = {"attn": (ATTN_NORM + ".", ATTN + "."), "mlp": (MLP_NORM + ".", MLP + ".")}
+QK_NORMS = {"q": "self_attn.q_norm", "k": "self_attn.k_norm"}  # the families with Family.qk_norm
 
 _LAYER_TENSOR = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 
@@ -35,9 +39,9 @@ def split_layer_name(name: str) -> tuple[int, str] | None:
     return (int(match.group(1)), match.group(2)) if match else None
 
 
-def unit_of(rest: str) -> str | None:
+def unit_of(rest: str, family: Family = LLAMA) -> str | None:
     """Which unit ('attn' or 'mlp') a layer-relative tensor name belongs to, None for anything else."""
-    return next((unit for unit, parts in UNIT_PARTS.items() if rest.startswith(parts)), None)
+    return next((unit for unit, parts in family.unit_parts.items() if rest.startswith(parts)), None)
 
 
 def module_regex(layer: int, unit: str) -> str:

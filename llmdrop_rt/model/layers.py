@@ -1,14 +1,17 @@
 """The decoder stack: plain PyTorch modules, built only for the modules the drop plan keeps.
 
-A dropped attention layer's `attn` (with its input norm) is None, a dropped MLP's `mlp` (with its norm) is None:
+A dropped attention layer's `attn` (with its norms) is None, a dropped MLP's `mlp` (with its norms) is None:
 they are never constructed and their weights are never read from disk. Every module keeps the ops (torch or
-Triton, see `ops.select_ops`) it was built with.
+Triton, see `ops.select_ops`) it was built with. What differs between families (`llmdrop_rt.families`) arrives as
+optional modules and numbers: post-norms, q/k norms, the MLP's activation, the attention scale, soft-capping,
+per-layer sliding windows, the embedding scale.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .. import kernels
@@ -37,6 +40,23 @@ class RMSNorm(nn.Module):
         return self.ops.add_rms_norm_(x, pending, self.weight, self.eps)
 
 
+class OffsetRMSNorm(RMSNorm):
+    """Gemma's RMSNorm: normalised and scaled by (1 + w) in fp32, then cast (transformers' order). The stored w
+    stays as the checkpoint has it; the fp32 scale is made once at load time."""
+
+    def __init__(self, weight: torch.Tensor, eps: float, ops: TorchOps):
+        super().__init__(weight, eps, ops)
+        self.register_buffer("scale", 1.0 + weight.float(), persistent=False)
+
+    def forward(self, x):
+        return F.rms_norm(x.float(), self.scale.shape, self.scale, self.eps).to(x.dtype)
+
+    def add_forward_(self, x, pending):
+        if pending is not None:
+            x += pending
+        return self(x)
+
+
 @dataclass
 class StepContext:
     """What every layer of one forward step shares: rotary tables, cache, where to write, the mask."""
@@ -48,6 +68,8 @@ class StepContext:
     start: int | torch.Tensor = 0
     mask: torch.Tensor | None = None  # see attention.build_mask
     attn_backend: str = "sdpa"
+    # The mask of the layers in ModelConfig.sliding_layers, when not every layer slides (mask is then causal).
+    sliding_mask: torch.Tensor | None = None
 
 
 def rope_tables(inv_freq: torch.Tensor, positions: torch.Tensor) -> RopeTables:
@@ -60,29 +82,43 @@ def step_context(cfg: ModelConfig, inv_freq: torch.Tensor, positions, cache=None
                  attn_backend="sdpa") -> StepContext:
     """A step's shared context (rotary tables + mask), also without a whole Transformer: the layer-streaming
     scorer holds no model."""
-    if attn_backend == "flash" and cache is not None and key_valid is None:
-        mask = None  # flash_attn_with_kvcache applies causality and the sliding window itself
-    else:
-        mask = build_mask(positions.shape[1], start, key_valid, cfg.sliding_window, positions.device)
-    return StepContext(rope_tables(inv_freq, positions), cache, start, mask, attn_backend)
+    def mask(window):
+        if attn_backend == "flash" and cache is not None and key_valid is None:
+            return None  # flash_attn_with_kvcache applies causality and the sliding window itself
+        return build_mask(positions.shape[1], start, key_valid, window, positions.device)
+
+    if cfg.sliding_layers is None:  # one window (or none) for every layer
+        return StepContext(rope_tables(inv_freq, positions), cache, start, mask(cfg.sliding_window), attn_backend)
+    return StepContext(rope_tables(inv_freq, positions), cache, start, mask(None), attn_backend,
+                       mask(cfg.sliding_window) if cfg.sliding_layers else None)
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer: int, qkv: nn.Module, o_proj: nn.Module, ops: TorchOps):
+    """GQA attention with RoPE; `q_norm`/`k_norm` (per-head RMSNorms before RoPE) when the family has them."""
+
+    def __init__(self, cfg: ModelConfig, layer: int, qkv: nn.Module, o_proj: nn.Module, ops: TorchOps,
+                 q_norm: RMSNorm | None = None, k_norm: RMSNorm | None = None):
         super().__init__()
         self.layer, self.ops = layer, ops
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.qkv = qkv  # one projection producing [q | k | v]
         self.o_proj = o_proj
-        self.scale = cfg.head_dim**-0.5
+        self.q_norm, self.k_norm = q_norm, k_norm
+        self.scale = cfg.attention_scale or cfg.head_dim**-0.5
+        self.softcap = cfg.attn_logit_softcapping
+        window = cfg.window_of(layer)
+        self.sliding = cfg.sliding_layers is not None and window is not None  # reads ctx.sliding_mask
         # flash-attn's (left, right) window: a key is visible iff query - key < sliding_window.
-        self.flash_window = (-1, -1) if cfg.sliding_window is None else (cfg.sliding_window - 1, 0)
+        self.flash_window = (-1, -1) if window is None else (window - 1, 0)
 
     def forward(self, x, ctx: StepContext):
         b, t, _ = x.shape
         hq, hkv, d = self.num_heads, self.num_kv_heads, self.head_dim
         q, k, v = self.qkv(x).split([hq * d, hkv * d, hkv * d], dim=-1)
-        q, k = self.ops.apply_rope(q.view(b, t, hq, d), k.view(b, t, hkv, d), ctx.rope)
+        q, k = q.view(b, t, hq, d), k.view(b, t, hkv, d)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = self.ops.apply_rope(q, k, ctx.rope)
         v = v.view(b, t, hkv, d)
         if ctx.cache is not None and ctx.attn_backend == "flash" and ctx.mask is None and isinstance(ctx.start, int):
             # flash-attn appends k/v to the cache itself.
@@ -93,23 +129,27 @@ class Attention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if ctx.cache is not None:
             k, v = ctx.cache.write(self.layer, k, v, ctx.start)
-        out = attention(q, k, v, ctx.mask, self.scale, "reference" if ctx.attn_backend == "reference" else "sdpa")
+        mask = ctx.sliding_mask if self.sliding else ctx.mask
+        backend = "reference" if ctx.attn_backend == "reference" else "sdpa"
+        out = attention(q, k, v, mask, self.scale, backend, self.softcap)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, hq * d))
 
 
 class MLP(nn.Module):
-    """SwiGLU MLP. With `folded` (the Triton path) its norm weight is folded into gate/up and the norm, both
-    projections and SiLU*up run as one kernel; `gate_up` is then None.
+    """Gated MLP: down(act(gate) * up), act SiLU (SwiGLU) or tanh-approximated GELU (GeGLU). With `folded` (the
+    Triton path, SwiGLU only) its norm weight is folded into gate/up and the norm, both projections and SiLU*up run
+    as one kernel; `gate_up` is then None.
 
     `prepare(x, pending, norm)` makes the MLP's input from the residual stream and `forward` takes it: the
     normalised stream, or for a folded MLP the stream itself (its kernel normalises)."""
 
     def __init__(self, gate_up: nn.Module | None, down: nn.Module, ops: TorchOps, eps: float,
-                 folded: kernels.NormMLPWeights | None = None):
+                 folded: kernels.NormMLPWeights | None = None, activation: str = "silu"):
         super().__init__()
         self.gate_up = gate_up  # one projection producing [gate | up]
         self.down = down
         self.ops, self.eps, self.folded = ops, eps, folded
+        self.act_mul = {"silu": ops.silu_mul, "gelu_tanh": ops.gelu_tanh_mul}[activation]
         if folded is not None:
             # Registered so param_bytes() counts it; the model is built on its device and never moved after.
             self.register_buffer("folded_gate_up", folded.gate_up, persistent=False)
@@ -126,24 +166,36 @@ class MLP(nn.Module):
         if self.folded is not None:
             return self.down(self.ops.norm_swiglu(prepared, self.folded, self.eps))
         gate, up = self.gate_up(prepared).chunk(2, dim=-1)
-        return self.down(self.ops.silu_mul(gate, up))
+        return self.down(self.act_mul(gate, up))
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, index: int, attn_norm, attn, mlp_norm, mlp):
+    """A pre-norm decoder layer; `attn_post_norm` / `mlp_post_norm` (Gemma2) normalise a unit's output before it
+    joins the residual stream, and belong to that unit."""
+
+    def __init__(self, index: int, attn_norm, attn, mlp_norm, mlp, attn_post_norm=None, mlp_post_norm=None):
         super().__init__()
         self.index = index
-        self.attn_norm, self.attn = attn_norm, attn
-        self.mlp_norm, self.mlp = mlp_norm, mlp
+        self.attn_norm, self.attn, self.attn_post_norm = attn_norm, attn, attn_post_norm
+        self.mlp_norm, self.mlp, self.mlp_post_norm = mlp_norm, mlp, mlp_post_norm
         self.ranges = NO_LAYER_RANGES  # named profiler ranges when profiling turns them on; else no-ops
 
+    def attn_output(self, normed, ctx: StepContext):
+        """The attention unit's output for its normalised input."""
+        out = self.attn(normed, ctx)
+        return out if self.attn_post_norm is None else self.attn_post_norm(out)
+
+    def mlp_output(self, prepared):
+        out = self.mlp(prepared)
+        return out if self.mlp_post_norm is None else self.mlp_post_norm(out)
+
     def attn_delta(self, x, ctx: StepContext):
-        """What the attention sub-block adds to the residual stream (its LLM-Drop unit: norm + attention)."""
-        return self.attn(self.attn_norm(x), ctx)
+        """What the attention sub-block adds to the residual stream (its LLM-Drop unit: norms + attention)."""
+        return self.attn_output(self.attn_norm(x), ctx)
 
     def mlp_delta(self, x):
-        """What the MLP sub-block (norm + MLP) adds to the residual stream."""
-        return self.mlp(self.mlp.prepare(x, None, self.mlp_norm))
+        """What the MLP sub-block (norms + MLP) adds to the residual stream."""
+        return self.mlp_output(self.mlp.prepare(x, None, self.mlp_norm))
 
     def forward(self, x, ctx: StepContext, skip: str | None = None):
         """x -> the layer's output, x untouched (what scoring compares); `skip` leaves out its "attn", "mlp" or
@@ -162,12 +214,12 @@ class DecoderLayer(nn.Module):
             with ranges.attn_norm:
                 normed = self.attn_norm.add_forward_(x, pending)
             with ranges.attention:
-                pending = self.attn(normed, ctx)
+                pending = self.attn_output(normed, ctx)
         if self.mlp is not None:
             with ranges.mlp_norm:
                 prepared = self.mlp.prepare(x, pending, self.mlp_norm)
             with ranges.mlp:
-                pending = self.mlp(prepared)
+                pending = self.mlp_output(prepared)
         return pending
 
     def restricted(self, plan: DropPlan) -> "DecoderLayer":
@@ -176,8 +228,23 @@ class DecoderLayer(nn.Module):
         keep_attn, keep_mlp = plan.has_attn(i), plan.has_mlp(i)
         if (keep_attn and self.attn is None) or (keep_mlp and self.mlp is None):
             raise ValueError(f"layer {i}: the plan keeps a module this layer was built without")
-        return DecoderLayer(i, self.attn_norm if keep_attn else None, self.attn if keep_attn else None,
-                            self.mlp_norm if keep_mlp else None, self.mlp if keep_mlp else None)
+        attn = (self.attn_norm, self.attn, self.attn_post_norm) if keep_attn else (None, None, None)
+        mlp = (self.mlp_norm, self.mlp, self.mlp_post_norm) if keep_mlp else (None, None, None)
+        return DecoderLayer(i, attn[0], attn[1], mlp[0], mlp[1], attn[2], mlp[2])
+
+
+def scale_embeddings(x: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
+    """Token embeddings as the first layer takes them: Gemma's are scaled by sqrt(hidden_size), a factor rounded
+    to the activations' dtype as transformers rounds it."""
+    if not cfg.family.scales_embedding:
+        return x
+    return x * torch.tensor(cfg.hidden_size**0.5, dtype=x.dtype)
+
+
+def cap_logits(logits: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
+    """The output logits, soft-capped (cap * tanh(logits / cap)) when the family caps them."""
+    cap = cfg.final_logit_softcapping
+    return logits if cap is None else torch.tanh(logits / cap) * cap
 
 
 class Transformer(nn.Module):
@@ -226,7 +293,7 @@ class Transformer(nn.Module):
     def run(self, tokens, ctx: StepContext, last_only=False):
         """Logits for `tokens` under a prepared step context."""
         with self.ranges.embedding:
-            x = self.embed(tokens)
+            x = scale_embeddings(self.embed(tokens), self.cfg)
         if self.decode_calls is not None and tokens.shape[1] == 1 and ctx.cache is not None and \
                 isinstance(ctx.start, int) and ctx.attn_backend == "sdpa":
             pending = cpu_decode.decode_layers(self.decode_calls, x, ctx)
@@ -240,4 +307,4 @@ class Transformer(nn.Module):
         with self.ranges.final_norm:
             normed = self.norm.add_forward_(x, pending)
         with self.ranges.lm_head:
-            return self.lm_head(normed)
+            return cap_logits(self.lm_head(normed), self.cfg)

@@ -89,6 +89,10 @@ class TorchOps:
     def silu_mul(gate, up):
         return F.silu(gate) * up
 
+    @staticmethod
+    def gelu_tanh_mul(gate, up):
+        return F.gelu(gate, approximate="tanh") * up
+
 
 class TritonOps(TorchOps):
     """The fused Triton kernels where one exists; torch for the rest."""

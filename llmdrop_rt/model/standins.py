@@ -1,4 +1,4 @@
-"""Dropped modules expressed inside *transformers'* Llama/Mistral models, for the tools that run them there.
+"""Dropped modules expressed inside *transformers'* models of our families, for the tools that run them there.
 
 Stock transformers has no way to leave a module out, so the quantizer, the baselines of the bench and the tests'
 reference models swap in weightless modules that add nothing to the residual stream. `skip_attention` is
@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+
+from ..families import family_of
 
 
 class ZeroAttention(nn.Module):
@@ -26,17 +28,20 @@ class ZeroMLP(nn.Module):
 
 def drop_in_transformers(model: nn.Module, drop_attn=(), drop_mlp=(), replace_norms: bool = True) -> nn.Module:
     """Replace, in place, the listed layers' attention / MLP of a transformers `...Model` (the decoder stack, with
-    `.layers`) by the stand-ins; with `replace_norms` their input norms become Identity too (no weights left)."""
-    for i in drop_attn:
-        layer = model.layers[i]
-        layer.self_attn = ZeroAttention()
-        if replace_norms:
-            layer.input_layernorm = nn.Identity()
-    for i in drop_mlp:
-        layer = model.layers[i]
-        layer.mlp = ZeroMLP()
-        if replace_norms:
-            layer.post_attention_layernorm = nn.Identity()
+    `.layers`) by the stand-ins; with `replace_norms` the unit's norms (the family's pre- and post-norms) become
+    Identity too, so no weights are left. (A post-norm of the stand-in's zeros is zero either way.)"""
+    config = model.config
+    family = family_of(getattr(config, "architectures", None) or [], config.model_type)
+    if family is None:
+        raise ValueError(f"transformers model of type {config.model_type!r} is not one of our families")
+    units = ((drop_attn, "self_attn", ZeroAttention, (family.attn_norm, family.attn_post_norm)),
+             (drop_mlp, "mlp", ZeroMLP, (family.mlp_norm, family.mlp_post_norm)))
+    for layers, module, standin, norms in units:
+        for i in layers:
+            layer = model.layers[i]
+            setattr(layer, module, standin())
+            for norm in filter(None, norms) if replace_norms else ():
+                setattr(layer, norm, nn.Identity())
     return model
 
 

@@ -46,7 +46,8 @@ class QuantizeError(ValueError):
 
 
 def apply_drop_plan(hf_model: nn.Module, plan: DropPlan) -> nn.Module:
-    """Replace, in place, the modules `plan` drops in a transformers Llama/Mistral model by weightless stand-ins."""
+    """Replace, in place, the modules `plan` drops in a transformers model (any of our families) by weightless
+    stand-ins."""
     if len(hf_model.model.layers) != plan.num_layers:
         raise QuantizeError(f"the drop plan is for {plan.num_layers} layers, "
                             f"the model has {len(hf_model.model.layers)}")

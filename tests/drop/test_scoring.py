@@ -34,8 +34,10 @@ def random_calibration(folder, n_samples, seq_len, seed, padded_tail=0):
 
 
 def reference_scores(folder, calib, drop_attn=(), drop_mlp=()):
-    """Every metric from transformers' own modules, captured with forward hooks (float64 averages)."""
+    """Every metric from transformers' own modules, captured with forward hooks (float64 averages). A unit's output
+    is its last module's (Gemma2: the post-norm after the attention / MLP)."""
     model = hf_model(folder, drop_attn, drop_mlp)
+    family = ModelConfig.from_folder(folder).family
     layers = model.model.layers
     captured = {}
 
@@ -48,10 +50,10 @@ def reference_scores(folder, calib, drop_attn=(), drop_mlp=()):
 
     for i, layer in enumerate(layers):
         layer.register_forward_hook(keep("layer", i), with_kwargs=True)
-        layer.self_attn.register_forward_hook(keep("attn", i), with_kwargs=True)
-        layer.mlp.register_forward_hook(keep("mlp", i), with_kwargs=True)
-        layer.input_layernorm.register_forward_hook(keep("attn_norm", i), with_kwargs=True)
-        layer.post_attention_layernorm.register_forward_hook(keep("mlp_norm", i), with_kwargs=True)
+        getattr(layer, family.attn_post_norm or "self_attn").register_forward_hook(keep("attn", i), with_kwargs=True)
+        getattr(layer, family.mlp_post_norm or "mlp").register_forward_hook(keep("mlp", i), with_kwargs=True)
+        getattr(layer, family.attn_norm).register_forward_hook(keep("attn_norm", i), with_kwargs=True)
+        getattr(layer, family.mlp_norm).register_forward_hook(keep("mlp_norm", i), with_kwargs=True)
     weights = calib.valid.double()
     last = calib.valid.long().cumsum(1).argmax(1)
     L = len(layers)
@@ -107,9 +109,11 @@ def assert_close_lists(ours, ref, dropped=(), tol=1e-5):
 
 
 @pytest.mark.parametrize("name,drop_attn,drop_mlp", [("llama2", (), ()), ("llama3", (1,), (3,)),
-                                                      ("mistral", (), (2,)), ("sharded", (0,), ())])
-def test_scores_equal_transformers_hooks(tiny_checkpoints, name, drop_attn, drop_mlp):
-    folder = tiny_checkpoints[name]
+                                                      ("mistral", (), (2,)), ("sharded", (0,), ()),
+                                                      ("gemma2", (1,), (3,)), ("qwen3", (2,), ()),
+                                                      ("qwen2_sliding", (), (1,))])
+def test_scores_equal_transformers_hooks(tiny_checkpoints, family_checkpoints, name, drop_attn, drop_mlp):
+    folder = {**tiny_checkpoints, **family_checkpoints}[name]
     # seq_len 11 > Mistral's sliding window of 7; a padded tail in sample 0 must not count.
     calib = random_calibration(folder, n_samples=5, seq_len=11, seed=hash(name) % 1000, padded_tail=3)
     plan = DropPlan.create(ModelConfig.from_folder(folder).num_layers, drop_attn, drop_mlp)
@@ -151,8 +155,9 @@ def test_streaming_reads_only_kept_weights_of_one_layer_at_a_time(tiny_checkpoin
     assert source.bytes_read == attention_bytes  # exactly the kept attention (and its norm) of layer 2
 
 
-def test_loss_pass_equals_transformers_with_module_removed(tiny_checkpoints):
-    folder = tiny_checkpoints["llama2"]
+@pytest.mark.parametrize("name", ["llama2", "gemma2"])  # gemma2: embedding scale and final soft-capping
+def test_loss_pass_equals_transformers_with_module_removed(tiny_checkpoints, family_checkpoints, name):
+    folder = {**tiny_checkpoints, **family_checkpoints}[name]
     calib = random_calibration(folder, 3, 9, seed=3)
     plan = DropPlan.create(4, [], [0])
     candidates = candidate_modules(plan, "joint") + [("block", 2)]

@@ -159,3 +159,31 @@ def test_the_default_format_is_one_no_loader_mistakes(tiny_checkpoints, tmp_path
     with pytest.raises(ExportError, match="256"):  # decilm, whose FFN widths this model's 80 cannot express
         export_model(source, tmp_path / "attn", DropPlan.create(4, [1], []))
     assert not (tmp_path / "attn").exists()
+
+
+@pytest.mark.parametrize("name", ["qwen2_sliding", "qwen3", "gemma2"])
+def test_family_exports(family_checkpoints, tmp_path, name):
+    """strip: the whole dropped units are gone (Gemma2's post-norms too) and the logits are the dropped model's;
+    renumbered (a block drop that shifts every later layer): stock transformers loads it, each layer keeping its
+    window; decilm is refused."""
+    source = family_checkpoints[name]
+    num_layers = json.loads((source / "config.json").read_text())["num_hidden_layers"]
+    tokens = random_tokens(3, length=19)  # longer than the sliding windows
+    plan = DropPlan.create(num_layers, [1], [2])
+    stripped = export_model(source, tmp_path / "strip", plan, "auto")
+    names = CheckpointReader(stripped).names()
+    assert not [n for n in names if n.startswith(("model.layers.1.input_layernorm", "model.layers.1.self_attn",
+                                                  "model.layers.2.mlp", "model.layers.2.pre_feedforward",
+                                                  "model.layers.2.post_feedforward"))]
+    assert ("model.layers.1.post_attention_layernorm.weight" in names) == (name != "gemma2")
+    with torch.no_grad():
+        torch.testing.assert_close(llmdrop_rt.load(stripped).logits(tokens), hf_model(source, [1], [2])(tokens).logits,
+                                   atol=1e-4, rtol=0)
+
+    block = DropPlan.create(num_layers, [0], [0])
+    renumbered = export_model(source, tmp_path / "renumbered", block, "auto")
+    with torch.no_grad():
+        stock = hf_model(renumbered)(tokens).logits
+        torch.testing.assert_close(stock, hf_model(source, [0], [0])(tokens).logits, atol=1e-4, rtol=0)
+    with pytest.raises(ExportError, match=f"a {name.split('_')[0]} model cannot be written as decilm"):
+        export_model(source, tmp_path / "decilm", plan, "decilm")

@@ -350,3 +350,79 @@ def test_export_command_writes_gguf(tiny_untied, tmp_path, capsys):
     with pytest.raises(SystemExit):  # an existing file is never replaced unasked
         main(["export", "--model", str(tiny_untied), "--format", "gguf", "--out", str(out)])
     assert "already exists" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------------------
+# (e) The other families: llama.cpp's qwen2 / qwen3 / gemma2 architectures
+# ---------------------------------------------------------------------------------------------------------
+
+
+def family_gguf_config(name: str):
+    """Tiny checkpoints llama.cpp's graphs can describe (Gemma2: query_pre_attn_scalar = head_dim, tied)."""
+    from transformers import Gemma2Config, Qwen2Config, Qwen3Config
+
+    common = dict(vocab_size=VOCAB, max_position_embeddings=256, bos_token_id=0, eos_token_id=1)
+    if name == "qwen2":
+        return Qwen2Config(hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
+                           num_key_value_heads=2, tie_word_embeddings=True, **common)
+    if name == "qwen3":
+        return Qwen3Config(hidden_size=48, intermediate_size=80, num_hidden_layers=4, num_attention_heads=4,
+                           num_key_value_heads=2, head_dim=16, tie_word_embeddings=False, **common)
+    return Gemma2Config(hidden_size=48, intermediate_size=80, num_hidden_layers=5, num_attention_heads=4,
+                        num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=16, sliding_window=6,
+                        attn_logit_softcapping=3.0, final_logit_softcapping=4.0, tie_word_embeddings=True, **common)
+
+
+@pytest.fixture(scope="module")
+def family_gguf_sources(tmp_path_factory):
+    root = tmp_path_factory.mktemp("gguf-families")
+    folders = {}
+    for offset, name in enumerate(("qwen2", "qwen3", "gemma2")):
+        folders[name] = make_checkpoint(root / name, family_gguf_config(name), seed=SEED + 10 + offset)
+        write_bpe_tokenizer(folders[name])
+    return folders
+
+
+def test_gemma2_file_keeps_each_layers_window_and_llama_cpp_conventions(family_gguf_sources, tmp_path):
+    source = family_gguf_sources["gemma2"]
+    plan = DropPlan.create(5, drop_attn=[1], drop_mlp=[1])  # renumbering shifts the later layers' parity
+    fields, tensors = read_fields(export_gguf(source, tmp_path / "g.gguf", plan, "f32"))
+    assert fields["general.architecture"] == "gemma2" and fields["gemma2.block_count"] == 4
+    assert fields["gemma2.attention.sliding_window_pattern"] == [True, True, False, True]  # layers 0, 2, 3, 4
+    assert fields["gemma2.attention.sliding_window"] == 6
+    assert fields["gemma2.attn_logit_softcapping"] == pytest.approx(3.0)
+    assert "output.weight" not in tensors and "blk.1.post_ffw_norm.weight" in tensors
+    weights = load_file(source / "model.safetensors")
+    norm = weights["model.layers.2.pre_feedforward_layernorm.weight"]
+    np.testing.assert_array_equal(tensors["blk.1.ffn_norm.weight"].data, norm.numpy() + np.float32(1))
+    q = weights["model.layers.2.self_attn.q_proj.weight"]  # NeoX rotary layout: rows as Hugging Face has them
+    np.testing.assert_array_equal(tensors["blk.1.attn_q.weight"].data.reshape(q.shape), q.numpy())
+
+
+def test_family_gguf_refusals_name_the_reason(family_gguf_sources, family_checkpoints, tmp_path):
+    with pytest.raises(GGUFExportError, match="llama.cpp's 'qwen2' architecture has one head count"):
+        export_gguf(family_gguf_sources["qwen2"], tmp_path / "a.gguf", DropPlan.create(4, drop_attn=[2]))
+    with pytest.raises(GGUFExportError, match="sliding_window=5 is not supported by the GGUF export of qwen2"):
+        export_gguf(family_checkpoints["qwen2_sliding"], tmp_path / "b.gguf")
+    with pytest.raises(GGUFExportError, match=r"query_pre_attn_scalar=20, but llama.cpp's gemma2 would scale "
+                                              r"queries by 1/sqrt\(12\)"):
+        export_gguf(family_checkpoints["gemma2"], tmp_path / "c.gguf")
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("name, dropped", [("qwen2", []), ("qwen2", [1]), ("qwen3", [0, 2]), ("gemma2", []),
+                                           ("gemma2", [1])])
+def test_llama_cpp_agrees_with_us_on_the_families(name, dropped, llama_cpp, family_gguf_sources, excerpt,
+                                                  tmp_path):
+    source = family_gguf_sources[name]
+    llm = llmdrop_rt.load(source, drop_attn=dropped, drop_mlp=dropped)
+    out = export_gguf(source, tmp_path / f"{name}.gguf", llm.plan, "f32")
+    text_file, where = excerpt
+    tokens = llm.tokenizer.encode(text_file.read_text().removesuffix("\n"))
+    theirs = llama_cpp_peer.perplexity(out, text_file, ctx=64)
+    # llama-perplexity's asynchronous log can lose its last rows on a loaded machine: compare the chunks it printed
+    # (its running mean over them), at most one fewer than the text holds.
+    assert len(tokens) // 64 - 1 <= theirs.chunks <= len(tokens) // 64, f"{where}: {theirs.chunks} chunks"
+    ours = llama_cpp_peer.chunked_perplexity(llm, tokens[:theirs.chunks * 64], ctx=64, bos_token_id=0)  # (BOS: as
+    # llama-perplexity puts it first in each chunk when the vocabulary adds it)
+    assert theirs.perplexity == pytest.approx(ours.perplexity, rel=1e-3), f"seed {SEED}, {where}"

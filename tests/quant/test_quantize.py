@@ -162,3 +162,53 @@ def test_quantize_refuses_bad_requests(source, tmp_path):
     with pytest.raises(QuantizeError, match="already quantized"):
         quantize_model(quantized, tmp_path / "b", calib)
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".")], "a failed request left a staging folder"
+
+
+def test_quantized_dropped_qwen2_round_trip(tmp_path, monkeypatch):
+    """Qwen2 (q/k/v biases, tied embeddings) through GPTQModel: the other families' stand-ins are checked without
+    quantizing, below."""
+    from transformers import Qwen2Config
+
+    monkeypatch.chdir(tmp_path)
+    cfg = Qwen2Config(vocab_size=300, hidden_size=128, intermediate_size=192, num_hidden_layers=3,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      tie_word_embeddings=True, bos_token_id=0, eos_token_id=1)
+    source = make_checkpoint(tmp_path / "qwen2", cfg, seed=12)
+    plan = DropPlan.create(3, [1], [2])
+    out = quantize_model(source, tmp_path / "q", calibration(source, 4, 32), "gptq", plan, group_size=32)
+    names = tensor_names(out)
+    assert not [n for n in names if n.startswith(("model.layers.1.self_attn", "model.layers.1.input_layernorm",
+                                                  "model.layers.2.mlp", "model.layers.2.post_attention"))]
+    assert {"model.layers.0.self_attn.q_proj.bias", "model.layers.0.self_attn.q_proj.qweight"} <= names
+    tokens = calibration(source, n_samples=2, seq_len=32).tokens
+    check = compare_with_gptqmodel(out, tokens)
+    assert check["max_abs_diff"] <= 1e-2 * check["max_abs_logit"], check
+    assert check["top1_agreement"] >= 0.97, check
+    ours = llmdrop_rt.load(out, dtype="float32").logits(tokens)
+    dropped = hf_model(source, [1], [2])(tokens).logits
+    full = hf_model(source)(tokens).logits
+    error = (ours - dropped).norm() / dropped.norm()
+    assert error <= 0.35 and error <= 0.5 * (ours - full).norm() / full.norm()
+
+
+def test_gemma2_standins_replace_the_whole_unit(family_checkpoints):
+    """Gemma2's post-norms belong to their units: the quantizer's stand-ins leave no weights in a dropped unit and
+    compute the dropped model."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from llmdrop_rt.quant.gptqmodel import apply_drop_plan
+
+    folder = family_checkpoints["gemma2"]
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="eager").eval()
+    apply_drop_plan(model, DropPlan.create(5, [1], [3]))
+    attn_unit, mlp_unit = model.model.layers[1], model.model.layers[3]
+    for part in ("self_attn", "input_layernorm", "post_attention_layernorm"):
+        assert not any(p.numel() for p in getattr(attn_unit, part).parameters()), part
+    for part in ("mlp", "pre_feedforward_layernorm", "post_feedforward_layernorm"):
+        assert not any(p.numel() for p in getattr(mlp_unit, part).parameters()), part
+    assert any(p.numel() for p in attn_unit.pre_feedforward_layernorm.parameters())  # the MLP unit stays whole
+    tokens = torch.randint(2, 300, (1, 15), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(model(tokens).logits, llmdrop_rt.load(folder, drop_attn=[1], drop_mlp=[3])
+                                   .logits(tokens), atol=1e-4, rtol=0)
