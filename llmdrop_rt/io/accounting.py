@@ -19,11 +19,11 @@ SHOWN = 3  # unexpected tensor names quoted in the error
 def check_all_used(reader, cfg: ModelConfig, plan: DropPlan) -> None:
     """Raise CheckpointError when the checkpoint behind `reader` (after a build) holds a tensor that the model did
     not read and that is neither a dropped module's nor a derived buffer."""
-    unread = [name for name in reader.names() if name not in reader.used and not _accounted_for(name, plan)]
+    unread = [name for name in reader.names() if name not in reader.used and not _accounted_for(name, cfg, plan)]
     if hf_names.LM_HEAD in unread and cfg.tie_word_embeddings and _same_as_embedding(reader):
         unread.remove(hf_names.LM_HEAD)  # a tied checkpoint that also stores the (identical) head
     unindexed = {name: shard for name, shard in (reader.unindexed() if hasattr(reader, "unindexed") else {}).items()
-                 if not _accounted_for(name, plan)}
+                 if not _accounted_for(name, cfg, plan)}
     if not unread and not unindexed:
         return
     source = getattr(reader, "folder", None) or getattr(reader, "path", "checkpoint")
@@ -39,7 +39,7 @@ def check_all_used(reader, cfg: ModelConfig, plan: DropPlan) -> None:
                           "load(..., strict=False) ignores them")
 
 
-def _accounted_for(name: str, plan: DropPlan) -> bool:
+def _accounted_for(name: str, cfg: ModelConfig, plan: DropPlan) -> bool:
     if name.endswith(DERIVED_SUFFIXES):
         return True
     in_layer = hf_names.split_layer_name(name)
@@ -48,7 +48,7 @@ def _accounted_for(name: str, plan: DropPlan) -> bool:
     layer, rest = in_layer
     if layer >= plan.num_layers:
         return False
-    unit = hf_names.unit_of(rest)
+    unit = hf_names.unit_of(rest, cfg.family)
     return (unit == "attn" and not plan.has_attn(layer)) or (unit == "mlp" and not plan.has_mlp(layer))
 
 
@@ -78,7 +78,7 @@ def _reason(names: list[str], reader, cfg: ModelConfig) -> str:
     if layer >= cfg.num_layers:
         return (f"config has {cfg.num_layers} layers (num_hidden_layers) but the checkpoint has layers "
                 f"0-{max(layers)}")
-    unit = hf_names.unit_of(rest)
+    unit = hf_names.unit_of(rest, cfg.family)
     if rest.endswith(".bias") and unit == "attn" and not cfg.attention_bias:
         return f"{rest.split('.')[-2]}.bias present but attention_bias is false"
     if rest.endswith(".bias") and unit == "mlp" and not cfg.mlp_bias:
