@@ -8,13 +8,15 @@ from typing import Iterator
 import torch
 
 from .arguments import ArgumentError, stop_strings, token_ids
-from .config import DropPlan, ModelConfig, read_json
+from .config import ConfigError, DropPlan, ModelConfig, read_json
 from .devices import resolve_device, resolve_dtype
 from .engine import Engine, Sampling
+from .io.accounting import check_all_used
 from .io.checkpoint import CheckpointReader
 from .io.tokenizer import Tokenizer
 from .model import KVCache, ModelBuilder, Transformer, select_ops
 from .model.attention import BACKENDS, default_backend, flash_attn_with_kvcache
+from .validation import TOKEN_IDS
 
 
 class LLM:
@@ -23,7 +25,7 @@ class LLM:
     def __init__(self, folder: Path, cfg: ModelConfig, plan: DropPlan, model: Transformer, tokenizer: Tokenizer,
                  attn_backend: str, decode: str = "auto"):
         self.folder, self.cfg, self.plan, self.model, self.tokenizer = folder, cfg, plan, model, tokenizer
-        self.eos_ids = set(cfg.eos_token_ids) | _generation_eos(folder)
+        self.eos_ids = set(cfg.eos_token_ids) | _generation_eos(folder, cfg.vocab_size)
         if tokenizer.eos_token_id is not None:
             self.eos_ids.add(tokenizer.eos_token_id)
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else next(iter(self.eos_ids), 0)
@@ -128,12 +130,18 @@ class LLM:
         return sum(unique.values())
 
 
-def _generation_eos(folder: Path) -> set[int]:
+def _generation_eos(folder: Path, vocab_size: int) -> set[int]:
     path = folder / "generation_config.json"
     if not path.is_file():
         return set()
     eos = read_json(path).get("eos_token_id")
-    return set(eos) if isinstance(eos, list) else ({eos} if eos is not None else set())
+    TOKEN_IDS.or_null().check(eos, f"{path}: eos_token_id", ConfigError)
+    ids = set(eos) if isinstance(eos, list) else ({eos} if eos is not None else set())
+    outside = sorted(i for i in ids if i >= vocab_size)
+    if outside:
+        raise ConfigError(f"{path}: eos_token_id = {outside[0]} is outside the vocabulary (expected "
+                          f"0..{vocab_size - 1})")
+    return ids
 
 
 def _is_token_ids(value) -> bool:
@@ -151,7 +159,7 @@ def _cut_at_stop(text: str, stop: list[str]) -> str:
 
 def load(path: str | Path | None = None, drop_attn=None, drop_mlp=None, dtype=None, device=None,
          attn_backend: str | None = None, kernels: str | None = None, decode: str = "auto",
-         weights: str | None = "auto") -> LLM:
+         weights: str | None = "auto", strict: bool = True) -> LLM:
     """Load a Llama/Mistral checkpoint folder or llama GGUF file (default: the embedded SmolLM2-135M-Instruct).
 
     drop_attn / drop_mlp: layer indices (or a boolean mask) to drop, overriding config.json's
@@ -166,6 +174,11 @@ def load(path: str | Path | None = None, drop_attn=None, drop_mlp=None, dtype=No
     llmdrop_rt.model.ops); default: $LLMDROP_RT_KERNELS, else "auto".
     decode: "auto" (CUDA-graph replay of a static-shape step on CUDA, plain eager steps elsewhere), "graph",
     "static" or "dynamic" (see llmdrop_rt.engine.Engine).
+    strict: every tensor of the checkpoint must be used by the built model or belong to a dropped module (a
+    config describing fewer layers than the weights hold, or no biases where the checkpoint has them, is refused
+    with the tensors named); strict=False ignores such tensors.
+    A folder without tokenizer files loads for token-id work (`logits`, `generate_ids` with id prompts); text in or
+    out then fails with an error naming the missing files.
     """
     from .io import gguf_import
 
@@ -187,4 +200,6 @@ def load(path: str | Path | None = None, drop_attn=None, drop_mlp=None, dtype=No
     native_blocks = gguf_file is not None and weights in ("int8", "int4")
     reader = gguf_import.GGUFWeights(gguf_file) if native_blocks else CheckpointReader(folder)
     model = ModelBuilder(cfg, plan, reader, resolve_dtype(dtype, device), device, ops, weights).build()
+    if strict:
+        check_all_used(reader, cfg, plan)
     return LLM(folder, cfg, plan, model, tokenizer, backend, decode)
