@@ -53,7 +53,7 @@ def test_outputs_that_cannot_be_written_fail_before_any_work(model, tmp_path, ca
 def test_json_of_the_wrong_shape_names_the_file(model, capsys, broken):
     (model / broken).write_text(json.dumps([1, 2]))
     assert error_of(["generate", "--model", str(model), "--prompt", "x", "--max-new-tokens", "1"], capsys) == (
-        2, f"error: {model / broken}: expected a JSON object, got a list")
+        2, f"error: {model / broken}: expected a JSON object, got a list [1, 2]")
 
 
 def test_a_scores_file_of_the_wrong_shape_is_named(model, tmp_path, capsys):
