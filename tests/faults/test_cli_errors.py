@@ -52,8 +52,8 @@ def test_outputs_that_cannot_be_written_fail_before_any_work(model, tmp_path, ca
 @pytest.mark.parametrize("broken", ["config.json", "generation_config.json"])
 def test_json_of_the_wrong_shape_names_the_file(model, capsys, broken):
     (model / broken).write_text(json.dumps([1, 2]))
-    code, err = error_of(["generate", "--model", str(model), "--prompt", "x", "--max-new-tokens", "1"], capsys)
-    assert code == 2 and err.startswith(f"error: {model / broken}: expected a JSON object, got a list")
+    assert error_of(["generate", "--model", str(model), "--prompt", "x", "--max-new-tokens", "1"], capsys) == (
+        2, f"error: {model / broken}: expected a JSON object, got a list [1, 2]")
 
 
 def test_a_scores_file_of_the_wrong_shape_is_named(model, tmp_path, capsys):
