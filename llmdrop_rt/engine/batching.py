@@ -148,6 +148,11 @@ class ContinuousBatcher:
         self._leave()
         return emitted
 
+    def reset(self):
+        """Drop every row (after a failed step, when the pool's contents are unknown)."""
+        self.rows.clear()
+        self.clock = 0
+
     def _sample(self, logits: torch.Tensor) -> list[int]:
         if all(row.request.sampling.temperature == 0 for row in self.rows):
             return logits.argmax(dim=-1).tolist()
