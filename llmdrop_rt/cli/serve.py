@@ -1,10 +1,21 @@
 """The `serve` command: an OpenAI-compatible HTTP server with continuous batching."""
 from __future__ import annotations
 
+import argparse
 import os
 from pathlib import Path
 
 from .args import add_model_arguments, load_from_args, positive_int
+
+
+def positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {value}")
+    return value
 
 
 def cmd_serve(args):
@@ -28,7 +39,7 @@ def add_commands(commands):
                     "continuously batched decode loop.")
     add_model_arguments(cmd)
     cmd.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
-    cmd.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
+    cmd.add_argument("--port", type=positive_int, default=8000, help="port (default: 8000)")
     cmd.add_argument("--model-name", help="the model's id in the API (default: the model folder's name)")
     cmd.add_argument("--max-batch", type=positive_int, default=8,
                      help="requests decoded together: rows of the KV pool (default: 8)")
@@ -36,7 +47,7 @@ def add_commands(commands):
                      help="tokens per row, prompt + completion (default: the model's context, at most 2048)")
     cmd.add_argument("--max-queue", type=positive_int, default=64,
                      help="requests that may wait for a row; more are answered 503 (default: 64)")
-    cmd.add_argument("--timeout", type=float, default=600.0,
+    cmd.add_argument("--timeout", type=positive_seconds, default=600.0,
                      help="seconds a request may take in all, waiting included (default: 600)")
     cmd.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every request "
                                        "(default: $LLMDROP_RT_API_KEY; none: no check)")
