@@ -1,12 +1,15 @@
 """Serving throughput: aggregate tokens/s and time to first token at 1/4/16/32 concurrent clients, through the
 OpenAI-compatible server, for the full model and the model with half its attention layers dropped.
 
+Aggregate tok/s = completion tokens / wall time (prefills included); decode-step tok/s = the tokens the server's
+decode steps made / the time it spent in them (its /metrics counters), the batch's decode throughput alone.
+
 Each model is served by `python -m llmdrop_rt serve` in its own process (so the clients' threads do not compete
 with the engine for this interpreter); every client streams greedy completions of its own prompt, one after the
 other, with the real `openai` client.
 
     python bench/bench_serve.py [--clients 1,4,16,32] [--requests 2] [--prompt-len 64] [--max-tokens 64]
-                                [--out bench/out/serve.json]      # embedded SmolLM2-135M-Instruct, fp32
+                                [--threads 1] [--out bench/out/serve.json]   # embedded SmolLM2-135M-Instruct, fp32
 """
 import argparse
 import socket
@@ -35,10 +38,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(drop_attn: list[int], max_batch: int, max_len: int) -> tuple[subprocess.Popen, str]:
+def start_server(drop_attn: list[int], max_batch: int, max_len: int, threads: int) -> tuple[subprocess.Popen, str]:
     port = free_port()
     command = [sys.executable, "-m", "llmdrop_rt", "serve", "--port", str(port), "--max-batch", str(max_batch),
-               "--max-len", str(max_len), "--model-name", "smollm2"]
+               "--max-len", str(max_len), "--model-name", "smollm2", "--threads", str(threads)]
     if drop_attn:
         command += ["--drop-attn", ",".join(map(str, drop_attn))]
     process = subprocess.Popen(command)
@@ -80,6 +83,14 @@ def one_request(client, prompt, max_tokens) -> dict:
     return {"ttft_s": first, "tokens": tokens, "seconds": time.perf_counter() - start}
 
 
+def server_counters(url: str) -> dict[str, float]:
+    """The server's own counters (/metrics): time in decode steps and prefill, and the decode steps' tokens."""
+    text = httpx2.get(url.removesuffix("/v1") + "/metrics").text
+    values = dict(line.rsplit(" ", 1) for line in text.splitlines() if line and not line.startswith("#"))
+    return {name: float(values[f"llmdrop_rt_{name}_total"])
+            for name in ("decode_seconds", "decode_tokens", "prefill_seconds")}
+
+
 def measure(url: str, clients: int, requests: int, prompt_list, max_tokens: int) -> dict:
     client = openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=600)
 
@@ -87,16 +98,20 @@ def measure(url: str, clients: int, requests: int, prompt_list, max_tokens: int)
         return [one_request(client, prompt_list[index], max_tokens) for _ in range(requests)]
 
     one_request(client, prompt_list[0], 4)  # warm-up
+    before = server_counters(url)
     start = time.perf_counter()
     with ThreadPoolExecutor(clients) as pool:
         results = [r for rs in pool.map(run_client, range(clients)) for r in rs]
     wall = time.perf_counter() - start
+    server = {name: value - before[name] for name, value in server_counters(url).items()}
     tokens = sum(r["tokens"] for r in results)
     ttfts = [r["ttft_s"] for r in results if r["ttft_s"] is not None]
     decode_rates = [(r["tokens"] - 1) / (r["seconds"] - r["ttft_s"]) for r in results
                     if r["ttft_s"] is not None and r["tokens"] > 1]
     return {"clients": clients, "requests": len(results), "tokens": tokens, "wall_s": wall,
-            "aggregate_tok_s": tokens / wall, "ttft_median_s": statistics.median(ttfts),
+            "aggregate_tok_s": tokens / wall,
+            "decode_tok_s": server["decode_tokens"] / server["decode_seconds"],
+            "prefill_share": server["prefill_seconds"] / wall, "ttft_median_s": statistics.median(ttfts),
             "ttft_max_s": max(ttfts), "per_stream_decode_tok_s": statistics.median(decode_rates)}
 
 
@@ -106,6 +121,7 @@ def main():
     parser.add_argument("--requests", type=int, default=2, help="requests per client (default: 2)")
     parser.add_argument("--prompt-len", type=int, default=64)
     parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=1, help="the server's CPU threads (default: 1)")
     parser.add_argument("--out", default="bench/out/serve.json")
     args = parser.parse_args()
     counts = [int(c) for c in args.clients.split(",")]
@@ -114,7 +130,7 @@ def main():
     prompt_list = prompts(max(counts), args.prompt_len)
     rows = []
     for label, drop in configs.items():
-        process, url = start_server(drop, max(counts), args.prompt_len + args.max_tokens)
+        process, url = start_server(drop, max(counts), args.prompt_len + args.max_tokens, args.threads)
         try:
             for clients in counts:
                 row = dict(measure(url, clients, args.requests, prompt_list, args.max_tokens), model=label)
@@ -126,6 +142,7 @@ def main():
             process.wait()
     report = {"model": "SmolLM2-135M-Instruct (embedded), fp32 kernels, CPU", "drop_attn": configs["attn-dropped"],
               "prompt_len": args.prompt_len, "max_tokens": args.max_tokens, "requests_per_client": args.requests,
+              "server_threads": args.threads,
               "rows": rows, "summary": summary(rows, counts)}
     write_json(args.out, report)
     print(table(rows))
@@ -140,27 +157,29 @@ def load_config_layers() -> int:
 
 
 def summary(rows, counts) -> list[str]:
-    def rate(label, clients):
-        return next(r["aggregate_tok_s"] for r in rows if r["model"] == label and r["clients"] == clients)
+    def rate(label, clients, key):
+        return next(r[key] for r in rows if r["model"] == label and r["clients"] == clients)
 
     lines = []
-    for label in ("full", "attn-dropped"):
-        for clients in counts[1:]:
-            lines.append(f"{label}: {clients} clients / 1 client aggregate throughput = "
-                         f"{rate(label, clients) / rate(label, 1):.2f}x")
-    for clients in counts:
-        lines.append(f"attention-dropped / full at {clients} clients = "
-                     f"{rate('attn-dropped', clients) / rate('full', clients):.2f}x")
+    for key in ("aggregate_tok_s", "decode_tok_s"):
+        for label in ("full", "attn-dropped"):
+            ratios = ", ".join(f"{clients}: {rate(label, clients, key) / rate(label, counts[0], key):.2f}x"
+                               for clients in counts[1:])
+            lines.append(f"{key} of {label}, clients vs {counts[0]}: {ratios}")
+        ratios = ", ".join(f"{clients}: {rate('attn-dropped', clients, key) / rate('full', clients, key):.2f}x"
+                           for clients in counts)
+        lines.append(f"{key}, attention-dropped vs full, by clients: {ratios}")
     return lines
 
 
 def table(rows) -> str:
-    head = ["model", "clients", "requests", "tokens", "aggregate tok/s", "per-stream decode tok/s", "TTFT median ms",
-            "TTFT max ms"]
+    head = ["model", "clients", "requests", "tokens", "aggregate tok/s", "decode-step tok/s", "prefill share of wall",
+            "per-stream decode tok/s", "TTFT median ms", "TTFT max ms"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         lines.append(f"| {r['model']} | {r['clients']} | {r['requests']} | {r['tokens']} | "
-                     f"{r['aggregate_tok_s']:.1f} | {r['per_stream_decode_tok_s']:.1f} | "
+                     f"{r['aggregate_tok_s']:.1f} | {r['decode_tok_s']:.1f} | {r['prefill_share']:.0%} | "
+                     f"{r['per_stream_decode_tok_s']:.1f} | "
                      f"{r['ttft_median_s'] * 1000:.0f} | {r['ttft_max_s'] * 1000:.0f} |")
     return "\n".join(lines)
 

@@ -24,6 +24,10 @@ def cmd_serve(args):
     except ImportError as e:
         raise ImportError(f"`serve` needs the optional server packages: pip install 'llmdrop-rt[serve]' ({e})") \
             from None
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     llm = load_from_args(args)
     name = args.model_name or (Path(args.model).name if args.model else "SmolLM2-135M-Instruct")
     settings = ServerSettings(name, args.max_batch, args.max_len, args.max_queue, args.timeout,
@@ -49,6 +53,7 @@ def add_commands(commands):
                      help="requests that may wait for a row; more are answered 503 (default: 64)")
     cmd.add_argument("--timeout", type=positive_seconds, default=600.0,
                      help="seconds a request may take in all, waiting included (default: 600)")
+    cmd.add_argument("--threads", type=positive_int, help="CPU threads for the model (default: torch's, one per core)")
     cmd.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every request "
                                        "(default: $LLMDROP_RT_API_KEY; none: no check)")
     cmd.set_defaults(func=cmd_serve)

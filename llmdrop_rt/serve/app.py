@@ -27,7 +27,8 @@ from .protocol import APIError, ChatCompletionRequest, CompletionRequest
 from .text import TextStream
 from .worker import BatchWorker, Job, QueueFull
 
-DISCONNECT_POLL_S = 0.5  # how often a waiting non-streamed request checks that its client is still there
+DISCONNECT_POLL_S = 0.5  # how often a non-streamed request checks that its client is still there
+_NOTHING_YET = object()
 
 
 class _WorkerMetrics:
@@ -41,6 +42,12 @@ class _WorkerMetrics:
         yield CounterMetricFamily("llmdrop_rt_prompt_tokens", "Prompt tokens prefilled", value=worker.prompt_tokens)
         yield CounterMetricFamily("llmdrop_rt_generated_tokens", "Tokens generated",
                                   value=worker.generated_tokens)
+        yield CounterMetricFamily("llmdrop_rt_prefill_seconds", "Time spent prefilling joining requests",
+                                  value=worker.prefill_seconds)
+        yield CounterMetricFamily("llmdrop_rt_decode_seconds", "Time spent in decode steps",
+                                  value=worker.decode_seconds)
+        yield CounterMetricFamily("llmdrop_rt_decode_tokens", "Tokens made by decode steps (first tokens come "
+                                  "from prefill)", value=worker.decode_tokens)
         finished = CounterMetricFamily("llmdrop_rt_finished_requests", "Generations ended, by finish reason",
                                        labels=["reason"])
         for reason, count in sorted(dict(worker.finished).items()):
@@ -58,11 +65,20 @@ class _Generation:
 
     def __init__(self, request: BatchRequest, deadline: float, http_request: Request):
         self.request, self.deadline, self.http_request = request, deadline, http_request
-        loop = asyncio.get_running_loop()
+        self.loop = asyncio.get_running_loop()
         self.queue: asyncio.Queue = asyncio.Queue()
-        self.job = Job(request, lambda item: loop.call_soon_threadsafe(self.queue.put_nowait, item))
+        self.job = Job(request, self._deliver)
+
+    def _deliver(self, item):
+        """Called on the worker thread."""
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+        except RuntimeError:  # the event loop has closed: the server is shutting down, nobody is listening
+            pass
 
     async def tokens(self, watch_client: bool):
+        """The request's tokens; ends early (cancelling the row) when `watch_client` sees the client gone."""
+        next_check = time.monotonic() + DISCONNECT_POLL_S
         try:
             while True:
                 remaining = self.deadline - time.monotonic()
@@ -72,8 +88,12 @@ class _Generation:
                 try:
                     item = await asyncio.wait_for(self.queue.get(), min(remaining, DISCONNECT_POLL_S))
                 except asyncio.TimeoutError:
-                    if watch_client and await self.http_request.is_disconnected():
+                    item = _NOTHING_YET
+                if watch_client and time.monotonic() >= next_check:
+                    if await self.http_request.is_disconnected():
                         return
+                    next_check = time.monotonic() + DISCONNECT_POLL_S
+                if item is _NOTHING_YET:
                     continue
                 if item is None:
                     return
@@ -177,6 +197,10 @@ def create_app(llm: LLM, worker: BatchWorker, model_name: str, api_key: str | No
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, http_request: Request):
         prompt = body.prompt if isinstance(body.prompt, list) else tokenizer.encode(body.prompt)
+        vocab = llm.cfg.vocab_size
+        if any(not 0 <= token < vocab for token in prompt):
+            raise APIError(400, f"prompt: token ids must be in [0, {vocab}), the model's vocabulary",
+                           param="prompt")
         generation, text = start(body, prompt, body.max_tokens, "prompt", http_request)
         return await answer(body, generation, text, chat=False)
 

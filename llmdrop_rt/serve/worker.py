@@ -40,6 +40,9 @@ class BatchWorker:
         self._thread = threading.Thread(target=self._loop, name="llmdrop-rt batch worker", daemon=True)
         self.generated_tokens = 0
         self.prompt_tokens = 0
+        self.prefill_seconds = 0.0  # time spent prefilling joining requests
+        self.decode_seconds = 0.0  # time spent in decode steps, and the tokens they made
+        self.decode_tokens = 0
         self.finished: Counter[str] = Counter()  # finished requests by finish_reason
         self._recent: deque[tuple[float, int]] = deque()  # (time, tokens) of the recent steps
 
@@ -106,11 +109,14 @@ class BatchWorker:
                 continue
             budget -= len(job.request.prompt)
             self.prompt_tokens += len(job.request.prompt)
+            start = time.perf_counter()
             try:
                 token = self.batcher.join(job.request)
             except Exception as error:
                 job.deliver(error)
                 continue
+            finally:
+                self.prefill_seconds += time.perf_counter() - start
             self._count(1)
             job.deliver(token)
             if job.request.finish_reason is None:
@@ -119,7 +125,12 @@ class BatchWorker:
                 self._finish(job)
 
     def _decode_step(self):
-        emitted = self.batcher.step() if self.batcher.rows else []
+        if not self.batcher.rows:
+            return
+        start = time.perf_counter()
+        emitted = self.batcher.step()
+        self.decode_seconds += time.perf_counter() - start
+        self.decode_tokens += len(emitted)
         self._count(len(emitted))
         for request, token in emitted:
             self._running[request].deliver(token)

@@ -134,6 +134,7 @@ def post(server, path, body, **kwargs):
     ({"prompt": ["a", "b"]}, "prompt"),
     ({"prompt": "a", "stop": ["1", "2", "3", "4", "5"]}, "stop"),
     ({"prompt": "a", "logprobs": 2}, "logprobs"),
+    ({"prompt": [5, 300]}, "prompt"),
     ({"prompt": "a", "model": "gpt-4"}, "model"),
 ])
 def test_malformed_completion_bodies_are_400_naming_the_field(server, body, param):
@@ -164,7 +165,19 @@ def test_over_long_prompts_are_refused(client):
     assert refused.value.code == "context_length_exceeded" and refused.value.param == "messages"
 
 
-def test_a_client_leaving_mid_stream_cancels_its_row_only(llm, server, client):
+def slowed_steps(worker, monkeypatch, seconds):
+    """Decode steps that take at least `seconds` (so a row is still running when its client leaves)."""
+    step = worker.batcher.step
+
+    def slow_step():
+        time.sleep(seconds)
+        return step()
+
+    monkeypatch.setattr(worker.batcher, "step", slow_step)
+
+
+def test_a_client_leaving_mid_stream_cancels_its_row_only(llm, server, client, monkeypatch):
+    slowed_steps(server.worker, monkeypatch, 0.01)
     cancelled = finished(server, "cancelled")
     with httpx2.stream("POST", server.url + "/completions", timeout=30,
                       json={"prompt": PROMPTS[2], "max_tokens": 240, "temperature": 0, "stream": True}) as stream:
@@ -177,21 +190,15 @@ def test_a_client_leaving_mid_stream_cancels_its_row_only(llm, server, client):
         if finished(server, "cancelled") > cancelled:
             break
         time.sleep(0.05)
-    assert finished(server, "cancelled") == cancelled + 1 and server.worker.running == 0
+    assert finished(server, "cancelled") == cancelled + 1 and server.worker.running == 0, server.worker.finished
 
 
 @pytest.fixture(scope="module")
 def slow_server(llm):
     """One row, one waiting place, a key, a 1 s time limit, and decode steps slowed to 20 ms."""
     settings = ServerSettings(MODEL, max_batch=1, max_len=256, max_queue=1, timeout_s=1.0, api_key="sesame")
-    with BackgroundServer(llm, settings) as running:
-        batcher_step = running.worker.batcher.step
-
-        def slow_step():
-            time.sleep(0.02)
-            return batcher_step()
-
-        running.worker.batcher.step = slow_step
+    with BackgroundServer(llm, settings) as running, pytest.MonkeyPatch.context() as monkeypatch:
+        slowed_steps(running.worker, monkeypatch, 0.02)
         yield running
 
 
@@ -200,7 +207,7 @@ def test_api_key_is_checked_on_every_request(slow_server):
         openai.OpenAI(base_url=slow_server.url, api_key="wrong", max_retries=0).models.list()
     assert httpx2.get(slow_server.url.removesuffix("/v1") + "/health").status_code == 401
     keyed = openai.OpenAI(base_url=slow_server.url, api_key="sesame", max_retries=0, timeout=30)
-    assert keyed.completions.create(model=MODEL, prompt="a", max_tokens=2).usage.completion_tokens == 2
+    assert keyed.completions.create(model=MODEL, prompt="a", max_tokens=2, temperature=0).usage.completion_tokens == 2
 
 
 def test_full_queue_is_503_and_slow_requests_time_out(slow_server):
@@ -210,7 +217,7 @@ def test_full_queue_is_503_and_slow_requests_time_out(slow_server):
     def request():
         answers.append(httpx2.post(slow_server.url + "/completions", timeout=30,
                                   headers={"authorization": "Bearer sesame"},
-                                  json={"prompt": "a", "max_tokens": 200}))
+                                  json={"prompt": "a", "max_tokens": 200, "temperature": 0}))
 
     threads = [threading.Thread(target=request) for _ in range(4)]
     for thread in threads:
@@ -222,3 +229,15 @@ def test_full_queue_is_503_and_slow_requests_time_out(slow_server):
     assert codes == [503, 503, 504, 504]
     busy = next(a for a in answers if a.status_code == 503).json()["error"]
     assert busy["code"] == "queue_full" and busy["type"] == "server_error"
+
+
+def test_a_plain_request_whose_client_leaves_is_cancelled(slow_server):
+    cancelled = finished(slow_server, "cancelled")
+    with pytest.raises(httpx2.TimeoutException):
+        httpx2.post(slow_server.url + "/completions", timeout=0.2, headers={"authorization": "Bearer sesame"},
+                    json={"prompt": "a", "max_tokens": 200, "temperature": 0})
+    for _ in range(100):
+        if finished(slow_server, "cancelled") > cancelled:
+            break
+        time.sleep(0.05)
+    assert finished(slow_server, "cancelled") == cancelled + 1 and slow_server.worker.running == 0
