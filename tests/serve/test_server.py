@@ -42,6 +42,15 @@ def finished(server, reason):
     return server.worker.finished[reason]
 
 
+def wait_until_idle(server):
+    """Until the rows earlier tests left (a timed-out one is cancelled at the next step) have gone."""
+    for _ in range(200):
+        if server.worker.running == server.worker.queue_depth == 0:
+            return
+        time.sleep(0.05)
+    raise AssertionError("the server never went idle")
+
+
 def test_models_health_and_metrics(server, client):
     assert [m.id for m in client.models.list().data] == [MODEL]
     assert httpx2.get(server.url.removesuffix("/v1") + "/health").json()["status"] == "ok"
@@ -178,6 +187,7 @@ def slowed_steps(worker, monkeypatch, seconds):
 
 def test_a_client_leaving_mid_stream_cancels_its_row_only(llm, server, client, monkeypatch):
     slowed_steps(server.worker, monkeypatch, 0.01)
+    wait_until_idle(server)
     cancelled = finished(server, "cancelled")
     with httpx2.stream("POST", server.url + "/completions", timeout=30,
                       json={"prompt": PROMPTS[2], "max_tokens": 240, "temperature": 0, "stream": True}) as stream:
@@ -232,6 +242,7 @@ def test_full_queue_is_503_and_slow_requests_time_out(slow_server):
 
 
 def test_a_plain_request_whose_client_leaves_is_cancelled(slow_server):
+    wait_until_idle(slow_server)
     cancelled = finished(slow_server, "cancelled")
     with pytest.raises(httpx2.TimeoutException):
         httpx2.post(slow_server.url + "/completions", timeout=0.2, headers={"authorization": "Bearer sesame"},
@@ -240,4 +251,5 @@ def test_a_plain_request_whose_client_leaves_is_cancelled(slow_server):
         if finished(slow_server, "cancelled") > cancelled:
             break
         time.sleep(0.05)
-    assert finished(slow_server, "cancelled") == cancelled + 1 and slow_server.worker.running == 0
+    assert finished(slow_server, "cancelled") == cancelled + 1 and slow_server.worker.running == 0, \
+        slow_server.worker.finished
