@@ -5,7 +5,7 @@ import time
 import uuid
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class APIError(Exception):
@@ -36,7 +36,7 @@ class SamplingFields(BaseModel):
     model: str | None = None
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-(2**63), le=2**64 - 1)  # what torch.Generator.manual_seed takes
     stop: str | list[str] | None = Field(default_factory=list)
     n: int = 1
     stream: bool = False
@@ -45,6 +45,12 @@ class SamplingFields(BaseModel):
     frequency_penalty: float = 0.0
     logit_bias: dict | None = None
     user: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_default(cls, body):
+        """Clients send `null` for a field they leave at its default."""
+        return {k: v for k, v in body.items() if v is not None} if isinstance(body, dict) else body
 
     @field_validator("n")
     @classmethod

@@ -144,6 +144,7 @@ def post(server, path, body, **kwargs):
     ({"prompt": "a", "stop": ["1", "2", "3", "4", "5"]}, "stop"),
     ({"prompt": "a", "logprobs": 2}, "logprobs"),
     ({"prompt": [5, 300]}, "prompt"),
+    ({"prompt": "a", "seed": 2**64}, "seed"),
     ({"prompt": "a", "model": "gpt-4"}, "model"),
 ])
 def test_malformed_completion_bodies_are_400_naming_the_field(server, body, param):
@@ -162,6 +163,12 @@ def test_malformed_completion_bodies_are_400_naming_the_field(server, body, para
 def test_malformed_chat_bodies_are_400_naming_the_field(server, body, param):
     answer = post(server, "/chat/completions", body)
     assert answer.status_code == 400 and answer.json()["error"]["param"] == param
+
+
+def test_null_fields_take_their_defaults(llm, server):
+    answer = post(server, "/completions", {"prompt": PROMPTS[0], "max_tokens": 5, "temperature": 0, "top_p": None,
+                                           "stop": None, "seed": None, "n": None, "stream": None})
+    assert answer.status_code == 200 and answer.json()["choices"][0]["text"] == alone(llm, PROMPTS[0], 5)
 
 
 def test_over_long_prompts_are_refused(client):
