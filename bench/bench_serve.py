@@ -5,13 +5,14 @@ Aggregate tok/s = completion tokens / wall time (prefills included); decode-step
 decode steps made / the time it spent in them (its /metrics counters), the batch's decode throughput alone.
 
 Each model is served by `python -m llmdrop_rt serve` in its own process (so the clients' threads do not compete
-with the engine for this interpreter); every client streams greedy completions of its own prompt, one after the
-other, with the real `openai` client.
+with the engine for this interpreter), both up at once and measured in alternation at each client count; every
+client streams greedy completions of its own prompt, one after the other, with the real `openai` client.
 
     python bench/bench_serve.py [--clients 1,4,16,32] [--requests 2] [--prompt-len 64] [--max-tokens 64]
                                 [--threads 1] [--out bench/out/serve.json]   # embedded SmolLM2-135M-Instruct, fp32
 """
 import argparse
+import os
 import socket
 import statistics
 import subprocess
@@ -128,21 +129,28 @@ def main():
     num_layers = load_config_layers()
     configs = {"full": [], "attn-dropped": attention_layers_to_drop(num_layers, 0.5)}
     prompt_list = prompts(max(counts), args.prompt_len)
-    rows = []
-    for label, drop in configs.items():
-        process, url = start_server(drop, max(counts), args.prompt_len + args.max_tokens, args.threads)
-        try:
-            for clients in counts:
-                row = dict(measure(url, clients, args.requests, prompt_list, args.max_tokens), model=label)
+    servers = {}
+    try:
+        for label, drop in configs.items():
+            servers[label] = start_server(drop, max(counts), args.prompt_len + args.max_tokens, args.threads)
+        load_before, rows = os.getloadavg(), []
+        for index, clients in enumerate(counts):
+            # Both models at each client count, in alternating order, so the machine's drift hits both alike.
+            for label in list(configs)[::1 if index % 2 == 0 else -1]:
+                row = dict(measure(servers[label][1], clients, args.requests, prompt_list, args.max_tokens),
+                           model=label)
                 print(f"{label:13s} {clients:3d} clients: {row['aggregate_tok_s']:7.1f} tok/s, "
                       f"TTFT median {row['ttft_median_s'] * 1000:7.0f} ms", flush=True)
                 rows.append(row)
-        finally:
+    finally:
+        for process, _ in servers.values():
             process.terminate()
             process.wait()
+    rows.sort(key=lambda r: (list(configs).index(r["model"]), r["clients"]))
     report = {"model": "SmolLM2-135M-Instruct (embedded), fp32 kernels, CPU", "drop_attn": configs["attn-dropped"],
               "prompt_len": args.prompt_len, "max_tokens": args.max_tokens, "requests_per_client": args.requests,
-              "server_threads": args.threads,
+              "server_threads": args.threads, "cpus": os.cpu_count(),
+              "load_average_1m_before_after": [load_before[0], os.getloadavg()[0]],
               "rows": rows, "summary": summary(rows, counts)}
     write_json(args.out, report)
     print(table(rows))
