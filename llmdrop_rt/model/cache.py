@@ -5,6 +5,8 @@ exactly (kept attention layers / all layers) of a full model's. Layout per slot:
 """
 from __future__ import annotations
 
+import copy
+
 import torch
 
 from ..config import DropPlan, ModelConfig
@@ -18,6 +20,13 @@ class KVCache:
         shape = (len(self.slot_of), batch_size, cfg.num_kv_heads, max_len, cfg.head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
+
+    def first_rows(self, rows: int) -> KVCache:
+        """A view of rows 0..rows-1 sharing this cache's memory (a batch running on part of a pool); each
+        layer's slot stays contiguous."""
+        view = copy.copy(self)
+        view.batch_size, view.k, view.v = rows, self.k[:, :rows], self.v[:, :rows]
+        return view
 
     def layer(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         slot = self.slot_of[layer]
