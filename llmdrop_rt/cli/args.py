@@ -70,13 +70,16 @@ def add_model_arguments(parser: argparse.ArgumentParser, runtime: bool = True):
                             help="CPU weight format: our kernels on fp32/fp16/bf16 weights, int8 (q8_0 blocks) or int4 "
                                  "(q4_0; a GGUF's q4_0/q4_1 as stored) (default: fp32 kernels for an fp32 model on "
                                  "the CPU, torch modules in --dtype elsewhere)")
+        parser.add_argument("--no-strict", dest="strict", action="store_false",
+                            help="load even when the checkpoint holds tensors the config does not account for "
+                                 "(default: refuse them, naming them)")
 
 
 def load_from_args(args):
     from ..runtime import load
 
     return load(args.model, drop_attn=args.drop_attn, drop_mlp=args.drop_mlp, dtype=args.dtype, device=args.device,
-                weights=args.weights)
+                weights=args.weights, strict=args.strict)
 
 
 def model_folder(args) -> Path:

@@ -36,7 +36,7 @@ def check_all_used(reader, cfg: ModelConfig, plan: DropPlan) -> None:
     shown = ", ".join(f"'{n}'" for n in names[:SHOWN]) + (f" and {len(names) - SHOWN} more" if len(names) > SHOWN
                                                            else "")
     raise CheckpointError(f"{source}: {len(names)} checkpoint tensor(s) not used by the model: {shown} ({reason}); "
-                          "load(..., strict=False) ignores them")
+                          "load(..., strict=False) or --no-strict ignores them")
 
 
 def _accounted_for(name: str, cfg: ModelConfig, plan: DropPlan) -> bool:

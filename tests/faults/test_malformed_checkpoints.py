@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 import torch
-from helpers import hf_model
+from helpers import DATA, hf_model
 from safetensors.torch import load_file, save_file
 
 import llmdrop_rt
@@ -58,6 +58,20 @@ def test_strict_false_loads_what_the_config_describes_like_transformers(llama2):
     with torch.no_grad():
         theirs = hf_model(llama2)(TOKENS).logits  # transformers ignores the extra layers too
     torch.testing.assert_close(ours, theirs, atol=2e-5, rtol=1e-5)
+
+
+def test_the_cli_refuses_unaccounted_tensors_unless_no_strict(llama2, capsys):
+    from llmdrop_rt.cli import main
+
+    edit_config(llama2, num_hidden_layers=2)
+    argv = ["ppl", "--model", str(llama2), "--text", str(DATA / "eval.txt"), "--seq-len", "16", "--max-tokens", "64",
+            "--no-progress"]
+    with pytest.raises(SystemExit) as refused:
+        main(argv)
+    err = capsys.readouterr().err.strip()
+    assert refused.value.code == 2 and err.count("\n") == 0 and "--no-strict" in err
+    main([*argv[:3], "--no-strict", *argv[3:]])
+    assert capsys.readouterr().out.startswith("perplexity ")
 
 
 def test_biases_without_attention_bias_are_refused(llama2):
