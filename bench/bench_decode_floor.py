@@ -20,9 +20,9 @@ import torch
 import torch.nn.functional as F
 
 import llmdrop_rt
+from llmdrop_rt.arguments import parse_layer_list
 from llmdrop_rt.bench.baselines import timed_generation
 from llmdrop_rt.bench.quick import read_bandwidth
-from llmdrop_rt.config import parse_layer_list
 from llmdrop_rt.io.publish import write_json
 from llmdrop_rt.quant.cpu_linear import CpuLinear
 

@@ -16,6 +16,19 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from .families import FAMILIES, Family, family_of
+from .validation import (
+    BOOLEAN,
+    OBJECT,
+    POSITIVE_INT,
+    POSITIVE_NUMBER,
+    STRING,
+    STRINGS,
+    TOKEN_ID,
+    TOKEN_IDS,
+    FieldError,
+    check_fields,
+    expect_object,
+)
 
 SUPPORTED_ARCHITECTURES = {a: family.name for family in FAMILIES.values() for a in family.architectures}
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
@@ -26,8 +39,55 @@ DECILM_MODEL_TYPE = "nemotron-nas"
 DECILM_FFN_MULTIPLE = 256
 
 
-class ConfigError(ValueError):
+class ConfigError(FieldError):
     """A config.json (or a drop list) that we cannot honour."""
+
+
+# What every config.json field we read may hold (see llmdrop_rt.validation); checked before anything is derived.
+CONFIG_FIELDS = {
+    "architectures": STRINGS.or_null(),
+    "model_type": STRING.or_null(),
+    "hidden_act": STRING.or_null(),  # (checked against the family: Family.activation_names)
+    "hidden_activation": STRING.or_null(),  # Gemma2's spelling
+    "pretraining_tp": POSITIVE_INT.or_null(),
+    "vocab_size": POSITIVE_INT,
+    "hidden_size": POSITIVE_INT,
+    "intermediate_size": POSITIVE_INT.or_null(),  # null only in a DeciLM config, whose blocks give the width
+    "num_hidden_layers": POSITIVE_INT,
+    "num_attention_heads": POSITIVE_INT,
+    "num_key_value_heads": POSITIVE_INT.or_null(),  # null: as many as attention heads
+    "head_dim": POSITIVE_INT.or_null(),  # null: hidden_size / num_attention_heads
+    "rms_norm_eps": POSITIVE_NUMBER,
+    "max_position_embeddings": POSITIVE_INT,
+    "rope_theta": POSITIVE_NUMBER,
+    "rope_scaling": OBJECT.or_null(),
+    "rope_parameters": OBJECT.or_null(),
+    "partial_rotary_factor": POSITIVE_NUMBER.or_null(),
+    "tie_word_embeddings": BOOLEAN,
+    "attention_bias": BOOLEAN,
+    "mlp_bias": BOOLEAN,
+    "sliding_window": POSITIVE_INT.or_null(),
+    "bos_token_id": TOKEN_ID.or_null(),
+    "eos_token_id": TOKEN_IDS.or_null(),
+    "torch_dtype": STRING.or_null(),
+    "dtype": STRING.or_null(),
+}
+# rope_parameters (transformers>=5) / rope_scaling (older): the fields of the rope types we support.
+ROPE_FIELDS = {
+    "rope_theta": POSITIVE_NUMBER,
+    "rope_type": STRING,
+    "type": STRING,
+    "factor": POSITIVE_NUMBER,
+    "low_freq_factor": POSITIVE_NUMBER,
+    "high_freq_factor": POSITIVE_NUMBER,
+    "original_max_position_embeddings": POSITIVE_INT,
+}
+# DeciLM block_configs[i].attention / .ffn
+BLOCK_FIELDS = {
+    "attention": {"no_op": BOOLEAN, "replace_with_linear": BOOLEAN, "n_heads_in_group": POSITIVE_INT.or_null()},
+    "ffn": {"no_op": BOOLEAN, "replace_with_linear": BOOLEAN, "ffn_mult": POSITIVE_NUMBER.or_null(),  # null: no-op
+            "intermediate_size": POSITIVE_INT.or_null(), "hidden_act": STRING},
+}
 
 
 @dataclass(frozen=True)
@@ -99,6 +159,8 @@ class ModelConfig:
                 raise ConfigError(f"{source}: required field '{key}' is missing")
             return cfg[key]
 
+        expect_object(cfg, source, ConfigError)
+        check_fields(cfg, CONFIG_FIELDS, source, ConfigError)
         archs = cfg.get("architectures") or []
         model_type = cfg.get("model_type")
         is_decilm = DECILM_ARCHITECTURE in archs or (model_type == DECILM_MODEL_TYPE and not archs)
@@ -119,45 +181,59 @@ class ModelConfig:
         if cfg.get("pretraining_tp", 1) not in (1, None):
             raise ConfigError(f"{source}: pretraining_tp={cfg['pretraining_tp']} is not supported (only 1)")
 
-        hidden = int(need("hidden_size"))
-        heads = int(need("num_attention_heads"))
+        hidden = need("hidden_size")
+        heads = need("num_attention_heads")
+        layers = need("num_hidden_layers")
+        vocab = need("vocab_size")
         block_drops = None
         if is_decilm:
             kv_heads, intermediate, block_drops = _parse_block_configs(cfg, hidden, heads, source)
         else:
-            kv_heads = int(cfg.get("num_key_value_heads") or heads)
-            intermediate = int(need("intermediate_size"))
+            kv_heads = cfg.get("num_key_value_heads") or heads
+            intermediate = need("intermediate_size")
+            POSITIVE_INT.check(intermediate, f"{source}: intermediate_size", ConfigError)
         if heads % kv_heads:
             raise ConfigError(f"{source}: num_attention_heads={heads} is not a multiple of "
                               f"num_key_value_heads={kv_heads}")
-        head_dim = cfg.get("head_dim") or family.default_head_dim or hidden // heads
+        head_dim = cfg.get("head_dim") or family.default_head_dim
+        if head_dim is None:
+            if hidden % heads:
+                raise ConfigError(f"{source}: num_attention_heads={heads} does not divide hidden_size={hidden} "
+                                  "(expected a divisor, or an explicit head_dim)")
+            head_dim = hidden // heads
         if head_dim % 2:
             raise ConfigError(f"{source}: head_dim={head_dim} must be even for rotary embeddings")
-        if cfg.get("partial_rotary_factor", 1.0) != 1.0:
-            raise ConfigError(f"{source}: partial_rotary_factor={cfg['partial_rotary_factor']} is not supported")
+        if cfg.get("partial_rotary_factor", 1.0) not in (1, None):
+            raise ConfigError(f"{source}: partial_rotary_factor={cfg['partial_rotary_factor']} is not supported "
+                              "(only 1.0)")
 
         eos = cfg.get("eos_token_id")
-        eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
+        eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
+        for name, ids in (("bos_token_id", [cfg.get("bos_token_id")]), ("eos_token_id", eos_ids)):
+            outside = [i for i in ids if i is not None and i >= vocab]
+            if outside:
+                raise ConfigError(f"{source}: {name} = {outside[0]} is outside the vocabulary "
+                                  f"(expected 0..{vocab - 1}, vocab_size={vocab})")
         # Mistral's window covers every layer; the other families' fields name their sliding layers.
         sliding = cfg.get("sliding_window") if family.name == "mistral" else family_fields.pop("sliding_window", None)
-        attention_bias = bool(cfg.get("attention_bias", False)) if family.qkv_bias is None else family.qkv_bias
+        attention_bias = cfg.get("attention_bias", False) if family.qkv_bias is None else family.qkv_bias
         return cls(
             architecture=family.name,
-            vocab_size=int(need("vocab_size")),
+            vocab_size=vocab,
             hidden_size=hidden,
             intermediate_size=intermediate,
-            num_layers=int(need("num_hidden_layers")),
+            num_layers=layers,
             num_heads=heads,
             num_kv_heads=kv_heads,
-            head_dim=int(head_dim),
+            head_dim=head_dim,
             rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
-            max_position_embeddings=int(cfg.get("max_position_embeddings", 2048)),
+            max_position_embeddings=cfg.get("max_position_embeddings", 2048),
             rope=_parse_rope(cfg, source),
-            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", family.default_tied)),
+            tie_word_embeddings=cfg.get("tie_word_embeddings", family.default_tied),
             attention_bias=attention_bias,
             o_proj_bias=attention_bias if family.o_proj_bias is None else family.o_proj_bias,
-            mlp_bias=bool(cfg.get("mlp_bias", False)),
-            sliding_window=int(sliding) if sliding else None,
+            mlp_bias=cfg.get("mlp_bias", False),
+            sliding_window=sliding,
             bos_token_id=cfg.get("bos_token_id"),
             eos_token_ids=eos_ids,
             torch_dtype=cfg.get("torch_dtype") or cfg.get("dtype"),
@@ -259,14 +335,15 @@ def _block_part(block, name: str, where: str) -> dict:
     part = block.get(name) if isinstance(block, dict) else None
     if not isinstance(part, dict):
         raise ConfigError(f"{where}.{name}: expected an object, got {part!r}")
+    check_fields(part, BLOCK_FIELDS[name], f"{where}.{name}", ConfigError)
     return part
 
 
 def _parse_rope(cfg: dict, source: str) -> RopeConfig:
     """Both spellings: transformers<5 `rope_theta` + `rope_scaling`, transformers>=5 `rope_parameters`."""
-    params = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
-    if not isinstance(params, dict):
-        raise ConfigError(f"{source}: rope_parameters/rope_scaling must be an object, got {params!r}")
+    spelling = "rope_parameters" if cfg.get("rope_parameters") else "rope_scaling"
+    params = cfg.get(spelling) or {}
+    check_fields(params, ROPE_FIELDS, f"{source}: {spelling}", ConfigError)
     theta = params.get("rope_theta", cfg.get("rope_theta", 10000.0))
     rope_type = params.get("rope_type", params.get("type", "default"))
     if rope_type not in SUPPORTED_ROPE_TYPES:
@@ -274,28 +351,33 @@ def _parse_rope(cfg: dict, source: str) -> RopeConfig:
     if rope_type == "default":
         return RopeConfig(theta=float(theta))
     if "factor" not in params:
-        raise ConfigError(f"{source}: rope type {rope_type!r} needs a 'factor'")
+        raise ConfigError(f"{source}: {spelling}: rope type {rope_type!r} needs a 'factor'")
     if rope_type == "linear":
         return RopeConfig(theta=float(theta), rope_type="linear", factor=float(params["factor"]))
+    low, high = params.get("low_freq_factor", 1.0), params.get("high_freq_factor", 4.0)
+    if high <= low:
+        raise ConfigError(f"{source}: {spelling}: high_freq_factor = {high} must be greater than "
+                          f"low_freq_factor = {low}")
     return RopeConfig(
         theta=float(theta),
         rope_type="llama3",
         factor=float(params["factor"]),
-        low_freq_factor=float(params.get("low_freq_factor", 1.0)),
-        high_freq_factor=float(params.get("high_freq_factor", 4.0)),
-        original_max_position_embeddings=int(
-            params.get("original_max_position_embeddings", cfg.get("max_position_embeddings", 8192))
-        ),
+        low_freq_factor=float(low),
+        high_freq_factor=float(high),
+        original_max_position_embeddings=params.get("original_max_position_embeddings",
+                                                    cfg.get("max_position_embeddings", 8192)),
     )
 
 
 def read_json(path: Path) -> dict:
+    """A JSON file that must hold one object (config.json, generation_config.json, tokenizer_config.json, ...)."""
     if not path.is_file():
         raise FileNotFoundError(f"{path}: file not found")
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path}: not valid JSON ({e})") from None
+    return expect_object(value, str(path), ConfigError)
 
 
 @dataclass(frozen=True)
@@ -307,11 +389,13 @@ class DropPlan:
     drop_mlp: frozenset[int] = frozenset()
 
     @classmethod
-    def create(cls, num_layers: int, drop_attn: Iterable | None = None, drop_mlp: Iterable | None = None) -> "DropPlan":
+    def create(cls, num_layers: int, drop_attn: Iterable | None = None, drop_mlp: Iterable | None = None,
+               names: tuple[str, str] = ("drop_attn_list", "drop_mlp_list")) -> "DropPlan":
+        """`names`: what errors call the two lists (config.json's fields, or the arguments that gave them)."""
         plan = cls(
             num_layers,
-            frozenset(_parse_drop_list(drop_attn, num_layers, "drop_attn_list")),
-            frozenset(_parse_drop_list(drop_mlp, num_layers, "drop_mlp_list")),
+            frozenset(_parse_drop_list(drop_attn, num_layers, names[0])),
+            frozenset(_parse_drop_list(drop_mlp, num_layers, names[1])),
         )
         if len(plan.drop_attn & plan.drop_mlp) == num_layers:
             raise ConfigError(f"every one of the {num_layers} layers is dropped (attention and MLP): "
@@ -327,7 +411,9 @@ class DropPlan:
         else:
             attn, mlp = cfg.raw.get("drop_attn_list"), cfg.raw.get("drop_mlp_list")
         return cls.create(cfg.num_layers, attn if drop_attn is None else drop_attn,
-                          mlp if drop_mlp is None else drop_mlp)
+                          mlp if drop_mlp is None else drop_mlp,
+                          ("drop_attn_list" if drop_attn is None else "drop_attn",
+                           "drop_mlp_list" if drop_mlp is None else "drop_mlp"))
 
     def has_attn(self, layer: int) -> bool:
         return layer not in self.drop_attn
@@ -367,20 +453,3 @@ def _parse_drop_list(value, num_layers: int, name: str) -> list[int]:
             raise ConfigError(f"{name}[{pos}] = {v}: duplicate layer index")
         seen.add(v)
     return items
-
-
-def parse_layer_list(text: str | None) -> list[int] | None:
-    """'1,3,5-7' -> [1, 3, 5, 6, 7]; None keeps config.json's list; '' means drop nothing."""
-    if text is None:
-        return None
-    layers: list[int] = []
-    for part in filter(None, (p.strip() for p in text.split(","))):
-        try:
-            if "-" in part:
-                lo, hi = part.split("-")
-                layers.extend(range(int(lo), int(hi) + 1))
-            else:
-                layers.append(int(part))
-        except ValueError:
-            raise ConfigError(f"bad layer list entry {part!r}: expected N or N-M") from None
-    return layers

@@ -17,6 +17,11 @@ def resolve_device(device=None) -> torch.device:
         raise ValueError(f"device {device!r} is not a torch device (e.g. cpu, cuda, cuda:1)") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {str(device)!r} asked for, but CUDA is not available here")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"device {str(device)!r} asked for, but this machine has {torch.cuda.device_count()} CUDA "
+                         "device(s)")
+    if device.type not in ("cpu", "cuda", "meta"):  # meta: shapes only (parameter counts, cache sizes)
+        raise ValueError(f"device {str(device)!r}: llmdrop-rt runs on cpu or cuda")
     return device
 
 

@@ -1,18 +1,22 @@
 """The public API: `load()` a checkpoint folder into an `LLM`, then generate, stream, score logits."""
 from __future__ import annotations
 
+import numbers
 from pathlib import Path
 from typing import Iterator
 
 import torch
 
-from .config import DropPlan, ModelConfig, read_json
+from .arguments import ArgumentError, stop_strings, token_ids
+from .config import ConfigError, DropPlan, ModelConfig, read_json
 from .devices import resolve_device, resolve_dtype
 from .engine import Engine, Sampling
+from .io.accounting import check_all_used
 from .io.checkpoint import CheckpointReader
 from .io.tokenizer import Tokenizer
 from .model import KVCache, ModelBuilder, Transformer, select_ops
 from .model.attention import BACKENDS, default_backend, flash_attn_with_kvcache
+from .validation import TOKEN_IDS
 
 
 class LLM:
@@ -21,7 +25,7 @@ class LLM:
     def __init__(self, folder: Path, cfg: ModelConfig, plan: DropPlan, model: Transformer, tokenizer: Tokenizer,
                  attn_backend: str, decode: str = "auto"):
         self.folder, self.cfg, self.plan, self.model, self.tokenizer = folder, cfg, plan, model, tokenizer
-        self.eos_ids = set(cfg.eos_token_ids) | _generation_eos(folder)
+        self.eos_ids = set(cfg.eos_token_ids) | _generation_eos(folder, cfg.vocab_size)
         if tokenizer.eos_token_id is not None:
             self.eos_ids.add(tokenizer.eos_token_id)
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else next(iter(self.eos_ids), 0)
@@ -43,11 +47,23 @@ class LLM:
         return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
 
     def _encode_prompts(self, prompts) -> list[list[int]]:
-        if isinstance(prompts, str):
+        """A string, token ids, or a list of either -> token ids per prompt (checked against the vocabulary)."""
+        if isinstance(prompts, torch.Tensor):
+            prompts = prompts.tolist()
+        if isinstance(prompts, str) or _is_token_ids(prompts):
             prompts = [prompts]
-        return [self.tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompts]
+        if not isinstance(prompts, (list, tuple)) or not prompts:
+            raise ArgumentError(f"prompts must be a string, token ids, or a non-empty list of either, got "
+                                f"{type(prompts).__name__} {prompts!r}")
+        encoded = []
+        for i, prompt in enumerate(prompts):
+            if isinstance(prompt, str):
+                encoded.append(self.tokenizer.encode(prompt))
+            else:
+                encoded.append(token_ids(prompt, self.cfg.vocab_size, f"prompts[{i}]"))
+        return encoded
 
-    def _stop_checker(self, stop: list[str] | None):
+    def _stop_checker(self, stop: list[str]):
         if not stop:
             return None
         return lambda row, ids: any(s in self.tokenizer.decode(ids) for s in stop)
@@ -55,6 +71,7 @@ class LLM:
     def generate(self, prompts, max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0,
                  top_p: float = 1.0, seed: int | None = None, stop: list[str] | None = None) -> list[str]:
         """Continuations of each prompt (a string, token ids, or a list of either), cut before any stop string."""
+        stop = stop_strings(stop)
         ids = self.generate_ids(prompts, max_new_tokens, temperature, top_k, top_p, seed, stop)
         return [_cut_at_stop(self.tokenizer.decode(seq), stop) for seq in ids]
 
@@ -62,12 +79,13 @@ class LLM:
                      top_p: float = 1.0, seed: int | None = None, stop: list[str] | None = None) -> list[list[int]]:
         sampling = Sampling(temperature, top_k, top_p, seed)
         return self.engine.generate(self._encode_prompts(prompts), max_new_tokens, sampling, self.eos_ids,
-                                    self._stop_checker(stop))
+                                    self._stop_checker(stop_strings(stop)))
 
     def stream(self, prompt, max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
                seed: int | None = None, stop: list[str] | None = None) -> Iterator[str]:
         """Yield the text of one prompt's continuation piece by piece as tokens are generated."""
         sampling = Sampling(temperature, top_k, top_p, seed)
+        stop = stop_strings(stop)
         ids: list[int] = []
         shown = ""
         for step in self.engine.stream(self._encode_prompts(prompt)[:1], max_new_tokens, sampling, self.eos_ids,
@@ -88,6 +106,12 @@ class LLM:
         tokens = torch.as_tensor(tokens, device=self.device)
         if tokens.dim() == 1:
             tokens = tokens[None]
+        if tokens.dim() != 2 or tokens.dtype.is_floating_point or tokens.dtype.is_complex or tokens.dtype == torch.bool:
+            raise ArgumentError(f"tokens must be integer token ids [B, T] or [T], got {tokens.dtype} of shape "
+                                f"{list(tokens.shape)}")
+        if tokens.numel() and not 0 <= int(tokens.min()) <= int(tokens.max()) < self.cfg.vocab_size:
+            bad = int(tokens.min()) if int(tokens.min()) < 0 else int(tokens.max())
+            raise ArgumentError(f"token id {bad} is outside the vocabulary (ids 0..{self.cfg.vocab_size - 1})")
         if tokens.shape[1] > self.cfg.max_position_embeddings:
             raise ValueError(f"{tokens.shape[1]} tokens exceed the model's context of "
                              f"{self.cfg.max_position_embeddings}")
@@ -106,16 +130,28 @@ class LLM:
         return sum(unique.values())
 
 
-def _generation_eos(folder: Path) -> set[int]:
+def _generation_eos(folder: Path, vocab_size: int) -> set[int]:
     path = folder / "generation_config.json"
     if not path.is_file():
         return set()
     eos = read_json(path).get("eos_token_id")
-    return set(eos) if isinstance(eos, list) else ({eos} if eos is not None else set())
+    TOKEN_IDS.or_null().check(eos, f"{path}: eos_token_id", ConfigError)
+    ids = set(eos) if isinstance(eos, list) else ({eos} if eos is not None else set())
+    outside = sorted(i for i in ids if i >= vocab_size)
+    if outside:
+        raise ConfigError(f"{path}: eos_token_id = {outside[0]} is outside the vocabulary (expected "
+                          f"0..{vocab_size - 1})")
+    return ids
 
 
-def _cut_at_stop(text: str, stop: list[str] | None) -> str:
-    for s in stop or []:
+def _is_token_ids(value) -> bool:
+    """One prompt's token ids (a non-empty sequence of integers), as opposed to a list of prompts."""
+    return isinstance(value, (list, tuple)) and bool(value) and all(
+        isinstance(t, numbers.Integral) and not isinstance(t, bool) for t in value)
+
+
+def _cut_at_stop(text: str, stop: list[str]) -> str:
+    for s in stop:
         if s in text:
             text = text[: text.index(s)]
     return text
@@ -123,7 +159,7 @@ def _cut_at_stop(text: str, stop: list[str] | None) -> str:
 
 def load(path: str | Path | None = None, drop_attn=None, drop_mlp=None, dtype=None, device=None,
          attn_backend: str | None = None, kernels: str | None = None, decode: str = "auto",
-         weights: str | None = "auto") -> LLM:
+         weights: str | None = "auto", strict: bool = True) -> LLM:
     """Load a Llama/Mistral/Qwen2/Qwen3/Gemma2 checkpoint folder or llama GGUF file (default: the embedded
     SmolLM2-135M-Instruct).
 
@@ -139,6 +175,11 @@ def load(path: str | Path | None = None, drop_attn=None, drop_mlp=None, dtype=No
     llmdrop_rt.model.ops); default: $LLMDROP_RT_KERNELS, else "auto".
     decode: "auto" (CUDA-graph replay of a static-shape step on CUDA, plain eager steps elsewhere), "graph",
     "static" or "dynamic" (see llmdrop_rt.engine.Engine).
+    strict: every tensor of the checkpoint must be used by the built model or belong to a dropped module (a
+    config describing fewer layers than the weights hold, or no biases where the checkpoint has them, is refused
+    with the tensors named); strict=False ignores such tensors.
+    A folder without tokenizer files loads for token-id work (`logits`, `generate_ids` with id prompts); text in or
+    out then fails with an error naming the missing files.
     """
     from .io import gguf_import
 
@@ -166,4 +207,6 @@ def load(path: str | Path | None = None, drop_attn=None, drop_mlp=None, dtype=No
     native_blocks = gguf_file is not None and weights in ("int8", "int4")
     reader = gguf_import.GGUFWeights(gguf_file) if native_blocks else CheckpointReader(folder)
     model = ModelBuilder(cfg, plan, reader, resolve_dtype(dtype, device), device, ops, weights).build()
+    if strict:
+        check_all_used(reader, cfg, plan)
     return LLM(folder, cfg, plan, model, tokenizer, backend, decode)

@@ -128,7 +128,10 @@ class TransformersTimer:
         else:
             from transformers import AutoModelForCausalLM
 
-            self.model = AutoModelForCausalLM.from_pretrained(job["model"], dtype=dtype).to(self.device).eval()
+            from ..io.code_free import code_free_view
+
+            with code_free_view(job["model"]) as view:
+                self.model = AutoModelForCausalLM.from_pretrained(view, dtype=dtype).to(self.device).eval()
             for i in job["drop_attn"]:
                 skip_attention(self.model.model.layers[i])
         self.vocab = self.model.config.vocab_size

@@ -28,6 +28,7 @@ import torch
 
 from ..config import ModelConfig
 from ..io.publish import write_json
+from ..quant import cpu_linear
 from .baselines import attention_layers_to_drop
 from .worker import run_in_subprocess
 
@@ -177,6 +178,8 @@ def environment(device: str, threads) -> dict:
     env = {"python": platform.python_version(), "torch": torch.__version__, "threads": threads,
            "machine": platform.machine(), "processor": platform.processor() or platform.machine(),
            "device": device}
+    if device == "cpu":
+        env["cpu_kernels"] = cpu_linear.kernel_isa()
     if device.startswith("cuda"):
         env["gpu"] = torch.cuda.get_device_name(0)
     try:
@@ -212,6 +215,8 @@ def run(args, argv) -> None:
     rows = [dict(label=job["label"], impl=job["impl"], precision=job["precision"], threads=job["threads"],
                  drop_attn=job["drop_attn"], **median_of_rounds(results[job["label"]])) for job in jobs + peers]
     tables = format_tables(rows, batch_sizes, cfg.num_layers, bandwidth)
+    if args.device == "cpu":
+        tables = f"our CPU kernels: {cpu_linear.kernel_isa()}\n" + tables
     print(tables)
     report = {"command": "python -m llmdrop_rt.bench " + " ".join(argv if argv is not None else sys.argv[1:]),
               "environment": environment(args.device, args.thread_counts), "model": args.model,

@@ -1,19 +1,24 @@
-"""Argument helpers shared by the commands: layer lists, counts, the model and calibration options."""
+"""Argument helpers shared by the commands: layer lists, counts, the model and calibration options, and the
+checks of input and output paths made before a command starts its work."""
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
-from ..config import ConfigError, parse_layer_list
+from ..arguments import ArgumentError, parse_layer_list
 from ..drop.calibration import DEFAULT_N_SAMPLES, DEFAULT_SEQ_LEN
 from ..model.builder import WEIGHT_FORMATS
 
+# Attributes that name inputs of a command; no output may be one of them or lie inside one.
+INPUT_ARGUMENTS = ("model", "calib", "text", "eval", "scores")
+
 
 def layer_list(text: str) -> list[int]:
-    """argparse type for '20,22,24-26' (see config.parse_layer_list)."""
+    """argparse type for '20,22,24-26' (see arguments.parse_layer_list)."""
     try:
-        return parse_layer_list(text)
-    except ConfigError as e:
+        return parse_layer_list(text, "layer list")
+    except ArgumentError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
@@ -24,6 +29,26 @@ def positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
+    return value
+
+
+def positive_number(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
     return value
 
 
@@ -84,7 +109,7 @@ def add_calibration_arguments(parser: argparse.ArgumentParser, required: bool = 
                        help=f"calibration sequences (default: {n_samples}, as {defaults_from})")
     group.add_argument("--seq-len", type=positive_int, default=seq_len,
                        help=f"tokens per calibration sequence (default: {seq_len}, as {defaults_from})")
-    group.add_argument("--seed", type=int, default=0,
+    group.add_argument("--seed", type=non_negative_int, default=0,
                        help="seed choosing which sequences are used (default: 0); see --in-order")
     group.add_argument("--in-order", action="store_true",
                        help="take the first --n-samples sequences in text order (LLM-Drop's no-shuffle) instead")
@@ -101,13 +126,11 @@ def add_scoring_pass_arguments(group):
 
 
 def make_source(args):
-    import torch
-
-    from ..devices import resolve_dtype
+    from ..devices import resolve_device, resolve_dtype
     from ..drop.sources import InMemorySource, StreamingSource
 
     folder = model_folder(args)
-    device = torch.device(args.device or "cpu")
+    device = resolve_device(args.device or "cpu")
     dtype = resolve_dtype(args.dtype, device)
     cls = InMemorySource.from_folder if args.in_memory else StreamingSource
     return cls(folder, dtype, device)
@@ -128,7 +151,39 @@ def calibration_from_args(args, folder, cfg):
 
 def add_selection_arguments(parser):
     group = parser.add_argument_group("selection")
-    group.add_argument("--protect-first", type=int, default=0, metavar="N",
+    group.add_argument("--protect-first", type=non_negative_int, default=0, metavar="N",
                        help="never drop modules of the first N layers (default: 0)")
-    group.add_argument("--protect-last", type=int, default=0, metavar="N",
+    group.add_argument("--protect-last", type=non_negative_int, default=0, metavar="N",
                        help="never drop modules of the last N layers (default: 0)")
+
+
+def flag(attribute: str) -> str:
+    return "--" + attribute.replace("_", "-")
+
+
+def check_paths(args) -> None:
+    """Before any work: every output the command will write (`args.outputs`: attribute -> "file" or "folder")
+    can be written there, and none is an input or inside an input folder."""
+    inputs = {name: Path(getattr(args, name)) for name in INPUT_ARGUMENTS
+              if getattr(args, name, None) and Path(getattr(args, name)).exists()}
+    for name, kind in getattr(args, "outputs", {}).items():
+        if getattr(args, name, None):
+            check_output_path(flag(name), Path(getattr(args, name)), kind, inputs)
+
+
+def check_output_path(option: str, path: Path, kind: str, inputs: dict[str, Path]) -> None:
+    resolved = path.resolve()
+    for name, given in inputs.items():
+        source = given.resolve()
+        if resolved == source or (source.is_dir() and source in resolved.parents):
+            where = "is" if resolved == source else "is inside"
+            raise ArgumentError(f"{option} {path} {where} the input {flag(name)} {given}; refusing to write there")
+    if kind == "file" and path.is_dir():
+        raise ArgumentError(f"{option} {path} is a folder; give a file name")
+    ancestor = path.absolute().parent
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise ArgumentError(f"{option} {path}: {ancestor} is a file, so nothing can be written under it")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise ArgumentError(f"{option} {path}: the folder {ancestor} is not writable")

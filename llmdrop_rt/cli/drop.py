@@ -1,9 +1,9 @@
 """The drop method's commands: `score`, `drop`, `ppl` and `sweep`."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
+from ..config import read_json
 from ..drop.metrics import METRIC_SOURCES, METRICS
 from ..drop.selection import GRANULARITIES, MODES
 from .args import (
@@ -56,7 +56,11 @@ def cmd_drop(args):
     if args.scores:
         if args.mode != "one-shot":
             raise ValueError("--scores gives one fixed ranking: it works with --mode one-shot only")
-        table = table_from_dict(json.loads(Path(args.scores).read_text()))
+        data = read_json(Path(args.scores))
+        try:
+            table = table_from_dict(data)
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise ValueError(f"{args.scores}: not a scores file written by `score` ({type(e).__name__}: {e})") from None
         if table.num_layers != source.cfg.num_layers:
             raise ValueError(f"{args.scores} scores {table.num_layers} layers, the model has {source.cfg.num_layers}")
         order = select(table, args.metric, args.granularity, args.num_drop, plan, args.protect_first,
@@ -149,7 +153,7 @@ def add_commands(commands):
     score.add_argument("--plot", metavar="PNG", help="also plot per-layer importance to this PNG (needs matplotlib)")
     score.add_argument("--plot-metric", default="cosine", choices=["cosine", "cosine_no_residual", "bi", "angular"],
                        help="metric shown in --plot (default: cosine)")
-    score.set_defaults(func=cmd_score)
+    score.set_defaults(func=cmd_score, outputs={"out": "file", "plot": "file"})
 
     drop = commands.add_parser(
         "drop", help="choose modules to drop (Block / Layer / Joint Layer Drop), optionally export the model",
@@ -172,8 +176,10 @@ def add_commands(commands):
     drop.add_argument("--out", metavar="JSON", help="write the drop plan (and the scores behind it) here")
     drop.add_argument("--export", metavar="PATH", help="export the dropped model to this new folder (or .gguf file)")
     add_format_arguments(drop, "--export-format")
-    drop.add_argument("--force", action="store_true", help="replace --export DIR if it exists (never the source)")
-    drop.set_defaults(func=cmd_drop)
+    drop.add_argument("--force", action="store_true",
+                      help="replace --export if it is an earlier output of ours (a folder with "
+                           "llmdrop_rt_output.json, or a GGUF file); anything else is refused")
+    drop.set_defaults(func=cmd_drop, outputs={"out": "file", "export": "folder"})
 
     ppl = commands.add_parser(
         "ppl", help="perplexity of a (dropped) model on a text file or dataset",
@@ -193,7 +199,7 @@ def add_commands(commands):
     ppl.add_argument("--max-tokens", type=positive_int, help="evaluate only the first N tokens of the text")
     ppl.add_argument("--out", metavar="JSON", help="also write the result here")
     ppl.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    ppl.set_defaults(func=cmd_ppl)
+    ppl.set_defaults(func=cmd_ppl, outputs={"out": "file"})
 
     sweep = commands.add_parser(
         "sweep", help="perplexity after dropping k modules, for several metrics and granularities",
@@ -218,4 +224,4 @@ def add_commands(commands):
                        help="tokens per sequence for the loss metric: a prefix of each (default: all)")
     sweep.add_argument("--out", required=True, help="results JSON file to write")
     sweep.add_argument("--plot", metavar="PNG", help="plot perplexity vs modules dropped to this PNG")
-    sweep.set_defaults(func=cmd_sweep)
+    sweep.set_defaults(func=cmd_sweep, outputs={"out": "file", "plot": "file"})

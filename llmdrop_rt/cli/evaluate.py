@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import sys
 
-from .args import add_model_arguments, load_from_args
+from .args import add_model_arguments, load_from_args, non_negative_int, positive_int, positive_number
 
 
 def cmd_eval(args):
@@ -33,15 +33,15 @@ def add_commands(commands):
     add_model_arguments(ev)
     ev.add_argument("--tasks", default="boolq,rte,openbookqa,piqa,mmlu,winogrande,gsm8k,hellaswag,arc_challenge",
                     help="comma-separated lm-eval task names (default: LLM-Drop's nine tasks)")
-    ev.add_argument("--num-fewshot", type=int, default=None,
+    ev.add_argument("--num-fewshot", type=non_negative_int, default=None,
                     help="few-shot examples for every task (default: LLM-Drop's count per task, else the task's)")
-    ev.add_argument("--limit", type=float, default=None,
+    ev.add_argument("--limit", type=positive_number, default=None,
                     help="documents per task (an integer) or a fraction of them (< 1) (default: all)")
-    ev.add_argument("--batch-size", type=int, default=8, help="requests per forward pass (default: 8)")
-    ev.add_argument("--max-length", type=int, default=None,
+    ev.add_argument("--batch-size", type=positive_int, default=8, help="requests per forward pass (default: 8)")
+    ev.add_argument("--max-length", type=positive_int, default=None,
                     help="context window for scoring (default: the model's max_position_embeddings)")
-    ev.add_argument("--seed", type=int, default=1234, help="seed for few-shot sampling (default: 1234)")
+    ev.add_argument("--seed", type=non_negative_int, default=1234, help="seed for few-shot sampling (default: 1234)")
     ev.add_argument("--offline", action="store_true",
                     help="set HF_DATASETS_OFFLINE/HF_HUB_OFFLINE (for machines without the hub)")
     ev.add_argument("--out", default="eval/results.json", help="results JSON (default: eval/results.json)")
-    ev.set_defaults(func=cmd_eval)
+    ev.set_defaults(func=cmd_eval, outputs={"out": "file"})

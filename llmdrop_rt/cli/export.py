@@ -41,5 +41,7 @@ def add_commands(commands):
     add_model_arguments(export, runtime=False)
     add_format_arguments(export, "--format")
     export.add_argument("--out", required=True, metavar="PATH", help="the new checkpoint folder (or .gguf file)")
-    export.add_argument("--force", action="store_true", help="replace --out if it exists (never the source)")
-    export.set_defaults(func=cmd_export)
+    export.add_argument("--force", action="store_true",
+                        help="replace --out if it is an earlier output of ours (a folder with llmdrop_rt_output.json, "
+                             "or a GGUF file); anything else is refused")
+    export.set_defaults(func=cmd_export, outputs={"out": "folder"})

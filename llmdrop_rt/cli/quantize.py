@@ -45,8 +45,10 @@ def add_commands(commands):
     quantize.add_argument("--batch-size", type=positive_int, default=1,
                           help="calibration sequences per forward in GPTQModel (default: 1)")
     quantize.add_argument("--out", required=True, help="new checkpoint folder to write")
-    quantize.add_argument("--force", action="store_true", help="replace --out if it exists (never the source)")
+    quantize.add_argument("--force", action="store_true",
+                          help="replace --out if it is an earlier output of ours (a folder with "
+                               "llmdrop_rt_output.json); anything else is refused")
     quantize.add_argument("--verify", action="store_true",
                           help="afterwards, compare our runtime's logits with GPTQModel's on one calibration "
                                "sequence and print the agreement")
-    quantize.set_defaults(func=cmd_quantize)
+    quantize.set_defaults(func=cmd_quantize, outputs={"out": "folder"})

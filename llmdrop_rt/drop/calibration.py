@@ -39,6 +39,8 @@ def read_texts(source: str | Path, split: str = "validation", text_field: str = 
         else:
             raise CalibrationError(f"{path}: unsupported file type {suffix!r}; use .txt, .jsonl or .parquet")
         source_name = str(path)
+    elif path.is_dir():
+        raise CalibrationError(f"{path} is a folder; give a .txt, .jsonl or .parquet file or a dataset name")
     elif path.suffix.lower() in (".txt", ".jsonl", ".parquet") or (path.parent != Path(".") and path.parent.is_dir()):
         raise CalibrationError(f"{path}: file not found")  # a local path, not a dataset name like 'allenai/c4'
     else:

@@ -10,6 +10,8 @@ from typing import Callable, Iterator
 
 import torch
 
+from ..arguments import max_new_tokens as checked_max_new_tokens
+from ..arguments import token_ids
 from ..model.cache import KVCache
 from ..model.layers import Transformer
 from .sampling import Sampling, sample
@@ -64,8 +66,9 @@ class Engine:
         """Yield one Step per generated position until every row hit EOS / should_stop or max_new_tokens."""
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ValueError("every prompt must contain at least one token")
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        vocab_size = self.model.cfg.vocab_size
+        prompts = [token_ids(p, vocab_size, f"prompt {row}'s token ids") for row, p in enumerate(prompts)]
+        max_new_tokens = checked_max_new_tokens(max_new_tokens)
         longest = max(len(p) for p in prompts)
         total = longest + max_new_tokens
         if total > self.context_limit():

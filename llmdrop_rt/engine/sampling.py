@@ -5,6 +5,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..arguments import sampling_values
+
 
 @dataclass(frozen=True)
 class Sampling:
@@ -16,12 +18,9 @@ class Sampling:
     seed: int | None = None
 
     def __post_init__(self):
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        checked = sampling_values(self.temperature, self.top_k, self.top_p, self.seed)
+        for name, value in zip(("temperature", "top_k", "top_p", "seed"), checked):
+            object.__setattr__(self, name, value)
 
 
 def sample(logits: torch.Tensor, params: Sampling, generator: torch.Generator | None) -> torch.Tensor:

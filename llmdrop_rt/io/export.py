@@ -40,7 +40,7 @@ from ..config import (
 from ..families import FULL, LLAMA, SLIDING, Family
 from ..model import hf_names
 from .checkpoint import INDEX_FILE, SINGLE_FILE, CheckpointReader
-from .publish import publish_folder, staged_folder, write_json
+from .publish import check_output_folder, staged_output, write_json
 
 FORMATS = ("auto", "strip", "reference", "renumbered", "decilm")
 FORMAT_HELP = ("auto: renumbered for a pure block drop (or none), else decilm (strip for Qwen/Gemma) -- formats no "
@@ -105,10 +105,10 @@ def export_model(source: str | Path, destination: str | Path, plan: DropPlan, fm
     else:
         config = dict(source_config)
 
-    with staged_folder(destination) as staging:
+    with staged_output(destination, overwrite, {"command": "export", "format": fmt}) as staging:
         for name in SIDE_FILES:
             if (source / name).is_file():
-                shutil.copy2(source / name, staging / name)
+                shutil.copyfile(source / name, staging / name)  # contents only: new files follow the umask
         reader = CheckpointReader(source)
         if fmt == "renumbered":
             kept_layers = [i for i in range(cfg.num_layers) if plan.has_attn(i)]
@@ -134,7 +134,6 @@ def export_model(source: str | Path, destination: str | Path, plan: DropPlan, fm
             else:
                 _link_weights(source, staging)
         write_json(staging / "config.json", config)
-        publish_folder(staging, destination)
     return destination
 
 
@@ -194,12 +193,12 @@ def decilm_config(source_config: dict, cfg: ModelConfig, plan: DropPlan) -> dict
 
 
 def check_destination(source: Path, destination: Path, overwrite: bool):
-    """A new checkpoint folder may not be, sit inside, or contain its source, nor replace anything unasked."""
+    """A new checkpoint folder may not be, sit inside, or contain its source, nor replace anything unasked or
+    anything that is not one of our outputs (see io.publish)."""
     resolved = destination.resolve()
     if resolved == source or source in resolved.parents or resolved in source.parents:
         raise ExportError(f"{destination}: the destination must not be the source folder, inside it, or contain it")
-    if destination.exists() and not overwrite:
-        raise ExportError(f"{destination} already exists (pass overwrite=True / --force to replace it)")
+    check_output_folder(destination, overwrite)
 
 
 def _renumbered_names(names: list[str], new_index: dict[int, int]) -> dict[str, str]:
@@ -255,7 +254,7 @@ def _link_weights(source: Path, folder: Path):
         raise ExportError(f"{source}: no safetensors files to reference")
     for name in files:
         if name == INDEX_FILE:
-            shutil.copy2(source / name, folder / name)  # small, and a copy keeps the folder self-describing
+            shutil.copyfile(source / name, folder / name)  # small, and a copy keeps the folder self-describing
         else:
             os.symlink(source / name, folder / name)
 

@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import json
 import os
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,6 +50,7 @@ from ..families import GEMMA2
 from ..model import hf_names
 from .checkpoint import CheckpointReader
 from .gguf_import import GGUF_LAYER_TENSORS
+from .publish import check_output_file, staged_file
 
 __all__ = ["GGUF_TYPES", "GGUFExportError", "export_gguf"]
 
@@ -116,8 +116,7 @@ def export_gguf(source_folder: str | os.PathLike, out_path: str | os.PathLike, p
         raise GGUFExportError(f"gguf_type {gguf_type!r} is not supported; choose from {GGUF_TYPES}")
     if out_path.is_dir():
         raise GGUFExportError(f"{out_path}: the output path is a directory; give a file name ending in .gguf")
-    if out_path.exists() and not overwrite:
-        raise GGUFExportError(f"{out_path} already exists (pass overwrite=True to replace it)")
+    check_output_file(out_path, overwrite, is_gguf_file)
     cfg = ModelConfig.from_folder(source_folder)
     _check_supported(cfg, source_folder)
     plan = DropPlan.from_config(cfg) if plan is None else plan
@@ -154,23 +153,25 @@ def export_gguf(source_folder: str | os.PathLike, out_path: str | os.PathLike, p
             byte_shape = gguf.quants.quant_shape_to_byte_shape(tensor.shape, storage)
             writer.add_tensor_info(tensor.name, byte_shape, np.dtype(np.uint8), _nbytes(tensor), raw_dtype=storage)
 
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    # A sibling, so the final rename stays on one filesystem.
-    partial = out_path.with_name(f".{out_path.name}.{uuid.uuid4().hex}.partial")
     reader = CheckpointReader(source_folder)
-    try:
-        writer.write_header_to_file(partial)
-        writer.write_kv_data_to_file()
-        writer.write_ti_data_to_file()
-        for tensor in tensors:
-            writer.write_tensor_data(_tensor_values(reader, tensor))
-        writer.close()
-        _publish(partial, out_path, overwrite)
-    except BaseException:
-        writer.close()
-        partial.unlink(missing_ok=True)
-        raise
+    with staged_file(out_path, overwrite, is_gguf_file) as partial:
+        try:
+            writer.write_header_to_file(partial)
+            writer.write_kv_data_to_file()
+            writer.write_ti_data_to_file()
+            for tensor in tensors:
+                writer.write_tensor_data(_tensor_values(reader, tensor))
+        finally:
+            writer.close()
     return out_path
+
+
+def is_gguf_file(path: Path) -> bool:
+    """A regular file starting with GGUF's magic: what --force may replace with a new GGUF file."""
+    if not path.is_file() or path.is_symlink():
+        return False
+    with open(path, "rb") as f:
+        return f.read(4) == b"GGUF"
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -452,21 +453,3 @@ def _add_tokenizer(writer, tokenizer: _TokenizerMetadata) -> None:
     writer.add_add_eos_token(tokenizer.add_eos)
     if tokenizer.chat_template is not None:
         writer.add_chat_template(tokenizer.chat_template)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Installing the file
-# ----------------------------------------------------------------------------------------------------------
-
-
-def _publish(partial: Path, out_path: Path, overwrite: bool) -> None:
-    """Move the finished file into place. Without overwrite, a hard link claims the name: it fails, rather than
-    replaces, if a file appeared there while we were writing."""
-    if overwrite:
-        os.replace(partial, out_path)
-        return
-    try:
-        os.link(partial, out_path)
-    except FileExistsError:
-        raise GGUFExportError(f"{out_path} already exists (pass overwrite=True to replace it)") from None
-    partial.unlink()

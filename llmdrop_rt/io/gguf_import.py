@@ -35,6 +35,8 @@ from pathlib import Path
 import numpy as np
 
 from ..model import hf_names
+from ..validation import BOOLEAN, POSITIVE_INT, POSITIVE_NUMBER, STRING, STRINGS, TOKEN_ID, Rule, check_fields
+from .gguf_header import GGUFHeaderError, check_header
 from .publish import publish_folder, staged_folder, write_json
 from .user_cache import cache_dir
 
@@ -91,6 +93,30 @@ GGUF_LAYER_TENSORS = {
 
 class GGUFImportError(ValueError):
     """A GGUF file cannot be converted: unreadable, or it uses something this converter does not support."""
+
+
+# What each metadata value we read may hold (see llmdrop_rt.validation), checked before anything is derived.
+METADATA_FIELDS = {
+    "general.architecture": STRING,
+    **{f"llama.{key}": POSITIVE_INT for key in (
+        "block_count", "context_length", "embedding_length", "feed_forward_length", "attention.head_count",
+        "attention.head_count_kv", "attention.key_length", "attention.value_length", "rope.dimension_count",
+        "vocab_size")},
+    "llama.attention.layer_norm_rms_epsilon": POSITIVE_NUMBER,
+    "llama.rope.freq_base": POSITIVE_NUMBER,
+    "tokenizer.ggml.model": STRING,
+    "tokenizer.ggml.pre": STRING,
+    "tokenizer.ggml.tokens": STRINGS,
+    "tokenizer.ggml.token_type": Rule("a list of integers", lambda v: isinstance(v, list) and all(
+        isinstance(t, int) and not isinstance(t, bool) for t in v)),
+    "tokenizer.ggml.merges": STRINGS,
+    **{f"tokenizer.ggml.{key}_token_id": TOKEN_ID for key in ("bos", "eos", "padding", "unknown")},
+    "tokenizer.ggml.add_bos_token": BOOLEAN,
+    "tokenizer.ggml.add_eos_token": BOOLEAN,
+    "tokenizer.chat_template": STRING,
+}
+# The tensors of one decoder block in a llama GGUF.
+TENSORS_PER_BLOCK = 9
 
 
 @dataclass(frozen=True)
@@ -204,9 +230,15 @@ def _open_gguf(gguf_path: Path):
     if not gguf_path.is_file():
         raise FileNotFoundError(f"GGUF file not found: {gguf_path}")
     try:
+        check_header(gguf_path)  # the reader below trusts every count and length in the file
+    except GGUFHeaderError as exc:
+        raise GGUFImportError(str(exc)) from None
+    try:
         reader = gguf.GGUFReader(gguf_path)
     except Exception as exc:  # the reader raises ValueError, IndexError, ... on damaged files
         raise GGUFImportError(f"{gguf_path}: not a readable GGUF file ({type(exc).__name__}: {exc})") from exc
+    values = {key: reader.fields[key].contents() for key in METADATA_FIELDS if key in reader.fields}
+    check_fields(values, METADATA_FIELDS, str(gguf_path), GGUFImportError)
     architecture = _metadata(reader, "general.architecture", gguf_path, required=True)
     if architecture != "llama":
         raise GGUFImportError(
@@ -235,22 +267,32 @@ def _hyper_parameters(reader, gguf_path: Path) -> LlamaHyperParameters:
 
     hidden_size = int(get("embedding_length", required=True))
     num_heads = int(get("attention.head_count", required=True))
+    if get("attention.key_length") is None and hidden_size % num_heads:
+        raise GGUFImportError(f"{gguf_path}: llama.attention.head_count = {num_heads} does not divide "
+                              f"llama.embedding_length = {hidden_size} (and llama.attention.key_length is not set)")
     head_dim = int(get("attention.key_length", default=hidden_size // num_heads))
     value_dim = int(get("attention.value_length", default=head_dim))
     rotary_dim = int(get("rope.dimension_count", default=head_dim))
     if value_dim != head_dim or rotary_dim != head_dim:
         raise GGUFImportError(
-            f"{gguf_path}: key length {head_dim}, value length {value_dim} and rotary dimension {rotary_dim} "
+            f"{gguf_path}: head dimension {head_dim} (llama.attention.key_length, else embedding_length / "
+            f"head_count), llama.attention.value_length = {value_dim} and llama.rope.dimension_count = {rotary_dim} "
             "must all be equal (partial rotary or distinct value heads are not supported)"
         )
     num_kv_heads = int(get("attention.head_count_kv", default=num_heads))
     if num_heads % num_kv_heads:
         raise GGUFImportError(f"{gguf_path}: {num_heads} attention heads are not a multiple of {num_kv_heads} KV heads")
+    if head_dim % 2:
+        raise GGUFImportError(f"{gguf_path}: head dimension {head_dim} must be even for rotary embeddings")
     vocab_size = get("vocab_size")
     if vocab_size is None:
         vocab_size = len(_metadata(reader, "tokenizer.ggml.tokens", gguf_path, required=True))
+    blocks = get("block_count", required=True)
+    if blocks * TENSORS_PER_BLOCK > len(reader.tensors):
+        raise GGUFImportError(f"{gguf_path}: llama.block_count = {blocks}, but the file holds only "
+                              f"{len(reader.tensors)} tensors ({TENSORS_PER_BLOCK} per block)")
     return LlamaHyperParameters(
-        num_hidden_layers=int(get("block_count", required=True)),
+        num_hidden_layers=blocks,
         hidden_size=hidden_size,
         intermediate_size=int(get("feed_forward_length", required=True)),
         num_attention_heads=num_heads,
@@ -326,15 +368,7 @@ def _hf_tensors(reader, gguf_path: Path, hp: LlamaHyperParameters) -> dict[str, 
     """Every GGUF tensor dequantized to float32 under its Hugging Face name, shape-checked."""
     import gguf
 
-    by_name = {tensor.name: tensor for tensor in reader.tensors}
-    expected = _expected_shapes(hp, has_lm_head="output.weight" in by_name)
-    unknown = sorted(set(by_name) - set(expected))
-    if unknown:
-        raise GGUFImportError(f"{gguf_path}: tensors this converter does not know how to map: {unknown[:8]}")
-    missing = sorted(set(expected) - set(by_name))
-    if missing:
-        raise GGUFImportError(f"{gguf_path}: tensors missing from the file: {missing[:8]}")
-
+    by_name, expected = _tensor_table(reader, gguf_path, hp)
     out = {}
     for gguf_name, (hf_name, shape) in expected.items():
         tensor = by_name[gguf_name]
@@ -369,14 +403,11 @@ class GGUFWeights:
         self.path = Path(gguf_path)
         self._reader = _open_gguf(self.path)
         self.hp = _hyper_parameters(self._reader, self.path)
-        by_name = {tensor.name: tensor for tensor in self._reader.tensors}
-        expected = _expected_shapes(self.hp, has_lm_head="output.weight" in by_name)
-        missing = sorted(set(expected) - set(by_name))
-        if missing:
-            raise GGUFImportError(f"{self.path}: tensors missing from the file: {missing[:8]}")
+        by_name, expected = _tensor_table(self._reader, self.path, self.hp)
         self._tensors = {hf_name: (gguf_name, by_name[gguf_name], shape)
                          for gguf_name, (hf_name, shape) in expected.items()}
         self.bytes_read = 0
+        self.used: set[str] = set()
 
     def names(self) -> list[str]:
         return list(self._tensors)
@@ -405,6 +436,7 @@ class GGUFWeights:
             raise GGUFImportError(f"{self.path}: tensor {gguf_name!r} has shape {expected}, expected {tuple(shape)}")
         values = np.asarray(gguf.quants.dequantize(tensor.data, tensor.tensor_type), dtype=np.float32)
         self.bytes_read += tensor.n_bytes
+        self.used.add(name)
         return torch.from_numpy(np.array(self._rows_in_hf_order(gguf_name, values.reshape(expected))))
 
     def blocks(self, name: str):
@@ -417,7 +449,31 @@ class GGUFWeights:
             return None
         rows = np.asarray(tensor.data, dtype=np.uint8).reshape(expected[0], -1)
         self.bytes_read += tensor.n_bytes
+        self.used.add(name)
         return fmt, torch.from_numpy(np.array(self._rows_in_hf_order(gguf_name, rows)))  # a writable copy
+
+
+def _tensor_table(reader, gguf_path: Path, hp: LlamaHyperParameters):
+    """(GGUF name -> tensor, GGUF name -> (Hugging Face name, shape)) once every tensor of the file is one the
+    model uses, none is missing, and each has the shape the metadata implies (checked from the tensor table,
+    before any data is read)."""
+    by_name = {tensor.name: tensor for tensor in reader.tensors}
+    expected = _expected_shapes(hp, has_lm_head="output.weight" in by_name)
+    unknown = sorted(set(by_name) - set(expected))
+    if unknown:
+        blocks = sorted({int(n.split(".")[1]) for n in by_name if n.startswith("blk.") and n.split(".")[1].isdigit()})
+        beyond = blocks and blocks[-1] >= hp.num_hidden_layers
+        why = (f"llama.block_count = {hp.num_hidden_layers} but the file has blocks {blocks[0]}-{blocks[-1]}" if beyond
+               else "tensors this converter does not know how to map")
+        raise GGUFImportError(f"{gguf_path}: {why}: {unknown[:8]}")
+    missing = sorted(set(expected) - set(by_name))
+    if missing:
+        raise GGUFImportError(f"{gguf_path}: tensors missing from the file: {missing[:8]}")
+    for gguf_name, (_, shape) in expected.items():
+        stored = tuple(int(d) for d in reversed(by_name[gguf_name].shape))
+        if stored != shape:
+            raise GGUFImportError(f"{gguf_path}: tensor {gguf_name!r} has shape {stored}, expected {shape}")
+    return by_name, expected
 
 
 def _expected_shapes(hp: LlamaHyperParameters, has_lm_head: bool) -> dict[str, tuple[str, tuple[int, ...]]]:
@@ -478,7 +534,7 @@ def _build_tokenizer(reader, gguf_path: Path, hp: LlamaHyperParameters, special_
         )
     tokens = _metadata(reader, "tokenizer.ggml.tokens", gguf_path, required=True)
     token_types = _metadata(reader, "tokenizer.ggml.token_type", gguf_path, default=[1] * len(tokens))
-    merges = _metadata(reader, "tokenizer.ggml.merges", gguf_path, required=True)
+    merges = _metadata(reader, "tokenizer.ggml.merges", gguf_path, default=[])  # none: every token is a byte
     if len(tokens) != hp.vocab_size or len(token_types) != len(tokens):
         raise GGUFImportError(
             f"{gguf_path}: {len(tokens)} tokens and {len(token_types)} token types "

@@ -106,7 +106,11 @@ class ModelBuilder:
             cfg.family.activation == "silu" and not cfg.family.norm_offset
 
     def tensor(self, name, shape):
-        return self.reader.get(name, shape).to(device=self.device, dtype=self.dtype)
+        stored = self.reader.get(name, shape)
+        if not stored.is_floating_point():  # an integer tensor here is not these weights: casting would hide that
+            source = getattr(self.reader, "folder", None) or getattr(self.reader, "path", "checkpoint")
+            raise ValueError(f"{source}: tensor '{name}' is stored as {stored.dtype}; expected a floating-point dtype")
+        return stored.to(device=self.device, dtype=self.dtype)
 
     def stored(self, names: list[str], rows: list[int], in_features: int, fmt: str) -> tuple[str, torch.Tensor]:
         """The matrices `names` stacked along their rows in `fmt`, or as a block-storing reader holds them when it

@@ -24,10 +24,11 @@ import torch
 from torch import nn
 
 from ..config import DropPlan, ModelConfig
-from ..devices import DTYPES
+from ..devices import DTYPES, resolve_device
 from ..drop.calibration import CalibrationSet
+from ..io.code_free import code_free_view
 from ..io.export import SIDE_FILES, check_destination
-from ..io.publish import publish_folder, staged_folder
+from ..io.publish import staged_output
 from ..model import hf_names
 from ..model.standins import drop_in_transformers
 from .formats import parse_quant_config
@@ -113,7 +114,11 @@ def quantize_model(source: str | Path, destination: str | Path, calibration: Cal
         raise QuantizeError(f"dtype {dtype!r}: GPTQModel quantizes in {list(HALF_DTYPES)} only")
     if group_size != -1 and (group_size < 8 or group_size % 8):
         raise QuantizeError(f"group_size={group_size}: expected -1 or a positive multiple of 8")
+    resolve_device(device)  # an unknown device, or CUDA where there is none, is refused before any work
     cfg = ModelConfig.from_folder(source)
+    if cfg.block_drops is not None:
+        raise QuantizeError(f"{source} is a DeciLM folder: transformers builds its model only from the code shipped "
+                            "in the folder, which we never run; quantize its source with --drop-attn/--drop-mlp")
     if parse_quant_config(cfg.raw, source) is not None:
         raise QuantizeError(f"{source} is already quantized (its config has a quantization_config)")
     if method == "awq" and group_size != -1:  # AWQ groups never straddle rows: each input width must divide
@@ -130,10 +135,12 @@ def quantize_model(source: str | Path, destination: str | Path, calibration: Cal
     qconfig_args = dict(method=method, group_size=group_size, sym=sym, desc_act=desc_act)
     gptqmodel = import_gptqmodel()
 
-    with staged_folder(destination) as staging:
-        # GPTQModel writes its logs to ./logs: keep them out of the user's working directory.
-        with tempfile.TemporaryDirectory() as scratch, working_directory(scratch):
-            model = gptqmodel.GPTQModel.load(str(source), quantize_config(**qconfig_args, plan=plan),
+    with staged_output(destination, overwrite, {"command": "quantize", "method": method}) as staging:
+        # GPTQModel writes its logs to ./logs: keep them out of the user's working directory. It sees the source
+        # through a view without the folder's code (see io.code_free).
+        with (tempfile.TemporaryDirectory() as scratch, working_directory(scratch),
+              code_free_view(source) as view):
+            model = gptqmodel.GPTQModel.load(str(view), quantize_config(**qconfig_args, plan=plan),
                                              device=device, dtype=DTYPES[dtype])
             model.layer_modules_strict = False  # a dropped layer has no q/k/v/o (or gate/up/down) to find
             apply_drop_plan(model.model, plan)
@@ -144,8 +151,7 @@ def quantize_model(source: str | Path, destination: str | Path, calibration: Cal
             model.save(str(staging))
         for name in SIDE_FILES:  # GPTQModel saves the tokenizer it loaded; anything else the source has, too
             if (source / name).is_file() and not (staging / name).exists():
-                shutil.copy2(source / name, staging / name)
-        publish_folder(staging, destination)
+                shutil.copyfile(source / name, staging / name)
     return destination
 
 
@@ -155,8 +161,9 @@ def load_in_gptqmodel(folder: str | Path, device: str = "cpu", dtype: str = "flo
     gptqmodel = import_gptqmodel()
     folder = Path(folder)
     plan = DropPlan.from_config(ModelConfig.from_folder(folder))
-    model = gptqmodel.GPTQModel.load(str(folder), device=device, backend=gptqmodel.BACKEND.TORCH,
-                                     dtype=DTYPES[dtype])
+    with code_free_view(folder) as view:
+        model = gptqmodel.GPTQModel.load(str(view), device=device, backend=gptqmodel.BACKEND.TORCH,
+                                         dtype=DTYPES[dtype])
     return apply_drop_plan(model.model, plan).eval()
 
 

@@ -15,6 +15,7 @@ from llmdrop_rt.cli import main
 from llmdrop_rt.config import DropPlan
 from llmdrop_rt.io.checkpoint import CheckpointReader
 from llmdrop_rt.io.export import ExportError, export_model, is_dropped_tensor
+from llmdrop_rt.io.publish import OutputError
 
 
 def folder_digest(folder: Path) -> dict[str, str]:
@@ -110,11 +111,15 @@ def test_unsafe_or_wrong_exports_are_refused(tiny_checkpoints, tmp_path):
     existing = tmp_path / "existing"
     existing.mkdir()
     (existing / "keep.txt").write_text("mine")
-    with pytest.raises(ExportError, match="already exists"):
+    with pytest.raises(OutputError, match="already exists"):
         export_model(source, existing, plan, "strip")
+    with pytest.raises(OutputError, match="not a folder written by llmdrop-rt"):  # --force replaces our outputs only
+        export_model(source, existing, plan, "strip", overwrite=True)
     assert (existing / "keep.txt").read_text() == "mine"
-    export_model(source, existing, plan, "strip", overwrite=True)
-    assert not (existing / "keep.txt").exists() and (existing / "config.json").is_file()
+    ours = export_model(source, tmp_path / "ours", plan, "strip")
+    (ours / "stale.txt").write_text("from an earlier export")
+    export_model(source, ours, plan, "strip", overwrite=True)
+    assert not (ours / "stale.txt").exists() and (ours / "config.json").is_file()
     assert folder_digest(source) == before
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging folders left behind
 

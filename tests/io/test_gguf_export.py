@@ -22,6 +22,7 @@ from llmdrop_rt import DropPlan
 from llmdrop_rt.bench import llama_cpp as llama_cpp_peer
 from llmdrop_rt.io.gguf_export import TABLE_STORAGE, GGUFExportError, export_gguf
 from llmdrop_rt.io.gguf_import import _unpermute_rotary_rows, convert_gguf, smollm2_gguf_path
+from llmdrop_rt.io.publish import OutputError
 
 SEED = random.SystemRandom().randrange(2**31)
 EVAL_TEXT = DATA / "eval.txt"
@@ -218,9 +219,12 @@ def test_refuses_a_deci_plan_without_first_layer_attention(tiny_untied, tmp_path
 def test_refuses_to_overwrite_unless_asked(tiny_untied, tmp_path):
     out = tmp_path / "model.gguf"
     out.write_bytes(b"precious")
-    with pytest.raises(GGUFExportError, match="already exists"):
+    with pytest.raises(OutputError, match="already exists"):
         export_gguf(tiny_untied, out, DropPlan.create(4))
+    with pytest.raises(OutputError, match="not a file of the kind"):  # overwrite replaces a GGUF file only
+        export_gguf(tiny_untied, out, DropPlan.create(4), overwrite=True)
     assert out.read_bytes() == b"precious"
+    out.write_bytes(b"GGUF an earlier export")
     export_gguf(tiny_untied, out, DropPlan.create(4), overwrite=True)
     assert read_fields(out)[0]["general.architecture"] == "llama"
     assert [p.name for p in tmp_path.iterdir()] == ["model.gguf"]  # no temporary file left behind

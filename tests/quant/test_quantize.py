@@ -19,6 +19,7 @@ from llmdrop_rt.cli import main
 from llmdrop_rt.config import DropPlan
 from llmdrop_rt.drop.calibration import load_calibration
 from llmdrop_rt.io.export import ExportError, export_model
+from llmdrop_rt.io.publish import OutputError
 from llmdrop_rt.io.tokenizer import Tokenizer
 from llmdrop_rt.model.standins import ZeroAttention
 from llmdrop_rt.quant.gptqmodel import (
@@ -146,8 +147,11 @@ def test_quantize_refuses_bad_requests(source, tmp_path):
     with pytest.raises(ExportError, match="must not be the source"):
         quantize_model(source, source, calib)
     (tmp_path / "exists").mkdir()
-    with pytest.raises(ExportError, match="already exists"):
+    (tmp_path / "exists" / "notes.txt").write_text("mine")
+    with pytest.raises(OutputError, match="already exists"):
         quantize_model(source, tmp_path / "exists", calib)
+    with pytest.raises(OutputError, match="not a folder written by llmdrop-rt"):
+        quantize_model(source, tmp_path / "exists", calib, overwrite=True)
     quantized = tmp_path / "already"
     quantized.mkdir()
     for name in ("config.json", "tokenizer.json"):
