@@ -5,6 +5,11 @@ Both sides score a text the way llama-perplexity does (chunks of --ctx tokens, t
 scored; bench.llama_cpp.chunked_perplexity on ours), so the figures compare number for number. The GGUF files
 come from our exporter (bench.llama_cpp.peer_gguf); llama.cpp's rows need `make peers`.
 
+A whole chunk in one pass runs our prefill arithmetic (many rows per matrix product: dequantized tiles and a GEMM).
+`--paths decode` scores the same chunks with the decode arithmetic instead: every CPU linear layer is fed at most
+GEMV_MAX_ROWS rows at a time, so it runs the GEMV kernels that decoding runs (with AVX-512 VNNI their block
+formats quantise activations to int8, as llama.cpp's q8_0 activations; elsewhere to int16).
+
 Caveat: the embedded SmolLM2-135M-Instruct ships as Q4_1, so its weights already sit on a 4-bit grid. That
 flatters every 4-bit result (int4 here rounds weights that were 4-bit to begin with).
 
@@ -13,6 +18,7 @@ flatters every 4-bit result (int4 here rounds weights that were 4-bit to begin w
 from __future__ import annotations
 
 import argparse
+import contextlib
 import tempfile
 from pathlib import Path
 
@@ -22,6 +28,23 @@ import llmdrop_rt
 from llmdrop_rt.bench import llama_cpp
 from llmdrop_rt.io.publish import write_json
 from llmdrop_rt.model.builder import WEIGHT_FORMATS
+from llmdrop_rt.quant import cpu_linear
+
+
+@contextlib.contextmanager
+def decode_arithmetic():
+    """CpuLinear layers fed GEMV_MAX_ROWS rows at a time: each row's result is what the decode kernels give it."""
+    forward = cpu_linear.CpuLinear.forward
+
+    def in_gemv_slices(self, x):
+        rows = x.reshape(-1, x.shape[-1]).split(cpu_linear.GEMV_MAX_ROWS)
+        return torch.cat([forward(self, part) for part in rows]).reshape(*x.shape[:-1], self.out_features)
+
+    cpu_linear.CpuLinear.forward = in_gemv_slices
+    try:
+        yield
+    finally:
+        cpu_linear.CpuLinear.forward = forward
 
 
 def main():
@@ -30,6 +53,8 @@ def main():
     parser.add_argument("--text", default="tests/data/eval.txt", help="text to score (default: tests/data/eval.txt)")
     parser.add_argument("--ctx", type=int, default=512, help="chunk length (default: 512)")
     parser.add_argument("--max-chars", type=int, default=None, help="score only the start of the text")
+    parser.add_argument("--paths", default="prefill,decode",
+                        help="our arithmetic to score: prefill, decode or both (default: prefill,decode)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--out", help="write the rows as JSON here")
     args = parser.parse_args()
@@ -41,12 +66,18 @@ def main():
     # As llama-perplexity: the text tokenized whole (our tokenizer adds BOS where the model's config asks for it).
     tokens = reference.tokenizer.encode(text)
     rows = []
-    for weights in WEIGHT_FORMATS:
-        llm = llmdrop_rt.load(folder, weights=weights)  # the folder: float weights, rounded at load as asked
-        result = llama_cpp.chunked_perplexity(llm, tokens, args.ctx)
-        rows.append({"impl": "llmdrop_rt", "weights": weights, "perplexity": result.perplexity,
-                     "chunks": result.chunks, "weight_bytes": llm.param_bytes()})
-        print(f"ours {weights:5s} ppl {result.perplexity:.4f} ({result.chunks} chunks of {args.ctx})", flush=True)
+    paths = [p.strip() for p in args.paths.split(",")]
+    if not paths or not set(paths) <= {"prefill", "decode"}:
+        parser.error(f"--paths {args.paths!r}: expected prefill, decode or both")
+    for path in paths:
+        for weights in WEIGHT_FORMATS:
+            llm = llmdrop_rt.load(folder, weights=weights)  # the folder: float weights, rounded at load as asked
+            with decode_arithmetic() if path == "decode" else contextlib.nullcontext():
+                result = llama_cpp.chunked_perplexity(llm, tokens, args.ctx)
+            rows.append({"impl": "llmdrop_rt", "path": path, "weights": weights, "perplexity": result.perplexity,
+                         "chunks": result.chunks, "weight_bytes": llm.param_bytes()})
+            print(f"ours {path} {weights:5s} ppl {result.perplexity:.4f} ({result.chunks} chunks of {args.ctx})",
+                  flush=True)
     try:
         llama_cpp.bin_dir()
         with tempfile.TemporaryDirectory() as scratch:
@@ -62,14 +93,14 @@ def main():
     except llama_cpp.LlamaCppNotBuilt as e:
         print(f"llama.cpp rows left out: {e}")
     base = rows[0]["perplexity"]
-    print("\n| impl | weights | perplexity | vs ours fp32 | weights MB |\n|---|---|---|---|---|")
+    print("\n| impl | arithmetic | weights | perplexity | vs ours fp32 | weights MB |\n|---|---|---|---|---|---|")
     for row in rows:
         row["vs_fp32"] = row["perplexity"] / base - 1
-        print(f"| {row['impl']} | {row['weights']} | {row['perplexity']:.4f} | {row['vs_fp32']:+.2%} | "
-              f"{row['weight_bytes'] / 1e6:.0f} |")
+        print(f"| {row['impl']} | {row.get('path', '')} | {row['weights']} | {row['perplexity']:.4f} | "
+              f"{row['vs_fp32']:+.2%} | {row['weight_bytes'] / 1e6:.0f} |")
     if args.out:
         write_json(args.out, {"command": "python bench/bench_weight_accuracy.py", "text": args.text, "ctx": args.ctx,
-                              "tokens": len(tokens), "rows": rows})
+                              "cpu_kernels": cpu_linear.kernel_isa(), "tokens": len(tokens), "rows": rows})
 
 
 if __name__ == "__main__":

@@ -47,7 +47,8 @@ class ConfigError(FieldError):
 CONFIG_FIELDS = {
     "architectures": STRINGS.or_null(),
     "model_type": STRING.or_null(),
-    "hidden_act": STRING,
+    "hidden_act": STRING.or_null(),  # (checked against the family: Family.activation_names)
+    "hidden_activation": STRING.or_null(),  # Gemma2's spelling
     "pretraining_tp": POSITIVE_INT.or_null(),
     "vocab_size": POSITIVE_INT,
     "hidden_size": POSITIVE_INT,
