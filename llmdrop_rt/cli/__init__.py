@@ -4,14 +4,14 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import drop, evaluate, export, generate, quantize
+from . import drop, evaluate, export, generate, heal, quantize
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m llmdrop_rt",
                                      description="llmdrop-rt: run Llama/Mistral models with dropped modules.")
     commands = parser.add_subparsers(dest="command", required=True)
-    for group in (generate, evaluate, drop, export, quantize):
+    for group in (generate, evaluate, drop, export, quantize, heal):
         group.add_commands(commands)
     return parser
 
