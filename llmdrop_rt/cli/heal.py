@@ -100,8 +100,9 @@ def add_commands(commands):
                       help="score only the first N tokens of --eval (default: all)")
     heal.add_argument("--device", default="cpu", help="where the teacher, training and evaluation run (default: cpu)")
     heal.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
-                      help="precision of the base weights during training (the adapters train in it too; default: "
-                           "float32); the output keeps the source's dtype")
+                      help="precision of the frozen weights during training (the adapters are float32, peft's "
+                           "default; default: float32); the adapters are merged into the stored weights in float32 "
+                           "and the output keeps the source's dtype")
     heal.add_argument("--out", required=True, help="new checkpoint folder to write")
     heal.add_argument("--force", action="store_true", help="replace --out if it exists (never the source)")
     heal.add_argument("--report", metavar="FILE", help="write the settings, per-step losses and perplexities as JSON")

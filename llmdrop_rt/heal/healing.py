@@ -196,10 +196,12 @@ def heal_model(source: str | Path, destination: str | Path, data: CalibrationSet
         losses = train(peft_model, batch_loss, settings.steps, settings.lr, progress)
         seconds = time.perf_counter() - started
     adapters = adapter_tensors(peft_model)
-    reader = CheckpointReader(source)
-    healed = {name: weight.to(device="cpu", dtype=reader.get(name).dtype).contiguous()
-              for name, weight in merged_weights(peft_model, plan).items()}
     del peft_model, model
+    reader = CheckpointReader(source)
+    stored = load_transformers_model(source, plan, torch.float32, device)
+    healed = {name: weight.to(device="cpu", dtype=reader.get(name).dtype).contiguous()
+              for name, weight in merged_weights(stored, plan, settings.rank, settings.lora_alpha, adapters).items()}
+    del stored
     export_model(source, destination, plan, fmt, overwrite, tensors=healed)
     eval_after = perplexity_of(destination, eval_tokens, eval_seq_len, device, progress) \
         if eval_tokens is not None else None

@@ -3,7 +3,8 @@
 Every kept attention layer gets adapters on q/k/v/o, every kept MLP on gate/up/down; a dropped module is a
 stand-in with no projection to adapt. The adapters start as peft initialises them (A random from the seeded torch
 generator, B zero, so training starts from the dropped model itself), train with AdamW under a linear warmup and
-cosine decay, and are merged into the weights by peft (W + B·A·alpha/rank).
+cosine decay, and are merged by peft (W + B·A·alpha/rank) into the stored weights, read again in float32 (the
+training may have run in a lower precision), so each merged weight is rounded once, to the stored dtype.
 """
 from __future__ import annotations
 
@@ -91,9 +92,14 @@ def train(peft_model: nn.Module, batch_loss: Callable[[nn.Module, int], torch.Te
     return losses
 
 
-def merged_weights(peft_model: nn.Module, plan: DropPlan) -> dict[str, torch.Tensor]:
-    """Merge the adapters into the base weights (peft's merge_and_unload) and return the merged projection
-    weights by checkpoint tensor name."""
-    merged = peft_model.merge_and_unload()
-    modules = dict(merged.named_modules())
+def merged_weights(model: nn.Module, plan: DropPlan, rank: int, alpha: float,
+                   adapters: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The trained `adapters` merged by peft (merge_and_unload) into `model`, transformers' model of the stored
+    weights (changed in place): the merged projection weights by checkpoint tensor name."""
+    peft = import_peft()
+    peft_model = peft.get_peft_model(model, lora_config(plan, rank, alpha))
+    loaded = peft.set_peft_model_state_dict(peft_model, adapters)
+    if loaded.unexpected_keys:
+        raise ValueError(f"adapter tensors that match no module: {loaded.unexpected_keys[:3]}")
+    modules = dict(peft_model.merge_and_unload().named_modules())
     return {f"{name}.weight": modules[name].weight.detach() for name in kept_projections(plan)}

@@ -231,3 +231,25 @@ def test_api_refusals(dropped, tmp_path):
         config = json.loads((dropped["source"] / "config.json").read_text())
         (other / "config.json").write_text(json.dumps({**config, "vocab_size": 301}))
         heal_model(dropped["strip"], tmp_path / "y", data, HealSettings(objective="distill"), teacher=other)
+
+
+def test_a_decilm_export_stays_decilm(tmp_path):
+    """DeciLM in, DeciLM out: the same block_configs, the kept tensors only, loadable by load()."""
+    from helpers import make_checkpoint
+    from transformers import LlamaConfig
+
+    config = LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=256, num_hidden_layers=3,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                         tie_word_embeddings=True, bos_token_id=0, eos_token_id=1)
+    source = make_checkpoint(tmp_path / "src", config, seed=5)
+    plan = DropPlan.create(3, [1], [2])
+    decilm = export_model(source, tmp_path / "decilm", plan, "decilm")
+    data = training_data(decilm)
+    result = heal_model(decilm, tmp_path / "healed", data, HealSettings(rank=2, steps=2, batch_size=2, lr=1e-2),
+                        progress=False)
+    assert result.output_format == "decilm"
+    written, stored = json.loads((result.destination / "config.json").read_text()), \
+        json.loads((decilm / "config.json").read_text())
+    assert written["block_configs"] == stored["block_configs"]
+    assert set(tensors(result.destination)) == set(tensors(decilm))
+    assert lm_loss(result.destination, data.tokens) < lm_loss(decilm, data.tokens)
