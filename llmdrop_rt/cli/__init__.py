@@ -10,7 +10,7 @@ import argparse
 import os
 import sys
 
-from . import drop, evaluate, export, generate, quantize, serve
+from . import drop, evaluate, export, generate, heal, quantize, serve
 from .args import check_paths
 
 DEBUG_ENV_VAR = "LLMDROP_RT_DEBUG"
@@ -33,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
                f"error); --debug or {DEBUG_ENV_VAR}=1 shows the traceback instead.")
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error (before the command)")
     commands = parser.add_subparsers(dest="command", required=True)
-    for group in (generate, evaluate, drop, export, quantize, serve):
+    for group in (generate, evaluate, drop, export, quantize, heal, serve):
         group.add_commands(commands)
     return parser
 

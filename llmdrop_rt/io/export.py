@@ -25,7 +25,9 @@ import os
 import shutil
 from importlib import resources
 from pathlib import Path
+from typing import Mapping
 
+import torch
 from safetensors.torch import save_file
 
 from ..config import (
@@ -77,8 +79,12 @@ def is_dropped_tensor(name: str, plan: DropPlan, family: Family = LLAMA) -> bool
 
 
 def export_model(source: str | Path, destination: str | Path, plan: DropPlan, fmt: str = "auto",
-                 overwrite: bool = False, max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
-    """Write `plan` applied to the checkpoint at `source` into the new folder `destination` (see module doc)."""
+                 overwrite: bool = False, max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+                 tensors: Mapping[str, torch.Tensor] | None = None) -> Path:
+    """Write `plan` applied to the checkpoint at `source` into the new folder `destination` (see module doc).
+
+    `tensors`: new values for some of the source's kept tensors, by their source name (a healed model's merged
+    weights); everything else is copied as stored."""
     source, destination = Path(source).resolve(), Path(destination).absolute()
     if fmt not in FORMATS:
         raise ExportError(f"export format {fmt!r} is not one of {FORMATS}")
@@ -92,6 +98,11 @@ def export_model(source: str | Path, destination: str | Path, plan: DropPlan, fm
     if plan.num_layers != cfg.num_layers:
         raise ExportError(f"the drop plan is for {plan.num_layers} layers, {source} has {cfg.num_layers}")
     check_destination(source, destination, overwrite)
+    reader = CheckpointReader(source)
+    if tensors:
+        if fmt == "reference":
+            raise ExportError("the 'reference' format links the source's weights: it cannot carry new tensor values")
+        reader = ReplacedTensors(reader, tensors, plan)
     if fmt == "renumbered" and plan.drop_attn != plan.drop_mlp:
         raise ExportError("the 'renumbered' format needs a pure block drop (the same layers in drop_attn_list and "
                           f"drop_mlp_list), got {plan}")
@@ -109,7 +120,6 @@ def export_model(source: str | Path, destination: str | Path, plan: DropPlan, fm
         for name in SIDE_FILES:
             if (source / name).is_file():
                 shutil.copyfile(source / name, staging / name)  # contents only: new files follow the umask
-        reader = CheckpointReader(source)
         if fmt == "renumbered":
             kept_layers = [i for i in range(cfg.num_layers) if plan.has_attn(i)]
             new_index = {old: new for new, old in enumerate(kept_layers)}
@@ -135,6 +145,26 @@ def export_model(source: str | Path, destination: str | Path, plan: DropPlan, fm
                 _link_weights(source, staging)
         write_json(staging / "config.json", config)
     return destination
+
+
+class ReplacedTensors:
+    """A checkpoint reader whose `get` gives the new values of some tensors and the stored values of the rest."""
+
+    def __init__(self, reader: CheckpointReader, tensors: Mapping[str, torch.Tensor], plan: DropPlan):
+        for name, tensor in tensors.items():
+            if not reader.has(name) or is_dropped_tensor(name, plan):
+                raise ExportError(f"new value for tensor '{name}': {reader.folder} has no such kept tensor")
+            stored = reader.get(name)
+            if tensor.shape != stored.shape or tensor.dtype != stored.dtype:
+                raise ExportError(f"new value for tensor '{name}' is {tensor.dtype} {tuple(tensor.shape)}, the "
+                                  f"stored one {stored.dtype} {tuple(stored.shape)}")
+        self.reader, self.tensors = reader, tensors
+
+    def names(self) -> list[str]:
+        return self.reader.names()
+
+    def get(self, name: str) -> torch.Tensor:
+        return self.tensors[name] if name in self.tensors else self.reader.get(name)
 
 
 def decilm_ffn_mult(intermediate_size: int, hidden_size: int) -> float:
