@@ -35,6 +35,13 @@ def cmd_serve(args):
     serve(llm, settings, args.host, args.port)
 
 
+def tcp_port(text: str) -> int:
+    port = positive_int(text)
+    if port > 65535:
+        raise argparse.ArgumentTypeError(f"expected a TCP port 1-65535, got {port}")
+    return port
+
+
 def add_commands(commands):
     cmd = commands.add_parser(
         "serve", help="serve the model over an OpenAI-compatible HTTP API",
@@ -43,7 +50,7 @@ def add_commands(commands):
                     "continuously batched decode loop.")
     add_model_arguments(cmd)
     cmd.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
-    cmd.add_argument("--port", type=positive_int, default=8000, help="port (default: 8000)")
+    cmd.add_argument("--port", type=tcp_port, default=8000, help="TCP port, 1-65535 (default: 8000)")
     cmd.add_argument("--model-name", help="the model's id in the API (default: the model folder's name)")
     cmd.add_argument("--max-batch", type=positive_int, default=8,
                      help="requests decoded together: rows of the KV pool (default: 8)")

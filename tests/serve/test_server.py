@@ -260,3 +260,15 @@ def test_a_plain_request_whose_client_leaves_is_cancelled(slow_server):
         time.sleep(0.05)
     assert finished(slow_server, "cancelled") == cancelled + 1 and slow_server.worker.running == 0, \
         slow_server.worker.finished
+
+
+@pytest.mark.parametrize("flag, value, named", [("--port", "99999", "expected a TCP port 1-65535, got 99999"),
+                                                ("--port", "0", "expected a positive integer, got 0"),
+                                                ("--max-batch", "x", "expected a positive integer, got 'x'")])
+def test_bad_serve_arguments_are_one_line(capsys, flag, value, named):
+    from llmdrop_rt.cli import main
+
+    with pytest.raises(SystemExit) as refused:
+        main(["serve", flag, value])
+    err = capsys.readouterr().err.strip()
+    assert refused.value.code == 2 and "\n" not in err and f"argument {flag}: {named}" in err
