@@ -13,17 +13,16 @@
 // Up to kGemvMaxRows activation rows (decode): a fused GEMV. Dense weights are converted to fp32 in
 // registers and multiplied with x by FMA. For block formats x is first quantised per block of 32 to int16
 // (x ~ sx * xq, sx = max|x| / 32767 over the block: each x is off by at most 1.5e-5 of the largest
-// magnitude in its block) by the AVX2 and portable kernels, to int8 (sx = max|x| / 127, off by at most 0.4 %
-// of that magnitude, as llama.cpp's q8_0 activations) by the AVX-512 VNNI kernels; the dot of a block's
-// integer values q with xq is then an exact int32 sum of integer products (_mm256_madd_epi16,
-// _mm512_dpbusd_epi32), scaled by d * sx into an fp32 accumulator. The offset of the 4-bit formats (-8 d,
+// magnitude in its block); the
+// dot of a block's integer values q with xq is then an exact int32 sum of pairwise int16 products
+// (_mm256_madd_epi16), scaled by d * sx into an fp32 accumulator. The offset of the 4-bit formats (-8 d,
 // or m) contributes offset * (sum of x over the block), from per-block sums of the unquantised x. Both x
 // preparations run once per call.
 // More rows (prefill): tiles of output rows are dequantised to fp32 and ATen's GEMM does the rest.
 // Parallelism is at::parallel_for (torch's thread pool) over contiguous ranges of output rows, so each
-// thread streams its own part of the weight. x86-64 builds carry AVX-512 (F + BW + VL) and AVX2 + FMA + F16C
-// kernels picked at run time (functions compiled with target attributes, so the build needs only the baseline
-// ISA); portable loops run elsewhere. Bindings are TORCH_LIBRARY ops (torch.ops.llmdrop_cpu_gemv.*), registered when
+// thread streams its own part of the weight. x86-64 builds carry AVX2 + FMA + F16C kernels picked at run
+// time (functions compiled with target attributes, so the build needs only the baseline ISA); portable
+// loops run elsewhere. Bindings are TORCH_LIBRARY ops (torch.ops.llmdrop_cpu_gemv.*), registered when
 // the shared object is imported as the Python module llmdrop_rt._cpu_gemv.
 #include <Python.h>
 #include <ATen/ATen.h>
@@ -161,10 +160,6 @@ struct Problem {
   const int16_t* xq;       // [in / 32, rows, 32]
   const float* xscale;     // [in / 32, rows], x ~ xscale * xq per block
   const float* xsums;      // [in / 32, rows], sums of x over each block (4-bit formats only)
-  // ... or, for the AVX-512 kernels, as QuantizedX8 (quantize_x8 below): pairs of blocks, int8.
-  const int8_t* xq8;       // [pairs, rows, 64]
-  const float* xscale8;    // [pairs, rows, 2]
-  const float* xsums8;     // [pairs, rows, 2] (4-bit formats only)
 };
 
 // x [rows, in] quantised per block of 32 columns to int16 (see the top of the file).
@@ -193,42 +188,6 @@ QuantizedX quantize_x(const float* x, int64_t rows, int64_t in, bool with_sums) 
         values[j] = finite ? static_cast<int16_t>(xb[j] * inverse + std::copysign(0.5f, xb[j])) : 0;
       q.scales[b * rows + m] = finite ? largest / 32767.f : std::numeric_limits<float>::quiet_NaN();
       if (with_sums) q.sums[b * rows + m] = sum;
-    }
-  }
-  return q;
-}
-
-// x [rows, in] quantised per block of 32 columns to int8 (x ~ sx * xq, sx = max|x| / 127 over the block), two
-// blocks per 64 bytes in the order the AVX-512 kernels read the weights of a pair: blocks 2p and 2p + 1 one after
-// the other for q8_0, [elements 0-15 of 2p | of 2p + 1 | elements 16-31 of 2p | of 2p + 1] for the nibble
-// formats. A pair past the last block (an odd block count) is zero, with zero scale and sum.
-struct QuantizedX8 {
-  std::vector<int8_t> values;
-  std::vector<float> scales, sums;
-};
-
-QuantizedX8 quantize_x8(const float* x, int64_t rows, int64_t in, bool nibble_order, bool with_sums) {
-  const int64_t blocks = in / kBlock, pairs = (blocks + 1) / 2;
-  QuantizedX8 q{std::vector<int8_t>(pairs * rows * 2 * kBlock, 0), std::vector<float>(pairs * rows * 2, 0.f),
-                std::vector<float>(with_sums ? pairs * rows * 2 : 0, 0.f)};
-  for (int64_t m = 0; m < rows; ++m) {
-    for (int64_t b = 0; b < blocks; ++b) {
-      const float* xb = x + m * in + b * kBlock;
-      float largest = 0.f, sum = 0.f;
-      for (int j = 0; j < kBlock; ++j) {
-        largest = std::max(largest, std::fabs(xb[j]));
-        sum += xb[j];
-      }
-      const bool finite = std::isfinite(largest) && !std::isnan(sum);
-      const float inverse = finite && largest > 0.f ? 127.f / largest : 0.f;
-      const int64_t slot = (b / 2) * rows + m, half = b % 2;
-      int8_t* values = q.values.data() + slot * 2 * kBlock;
-      for (int j = 0; j < kBlock; ++j) {
-        const int64_t at = nibble_order ? (j / 16) * 32 + half * 16 + j % 16 : half * kBlock + j;
-        values[at] = finite ? static_cast<int8_t>(xb[j] * inverse + std::copysign(0.5f, xb[j])) : 0;
-      }
-      q.scales[slot * 2 + half] = finite ? largest / 127.f : std::numeric_limits<float>::quiet_NaN();
-      if (with_sums) q.sums[slot * 2 + half] = sum;
     }
   }
   return q;
@@ -450,231 +409,47 @@ LLMDROP_AVX2 void dequant_row_avx2(const uint8_t* wrow, int64_t in, float* w) {
   }
 }
 
-// ---------------------------------------------------------------------------------------------
-// AVX-512 (F + BW + VL + VNNI) kernels: two 32-value blocks, or 16 dense weights, per vector
-// ---------------------------------------------------------------------------------------------
-#define LLMDROP_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")))
-
-LLMDROP_AVX512 inline __m512 load16(const float* w) { return _mm512_loadu_ps(w); }
-LLMDROP_AVX512 inline __m512 load16(const at::Half* w) {
-  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w)));
-}
-LLMDROP_AVX512 inline __m512 load16(const at::BFloat16* w) {
-  const __m512i halves = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w)));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(halves, 16));
-}
-
-// Block formats at this width take x as int8 (QuantizedX8) and multiply a pair of blocks per instruction with
-// VNNI's u8 x s8 dot products (_mm512_dpbusd_epi32: four products summed into each int32 lane).
-// The 64 weight bytes of blocks b, b + 1 in the order of the x pair (see quantize_x8) and as the unsigned
-// operand of dpbusd, with x given the sign its weight had where the weights are signed.
-struct PairOperands {
-  __m512i weight_u8, x_s8;
-};
-
-LLMDROP_AVX512 inline PairOperands pair_operands(Q8_0, const uint8_t* first, const uint8_t* second, __m512i x) {
-  const __m512i w = _mm512_inserti64x4(
-      _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(first + Q8_0::kValuesAt))),
-      _mm256_loadu_si256(reinterpret_cast<const __m256i*>(second + Q8_0::kValuesAt)), 1);
-  const __mmask64 negative = _mm512_movepi8_mask(w);
-  return {_mm512_abs_epi8(w), _mm512_mask_sub_epi8(x, negative, _mm512_setzero_si512(), x)};
-}
-
-// Nibble formats: [low nibbles of b | of b + 1 | high nibbles of b | of b + 1], 16 bytes each; nibbles are
-// unsigned already, the -8 d or m offset is added from the sums of x.
-template <class Format>
-LLMDROP_AVX512 inline PairOperands nibble_pair_operands(const uint8_t* first, const uint8_t* second, __m512i x) {
-  const __m256i qs = _mm256_inserti128_si256(
-      _mm256_castsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(first + Format::kValuesAt))),
-      _mm_loadu_si128(reinterpret_cast<const __m128i*>(second + Format::kValuesAt)), 1);
-  const __m256i low = _mm256_set1_epi8(0x0F);
-  const __m256i nibbles_low = _mm256_and_si256(qs, low), nibbles_high = _mm256_and_si256(_mm256_srli_epi16(qs, 4), low);
-  return {_mm512_inserti64x4(_mm512_castsi256_si512(nibbles_low), nibbles_high, 1), x};
-}
-LLMDROP_AVX512 inline PairOperands pair_operands(Q4_0, const uint8_t* first, const uint8_t* second, __m512i x) {
-  return nibble_pair_operands<Q4_0>(first, second, x);
-}
-LLMDROP_AVX512 inline PairOperands pair_operands(Q4_1, const uint8_t* first, const uint8_t* second, __m512i x) {
-  return nibble_pair_operands<Q4_1>(first, second, x);
-}
-
-// The fp16 values at a and b as the low two lanes of an fp32 vector.
-LLMDROP_AVX512 inline __m128 two_halves(const uint8_t* a, const uint8_t* b) {
-  uint16_t first, second;
-  std::memcpy(&first, a, 2);
-  std::memcpy(&second, b, 2);
-  return _mm_cvtph_ps(_mm_insert_epi16(_mm_cvtsi32_si128(first), second, 1));
-}
-
-// Which block of the pair each int32 lane of the dot product belongs to (the x pair's order).
-template <class Format>
-LLMDROP_AVX512 inline __m512i pair_lanes() {
-  if constexpr (std::is_same_v<Format, Q8_0>) return _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
-  return _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0, 1, 1, 1, 1);
-}
-
-// The x side of one pair of blocks for the tile's first activation row; row r's lies r * 64 values (r * 2
-// scales and sums) further.
-struct XPair {
-  const int8_t* values;
-  const float* scales;
-  const float* sums;
-};
-
-// total[r] += W[o, blocks first, second] . x[m0 + r] (their offsets into offset_term[r], two lanes) for NROWS
-// activation rows. The lone last block of an odd block count comes as first = second, against zero x and scale.
-template <class Format, int NROWS>
-LLMDROP_AVX512 inline void accumulate_pair_avx512(const uint8_t* first, const uint8_t* second, XPair x,
-                                                  __m512 (&total)[NROWS], __m128 (&offset_term)[NROWS]) {
-  const __m128 d = two_halves(first, second);
-  __m128 offset = _mm_setzero_ps();
-  if constexpr (Format::kStoredOffset) {
-    offset = two_halves(first + 2, second + 2);
-  } else if constexpr (has_offset<Format>()) {
-    offset = _mm_mul_ps(d, _mm_set1_ps(Format::kOffsetPerD));
-  }
-  for (int r = 0; r < NROWS; ++r) {
-    const PairOperands operands = pair_operands(Format{}, first, second, _mm512_loadu_si512(x.values + r * 2 * kBlock));
-    const __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), operands.weight_u8, operands.x_s8);
-    const __m128 scales =
-        _mm_mul_ps(d, _mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(x.scales + 2 * r))));
-    total[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot),
-                               _mm512_permutexvar_ps(pair_lanes<Format>(), _mm512_castps128_ps512(scales)), total[r]);
-    if constexpr (has_offset<Format>()) {
-      const __m128 sums = _mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(x.sums + 2 * r)));
-      offset_term[r] = _mm_fmadd_ps(offset, sums, offset_term[r]);
-    }
-  }
-}
-
-// As tile_dots_avx2, with the same split of the work (so results differ from it only by rounding order).
-template <class Format, int WROWS, int NROWS>
-LLMDROP_AVX512 void tile_dots_avx512(const Problem& p, const uint8_t* wrow, int64_t m0, float (*dots)[kRowBlock]) {
-  constexpr int chains = chains_for(WROWS * NROWS);
-  if constexpr (Format::kBlocked) {
-    static_assert(WROWS == 1, "block formats decode one weight row at a time");
-    const int64_t blocks = p.in / kBlock, full_pairs = blocks / 2;
-    __m512 total[chains][NROWS];
-    __m128 offset_term[chains][NROWS];
-    for (int c = 0; c < chains; ++c) {
-      for (int r = 0; r < NROWS; ++r) {
-        total[c][r] = _mm512_setzero_ps();
-        offset_term[c][r] = _mm_setzero_ps();
-      }
-    }
-    // (No lambdas here: they would not inherit this function's target attribute, and the kernels would not inline.)
-    const int64_t x_step = p.rows * 2 * kBlock, scale_step = p.rows * 2;
-    XPair x{p.xq8 + m0 * 2 * kBlock, p.xscale8 + 2 * m0, p.xsums8 ? p.xsums8 + 2 * m0 : nullptr};
-    const uint8_t* first = wrow;
-    int64_t pair = 0;
-    for (; pair + chains <= full_pairs; pair += chains) {
-      _mm_prefetch(reinterpret_cast<const char*>(first) + kPrefetchAhead, _MM_HINT_T0);
-      for (int c = 0; c < chains; ++c) {
-        accumulate_pair_avx512<Format, NROWS>(first, first + Format::kBytes, x, total[c], offset_term[c]);
-        first += 2 * Format::kBytes;
-        x = {x.values + x_step, x.scales + scale_step, x.sums ? x.sums + scale_step : nullptr};
-      }
-    }
-    for (; pair < full_pairs + blocks % 2; ++pair) {  // the rest, and a lone last block paired with itself
-      const uint8_t* second = pair < full_pairs ? first + Format::kBytes : first;
-      accumulate_pair_avx512<Format, NROWS>(first, second, x, total[0], offset_term[0]);
-      first += 2 * Format::kBytes;
-      x = {x.values + x_step, x.scales + scale_step, x.sums ? x.sums + scale_step : nullptr};
-    }
-    for (int r = 0; r < NROWS; ++r) {
-      for (int c = 1; c < chains; ++c) {
-        total[0][r] = _mm512_add_ps(total[0][r], total[c][r]);
-        offset_term[0][r] = _mm_add_ps(offset_term[0][r], offset_term[c][r]);
-      }
-      const float offsets = _mm_cvtss_f32(_mm_add_ss(offset_term[0][r], _mm_movehdup_ps(offset_term[0][r])));
-      dots[0][r] = _mm512_reduce_add_ps(total[0][r]) + offsets;
-    }
-  } else {
-    using Element = typename Format::Element;
-    const float* x = p.x + m0 * p.in;
-    const int64_t in = p.in, bytes = row_bytes<Format>(in);
-    auto weights = [&](int k) { return reinterpret_cast<const Element*>(wrow + k * bytes); };
-    __m512 acc[WROWS][NROWS][chains];
-    for (int k = 0; k < WROWS; ++k)
-      for (int r = 0; r < NROWS; ++r)
-        for (int c = 0; c < chains; ++c) acc[k][r][c] = _mm512_setzero_ps();
-    int64_t i = 0;
-    for (; i + 16 * chains <= in; i += 16 * chains) {
-      __m512 wv[WROWS][chains];
-      for (int k = 0; k < WROWS; ++k) {
-        _mm_prefetch(reinterpret_cast<const char*>(weights(k) + i) + kPrefetchAhead, _MM_HINT_T0);
-        for (int c = 0; c < chains; ++c) wv[k][c] = load16(weights(k) + i + 16 * c);
-      }
-      for (int r = 0; r < NROWS; ++r) {
-        for (int c = 0; c < chains; ++c) {
-          const __m512 xv = _mm512_loadu_ps(x + r * in + i + 16 * c);
-          for (int k = 0; k < WROWS; ++k) acc[k][r][c] = _mm512_fmadd_ps(wv[k][c], xv, acc[k][r][c]);
-        }
-      }
-    }
-    for (; i + 16 <= in; i += 16) {
-      for (int r = 0; r < NROWS; ++r) {
-        const __m512 xv = _mm512_loadu_ps(x + r * in + i);
-        for (int k = 0; k < WROWS; ++k) acc[k][r][0] = _mm512_fmadd_ps(load16(weights(k) + i), xv, acc[k][r][0]);
-      }
-    }
-    for (int k = 0; k < WROWS; ++k) {
-      for (int r = 0; r < NROWS; ++r) {
-        for (int c = 1; c < chains; ++c) acc[k][r][0] = _mm512_add_ps(acc[k][r][0], acc[k][r][c]);
-        float total = _mm512_reduce_add_ps(acc[k][r][0]);
-        for (int64_t t = i; t < in; ++t) total += Format::to_float(weights(k)[t]) * x[r * in + t];
-        dots[k][r] = total;
-      }
-    }
-  }
-}
-
 int cpu_simd_bits() {
-  static const int bits = [] {
-    if (!(__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c"))) return 0;
-    const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
-    return avx512 ? 512 : 256;
-  }();
+  static const int bits =
+      __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c") ? 256 : 0;
   return bits;
 }
 #else
 int cpu_simd_bits() { return 0; }
 #endif
 
-// Tests cap the vector width to exercise every path (AVX-512, AVX2, portable) on one machine.
-std::atomic<int> simd_bits_cap{512};
+// Tests cap the vector width to exercise both paths (AVX2, portable) on one machine.
+std::atomic<int> simd_bits_cap{256};
 
-// 512: AVX-512 F + BW + VL + VNNI (with AVX2, FMA, F16C), 256: AVX2 + FMA + F16C, 0: portable loops.
+// 256: AVX2 + FMA + F16C, 0: portable loops.
 int simd_bits() { return std::min(cpu_simd_bits(), simd_bits_cap.load()); }
 
 // ---------------------------------------------------------------------------------------------
 // Drivers
 // ---------------------------------------------------------------------------------------------
-// dots[k][r] = W[o + k] . x[m0 + r] for WROWS weight rows from wrow and NROWS activation rows, with the
-// widest kernels `bits` allows.
+// dots[k][r] = W[o + k] . x[m0 + r] for WROWS weight rows from wrow and NROWS activation rows.
 template <class Format, int WROWS, int NROWS>
-void tile_dots(int bits, const Problem& p, const uint8_t* wrow, int64_t m0, float (*dots)[kRowBlock]) {
+void tile_dots(bool avx2, const Problem& p, const uint8_t* wrow, int64_t m0, float (*dots)[kRowBlock]) {
 #ifdef LLMDROP_HAVE_X86_SIMD
-  if (bits >= 512) return tile_dots_avx512<Format, WROWS, NROWS>(p, wrow, m0, dots);
-  if (bits >= 256) return tile_dots_avx2<Format, WROWS, NROWS>(p, wrow, m0, dots);
+  if (avx2) return tile_dots_avx2<Format, WROWS, NROWS>(p, wrow, m0, dots);
 #endif
   for (int k = 0; k < WROWS; ++k)
     row_dots_portable<Format>(p, wrow + k * row_bytes<Format>(p.in), m0, NROWS, dots[k]);
 }
 
 template <class Format, int WROWS>
-void tile_dots(int bits, const Problem& p, const uint8_t* wrow, int64_t m0, int64_t nrows, float (*dots)[kRowBlock]) {
+void tile_dots(bool avx2, const Problem& p, const uint8_t* wrow, int64_t m0, int64_t nrows, float (*dots)[kRowBlock]) {
   switch (nrows) {
-    case 1: return tile_dots<Format, WROWS, 1>(bits, p, wrow, m0, dots);
-    case 2: return tile_dots<Format, WROWS, 2>(bits, p, wrow, m0, dots);
-    case 3: return tile_dots<Format, WROWS, 3>(bits, p, wrow, m0, dots);
-    default: return tile_dots<Format, WROWS, 4>(bits, p, wrow, m0, dots);
+    case 1: return tile_dots<Format, WROWS, 1>(avx2, p, wrow, m0, dots);
+    case 2: return tile_dots<Format, WROWS, 2>(avx2, p, wrow, m0, dots);
+    case 3: return tile_dots<Format, WROWS, 3>(avx2, p, wrow, m0, dots);
+    default: return tile_dots<Format, WROWS, 4>(avx2, p, wrow, m0, dots);
   }
 }
 
 template <class Format>
-void gemv(const Problem& p, int bits) {
+void gemv(const Problem& p) {
+  const bool avx2 = simd_bits() >= 256;
   const int64_t bytes = row_bytes<Format>(p.in);
   // One activation row, or a block format: one weight row per tile. Several rows of dense formats: two.
   // A tile is computed the same way whichever thread takes it, so results do not depend on the thread count.
@@ -694,9 +469,9 @@ void gemv(const Problem& p, int bits) {
           const int64_t nrows = std::min(kRowBlock, p.rows - m0);
           float dots[2][kRowBlock];
           if (weight_rows == 1) {
-            tile_dots<Format, 1>(bits, p, wrow, m0, nrows, dots);
+            tile_dots<Format, 1>(avx2, p, wrow, m0, nrows, dots);
           } else if constexpr (!Format::kBlocked) {
-            tile_dots<Format, 2>(bits, p, wrow, m0, nrows, dots);
+            tile_dots<Format, 2>(avx2, p, wrow, m0, nrows, dots);
           }
           for (int64_t k = 0; k < weight_rows; ++k) {
             const float bias = p.bias ? p.bias[o + k] : 0.f;
@@ -790,22 +565,14 @@ at::Tensor& gemv_out(const at::Tensor& x_any, const at::Tensor& weight, const c1
     }
   }
   Problem p{x.data_ptr<float>(), static_cast<const uint8_t*>(weight.data_ptr()),
-            bias ? bias->data_ptr<float>() : nullptr, y.data_ptr<float>(), rows, in, out, nullptr, nullptr, nullptr,
-            nullptr, nullptr, nullptr};
+            bias ? bias->data_ptr<float>() : nullptr, y.data_ptr<float>(), rows, in, out, nullptr, nullptr, nullptr};
   if (rows <= kGemvMaxRows) {
-    const int bits = simd_bits();
     QuantizedX xq;
-    QuantizedX8 xq8;
     if constexpr (Format::kBlocked) {
-      if (bits >= 512) {
-        xq8 = quantize_x8(p.x, rows, in, !std::is_same_v<Format, Q8_0>, has_offset<Format>());
-        p.xq8 = xq8.values.data(), p.xscale8 = xq8.scales.data(), p.xsums8 = xq8.sums.data();
-      } else {
-        xq = quantize_x(p.x, rows, in, has_offset<Format>());
-        p.xq = xq.values.data(), p.xscale = xq.scales.data(), p.xsums = xq.sums.data();
-      }
+      xq = quantize_x(p.x, rows, in, has_offset<Format>());
+      p.xq = xq.values.data(), p.xscale = xq.scales.data(), p.xsums = xq.sums.data();
     }
-    gemv<Format>(p, bits);
+    gemv<Format>(p);
   } else {
     tiled_matmul<Format>(p, x, y);
     if (bias) y.add_(*bias);
@@ -828,16 +595,13 @@ void define_ops(torch::Library& m) {
         &gemv_out<Format>);
 }
 
-// Cap the vector width the kernels may use (512, 256 or 0 bits); returns the width now in use.
+// Cap the vector width the kernels may use (256 or 0 bits); returns the width now in use.
 int64_t set_max_simd_bits(int64_t bits) {
   simd_bits_cap.store(static_cast<int>(bits));
   return simd_bits();
 }
 
 int64_t simd_width() { return simd_bits(); }
-
-// The bits the block formats' kernels quantise x to at the current width.
-int64_t activation_bits() { return simd_bits() >= 512 ? 8 : 16; }
 
 }  // namespace
 
@@ -849,7 +613,6 @@ TORCH_LIBRARY(llmdrop_cpu_gemv, m) {
   define_ops<Q4_0>(m);
   define_ops<Q4_1>(m);
   m.def("simd_width() -> int", &simd_width);
-  m.def("activation_bits() -> int", &activation_bits);
   m.def("set_max_simd_bits(int bits) -> int", &set_max_simd_bits);
 }
 

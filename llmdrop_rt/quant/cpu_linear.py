@@ -37,11 +37,11 @@ ops = compiled_ops("_cpu_gemv", "llmdrop_cpu_gemv")
 # Quantizers: gguf.quants' reference arithmetic (float32, separately rounded operations) in torch
 # --------------------------------------------------------------------------------------------------
 def kernel_isa() -> str:
-    """Which compiled kernels the CPU weight formats run: "avx512-vnni" (block formats multiply int8-quantised
-    activations), "avx2" (int16 activations), "portable", or "torch" where the extension is not built."""
+    """Which compiled kernels the CPU weight formats run: "avx2" (AVX2 + FMA + F16C), "portable", or "torch" where
+    the extension is not built."""
     if ops is None:
         return "torch"
-    return {512: "avx512-vnni", 256: "avx2"}.get(ops.simd_width(), "portable")
+    return "avx2" if ops.simd_width() >= 256 else "portable"
 
 
 def _blocks(weight: torch.Tensor) -> torch.Tensor:

@@ -5,7 +5,6 @@ import torch
 
 import llmdrop_rt
 from llmdrop_rt.model import cpu_decode
-from llmdrop_rt.quant import cpu_linear
 
 pytestmark = pytest.mark.skipif(cpu_decode.ops is None, reason="llmdrop_rt._cpu_decode is not built")
 
@@ -30,26 +29,13 @@ def stepwise_logits(llm, prompts, new_tokens):
     return ids, torch.stack(seen)
 
 
-@pytest.fixture
-def int16_activations():
-    """The GEMV kernels at the AVX2 width, where block formats quantise x to int16: the two paths' norms differ
-    in the last bits, which int8 activations (the AVX-512 kernels, tested against float64 on their own) would
-    turn into whole rounding steps of 1/254 of a block's largest value."""
-    if cpu_linear.ops is None:
-        yield
-        return
-    cpu_linear.ops.set_max_simd_bits(256)
-    yield
-    cpu_linear.ops.set_max_simd_bits(512)  # the default: no cap below what the CPU has
-
-
 @pytest.mark.parametrize("name, weights, drop_attn, drop_mlp", [
     ("mistral", "fp32", [], []),        # sliding window 7 < the 20+ positions decoded; 4 query heads per KV head
     ("mistral", "fp16", [1], [2]),
     ("llama3", "int8", [0, 5], [3]),
     ("llama3", "bf16", [], [5]),
 ])
-def test_cpp_decode_step_equals_the_modules(tiny_checkpoints, int16_activations, name, weights, drop_attn, drop_mlp):
+def test_cpp_decode_step_equals_the_modules(tiny_checkpoints, name, weights, drop_attn, drop_mlp):
     gen = torch.Generator().manual_seed(len(name) + len(weights))
     prompts = [torch.randint(2, 300, (n,), generator=gen).tolist() for n in (9, 4, 13)]
     llm = llmdrop_rt.load(tiny_checkpoints[name], drop_attn=drop_attn, drop_mlp=drop_mlp, weights=weights)
