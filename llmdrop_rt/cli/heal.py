@@ -1,20 +1,9 @@
 """The `heal` command: LoRA healing of a dropped model, merged and written as a new checkpoint."""
 from __future__ import annotations
 
-import argparse
 import sys
 
-from .args import add_model_arguments, model_folder, positive_int, start_plan
-
-
-def positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
-    return value
+from .args import add_model_arguments, model_folder, positive_int, positive_number, start_plan
 
 
 def cmd_heal(args):
@@ -81,11 +70,11 @@ def add_commands(commands):
                       help="distill: the teacher's largest log-probabilities kept per token, the rest of its mass "
                            "as one bucket (default: 64)")
     heal.add_argument("--rank", type=positive_int, default=8, help="LoRA rank (default: 8)")
-    heal.add_argument("--alpha", type=positive_float, default=None,
+    heal.add_argument("--alpha", type=positive_number, default=None,
                       help="LoRA alpha; the update is B·A·alpha/rank (default: 2 x rank)")
     heal.add_argument("--steps", type=positive_int, default=100, help="optimizer steps (default: 100)")
     heal.add_argument("--batch-size", type=positive_int, default=4, help="sequences per step (default: 4)")
-    heal.add_argument("--lr", type=positive_float, default=5e-4,
+    heal.add_argument("--lr", type=positive_number, default=5e-4,
                       help="AdamW peak learning rate; linear warmup over the first tenth of the steps, then cosine "
                            "decay to zero (default: 5e-4)")
     heal.add_argument("--seed", type=int, default=0,

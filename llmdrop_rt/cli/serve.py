@@ -5,17 +5,7 @@ import argparse
 import os
 from pathlib import Path
 
-from .args import add_model_arguments, load_from_args, positive_int
-
-
-def positive_seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {value}")
-    return value
+from .args import add_model_arguments, load_from_args, positive_int, positive_number
 
 
 def cmd_serve(args):
@@ -58,7 +48,7 @@ def add_commands(commands):
                      help="tokens per row, prompt + completion (default: the model's context, at most 2048)")
     cmd.add_argument("--max-queue", type=positive_int, default=64,
                      help="requests that may wait for a row; more are answered 503 (default: 64)")
-    cmd.add_argument("--timeout", type=positive_seconds, default=600.0,
+    cmd.add_argument("--timeout", type=positive_number, default=600.0,
                      help="seconds a request may take in all, waiting included (default: 600)")
     cmd.add_argument("--threads", type=positive_int, help="CPU threads for the model (default: torch's, one per core)")
     cmd.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every request "
