@@ -2,6 +2,7 @@
 transformers' model of a folder with modules dropped."""
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from pathlib import Path
@@ -161,3 +162,22 @@ def hf_model(folder: Path, drop_attn=(), drop_mlp=()):
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="eager").eval()
     drop_in_transformers(model.model, drop_attn, drop_mlp, replace_norms=False)
     return model
+
+
+def hf_greedy(model, batch, new_tokens):
+    """transformers' own batched greedy generate with left padding."""
+    longest = max(len(p) for p in batch)
+    ids = torch.tensor([[1] * (longest - len(p)) + p for p in batch])
+    attention_mask = torch.tensor([[0] * (longest - len(p)) + [1] * len(p) for p in batch])
+    out = model.generate(input_ids=ids, attention_mask=attention_mask, max_new_tokens=new_tokens,
+                         min_new_tokens=new_tokens, do_sample=False, pad_token_id=1, eos_token_id=None)
+    return out[:, longest:].tolist()
+
+
+def folder_digest(folder: Path) -> str:
+    """One hash of every file below a folder (names and bytes): equal before and after = nothing was written."""
+    digest = hashlib.sha256()
+    for path in sorted(folder.rglob("*")):
+        if path.is_file():
+            digest.update(path.name.encode() + path.read_bytes())
+    return digest.hexdigest()

@@ -1,7 +1,7 @@
 """Generation through the static KV cache against transformers' generate, plus sampling and streaming."""
 import pytest
 import torch
-from helpers import VOCAB, hf_model
+from helpers import VOCAB, hf_greedy, hf_model
 
 import llmdrop_rt
 from llmdrop_rt.engine import ContextLengthError, Sampling, sample
@@ -14,14 +14,6 @@ def prompts(seed=0):
     return [torch.randint(2, VOCAB, (n,), generator=gen).tolist() for n in PROMPT_LENGTHS]
 
 
-def hf_greedy(model, batch, new_tokens):
-    """transformers' own batched greedy generate with left padding."""
-    longest = max(len(p) for p in batch)
-    ids = torch.tensor([[1] * (longest - len(p)) + p for p in batch])
-    attention_mask = torch.tensor([[0] * (longest - len(p)) + [1] * len(p) for p in batch])
-    out = model.generate(input_ids=ids, attention_mask=attention_mask, max_new_tokens=new_tokens,
-                         min_new_tokens=new_tokens, do_sample=False, pad_token_id=1, eos_token_id=None)
-    return out[:, longest:].tolist()
 
 
 @pytest.mark.parametrize("name", ["llama3", "mistral", "llama2"])

@@ -7,14 +7,13 @@ peft is an optional extra; `make test` installs it (see the Makefile), so these 
 """
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import DATA, hf_model
+from helpers import DATA, folder_digest, hf_model
 from safetensors import safe_open
 
 import llmdrop_rt
@@ -41,12 +40,6 @@ def tensors(folder: Path) -> dict[str, torch.Tensor]:
         return {name: f.get_tensor(name) for name in f.keys()}
 
 
-def folder_digest(folder: Path) -> str:
-    digest = hashlib.sha256()
-    for path in sorted(folder.rglob("*")):
-        if path.is_file():
-            digest.update(path.name.encode() + path.read_bytes())
-    return digest.hexdigest()
 
 
 def training_data(folder: Path):

@@ -2,13 +2,11 @@
 renumbered block-drop folder loads in stock transformers and matches; unsafe exports are refused."""
 from __future__ import annotations
 
-import hashlib
 import json
-from pathlib import Path
 
 import pytest
 import torch
-from helpers import hf_model
+from helpers import folder_digest, hf_model
 
 import llmdrop_rt
 from llmdrop_rt.cli import main
@@ -16,10 +14,6 @@ from llmdrop_rt.config import DropPlan
 from llmdrop_rt.io.checkpoint import CheckpointReader
 from llmdrop_rt.io.export import ExportError, export_model, is_dropped_tensor
 from llmdrop_rt.io.publish import OutputError
-
-
-def folder_digest(folder: Path) -> dict[str, str]:
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()}
 
 
 def random_tokens(seed, length=13):

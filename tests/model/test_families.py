@@ -5,7 +5,7 @@ import shutil
 
 import pytest
 import torch
-from helpers import VOCAB, hf_model
+from helpers import VOCAB, hf_greedy, hf_model
 
 import llmdrop_rt
 from llmdrop_rt.config import ConfigError, ModelConfig
@@ -60,14 +60,6 @@ def test_each_family_feature_changes_the_output(family_checkpoints, tmp_path, na
     torch.testing.assert_close(llmdrop_rt.load(changed).logits(tokens), after, atol=ATOL, rtol=0)
 
 
-def hf_greedy(model, batch, new_tokens):
-    """transformers' batched greedy generate with left padding."""
-    longest = max(len(p) for p in batch)
-    ids = torch.tensor([[1] * (longest - len(p)) + p for p in batch])
-    attention_mask = torch.tensor([[0] * (longest - len(p)) + [1] * len(p) for p in batch])
-    out = model.generate(input_ids=ids, attention_mask=attention_mask, max_new_tokens=new_tokens,
-                         min_new_tokens=new_tokens, do_sample=False, pad_token_id=1, eos_token_id=None)
-    return out[:, longest:].tolist()
 
 
 def test_family_batched_greedy_equals_transformers(family):

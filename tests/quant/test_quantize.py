@@ -5,13 +5,12 @@ GPTQModel is an optional extra; `make test` installs it (see the Makefile), so t
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
 
 import pytest
-from helpers import DATA, hf_model, make_checkpoint
+from helpers import DATA, folder_digest, hf_model, make_checkpoint
 from safetensors import safe_open
 
 import llmdrop_rt
@@ -48,12 +47,6 @@ def calibration(folder: Path, n_samples=8, seq_len=64):
     return load_calibration(Tokenizer(folder), DATA / "calib.txt", n_samples, seq_len)
 
 
-def folder_digest(folder: Path) -> str:
-    digest = hashlib.sha256()
-    for path in sorted(folder.rglob("*")):
-        if path.is_file():
-            digest.update(path.name.encode() + path.read_bytes())
-    return digest.hexdigest()
 
 
 def tensor_names(folder: Path) -> set[str]:
