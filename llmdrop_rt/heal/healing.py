@@ -27,7 +27,7 @@ from ..io.checkpoint import CheckpointError, CheckpointReader
 from ..io.export import check_destination, export_model
 from ..model import hf_names
 from .distill import TeacherTopK, top_k_kl
-from .hf_model import load_transformers_model
+from .hf_model import HEALABLE_FAMILIES, load_transformers_model
 from .lora import adapter_tensors, add_adapters, merged_weights, train
 
 OBJECTIVES = ("lm", "distill")
@@ -162,6 +162,9 @@ def heal_model(source: str | Path, destination: str | Path, data: CalibrationSet
     if dtype not in DTYPES:
         raise HealError(f"dtype {dtype!r} is not one of {sorted(DTYPES)}")
     cfg = ModelConfig.from_folder(source)
+    if cfg.architecture not in HEALABLE_FAMILIES:
+        raise HealError(f"{source}: heal takes {' and '.join(HEALABLE_FAMILIES)} checkpoints (DeciLM included), "
+                        f"not {cfg.architecture}")
     plan = plan if plan is not None else DropPlan.from_config(cfg)
     if plan.num_layers != cfg.num_layers:
         raise HealError(f"the drop plan is for {plan.num_layers} layers, {source} has {cfg.num_layers}")

@@ -20,6 +20,8 @@ from ..io.export import DECILM_ONLY_FIELDS
 from ..model import hf_names
 from ..model.standins import drop_in_transformers
 
+# The families whose transformers model this module builds (a DeciLM folder is a Llama stack).
+HEALABLE_FAMILIES = ("llama", "mistral")
 # Fields of our configs that say what is dropped: the stand-ins express them, transformers' config has no use for them.
 DROP_FIELDS = ("drop_attn_list", "drop_mlp_list")
 

@@ -246,3 +246,12 @@ def test_a_decilm_export_stays_decilm(tmp_path):
     assert written["block_configs"] == stored["block_configs"]
     assert set(tensors(result.destination)) == set(tensors(decilm))
     assert lm_loss(result.destination, data.tokens) < lm_loss(decilm, data.tokens)
+
+
+@pytest.mark.parametrize("name", ["qwen2", "gemma2"])
+def test_other_families_are_refused_before_any_training(family_checkpoints, tmp_path, name):
+    """heal builds transformers' Llama/Mistral: another family's weights must never be trained as a Llama."""
+    folder = family_checkpoints[name]
+    with pytest.raises(HealError, match=f"heal takes llama and mistral checkpoints .*not {name}"):
+        heal_model(folder, tmp_path / "out", training_data(folder), SETTINGS)
+    assert not (tmp_path / "out").exists()
