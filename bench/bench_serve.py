@@ -9,7 +9,7 @@ with the engine for this interpreter), both up at once and measured in alternati
 client streams greedy completions of its own prompt, one after the other, with the real `openai` client.
 
     python bench/bench_serve.py [--clients 1,4,16,32] [--requests 2] [--prompt-len 64] [--max-tokens 64]
-                                [--threads 1] [--out bench/out/serve.json]   # embedded SmolLM2-135M-Instruct, fp32
+                                [--threads 1] [--kv-rows N] [--out bench/out/serve.json]   # embedded SmolLM2, fp32
 """
 import argparse
 import os
@@ -123,16 +123,21 @@ def main():
     parser.add_argument("--prompt-len", type=int, default=64)
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--threads", type=int, default=1, help="the server's CPU threads (default: 1)")
+    parser.add_argument("--kv-rows", type=int, default=None,
+                        help="size both KV pools by one memory budget: the full model gets this many rows, the "
+                             "dropped one the rows the same bytes hold (default: as many rows as clients, both)")
     parser.add_argument("--out", default="bench/out/serve.json")
     args = parser.parse_args()
     counts = [int(c) for c in args.clients.split(",")]
     num_layers = load_config_layers()
     configs = {"full": [], "attn-dropped": attention_layers_to_drop(num_layers, 0.5)}
     prompt_list = prompts(max(counts), args.prompt_len)
+    pool_rows = {label: max(counts) if args.kv_rows is None else
+                 args.kv_rows * num_layers // (num_layers - len(drop)) for label, drop in configs.items()}
     servers = {}
     try:
         for label, drop in configs.items():
-            servers[label] = start_server(drop, max(counts), args.prompt_len + args.max_tokens, args.threads)
+            servers[label] = start_server(drop, pool_rows[label], args.prompt_len + args.max_tokens, args.threads)
         load_before, rows = os.getloadavg(), []
         for index, clients in enumerate(counts):
             # Both models at each client count, in alternating order, so the machine's drift hits both alike.
@@ -149,7 +154,7 @@ def main():
     rows.sort(key=lambda r: (list(configs).index(r["model"]), r["clients"]))
     report = {"model": "SmolLM2-135M-Instruct (embedded), fp32 kernels, CPU", "drop_attn": configs["attn-dropped"],
               "prompt_len": args.prompt_len, "max_tokens": args.max_tokens, "requests_per_client": args.requests,
-              "server_threads": args.threads, "cpus": os.cpu_count(),
+              "server_threads": args.threads, "kv_pool_rows": pool_rows, "cpus": os.cpu_count(),
               "load_average_1m_before_after": [load_before[0], os.getloadavg()[0]],
               "rows": rows, "summary": summary(rows, counts)}
     write_json(args.out, report)
