@@ -27,6 +27,7 @@ from .validation import (
     TOKEN_IDS,
     FieldError,
     check_fields,
+    check_in_vocabulary,
     expect_object,
 )
 
@@ -210,10 +211,7 @@ class ModelConfig:
         eos = cfg.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
         for name, ids in (("bos_token_id", [cfg.get("bos_token_id")]), ("eos_token_id", eos_ids)):
-            outside = [i for i in ids if i is not None and i >= vocab]
-            if outside:
-                raise ConfigError(f"{source}: {name} = {outside[0]} is outside the vocabulary "
-                                  f"(expected 0..{vocab - 1}, vocab_size={vocab})")
+            check_in_vocabulary(ids, vocab, f"{source}: {name}", ConfigError)
         # Mistral's window covers every layer; the other families' fields name their sliding layers.
         sliding = cfg.get("sliding_window") if family.name == "mistral" else family_fields.pop("sliding_window", None)
         attention_bias = cfg.get("attention_bias", False) if family.qkv_bias is None else family.qkv_bias

@@ -16,7 +16,7 @@ from .io.checkpoint import CheckpointReader
 from .io.tokenizer import Tokenizer
 from .model import KVCache, ModelBuilder, Transformer, select_ops
 from .model.attention import BACKENDS, default_backend, flash_attn_with_kvcache
-from .validation import TOKEN_IDS
+from .validation import TOKEN_IDS, check_in_vocabulary
 
 
 class LLM:
@@ -137,10 +137,7 @@ def _generation_eos(folder: Path, vocab_size: int) -> set[int]:
     eos = read_json(path).get("eos_token_id")
     TOKEN_IDS.or_null().check(eos, f"{path}: eos_token_id", ConfigError)
     ids = set(eos) if isinstance(eos, list) else ({eos} if eos is not None else set())
-    outside = sorted(i for i in ids if i >= vocab_size)
-    if outside:
-        raise ConfigError(f"{path}: eos_token_id = {outside[0]} is outside the vocabulary (expected "
-                          f"0..{vocab_size - 1})")
+    check_in_vocabulary(sorted(ids), vocab_size, f"{path}: eos_token_id", ConfigError)
     return ids
 
 

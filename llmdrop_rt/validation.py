@@ -66,6 +66,15 @@ def check_fields(values: Mapping, rules: Mapping[str, Rule], source: str,
             rule.check(values[name], f"{source}: {name}", error)
 
 
+def check_in_vocabulary(ids, vocab_size: int, where: str, error: type[ValueError] = FieldError) -> None:
+    """Token ids read from a file (`where` names file and field; None entries are absent ids) must lie inside
+    the vocabulary."""
+    outside = [i for i in ids if i is not None and i >= vocab_size]
+    if outside:
+        raise error(f"{where} = {outside[0]} is outside the vocabulary (expected 0..{vocab_size - 1}, "
+                    f"vocab_size={vocab_size})")
+
+
 def expect_object(value, source: str, error: type[ValueError] = FieldError) -> dict:
     """A parsed JSON file or part of one that must be an object (not a list, string or number)."""
     if not isinstance(value, dict):
