@@ -21,7 +21,71 @@
 #include <unordered_map>
 #include <vector>
 
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#define LLMDROP_HAVE_X86_SIMD 1
+#define LLMDROP_AVX2 __attribute__((target("avx2,fma")))
+#endif
+
 namespace {
+
+// ---------------------------------------------------------------------------------------------
+// The vector loops between the projections: AVX2 + FMA where the CPU has them (picked at run time, as in
+// cpu_gemv.cpp), portable loops with the same independent partial sums elsewhere.
+// ---------------------------------------------------------------------------------------------
+#ifdef LLMDROP_HAVE_X86_SIMD
+LLMDROP_AVX2 float dot_avx2(const float* a, const float* b, int64_t n) {
+  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc0);
+    acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), acc1);
+  }
+  for (; i + 8 <= n; i += 8) acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc0);
+  const __m256 sum8 = _mm256_add_ps(acc0, acc1);
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(sum8), _mm256_extractf128_ps(sum8, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+  float total = _mm_cvtss_f32(s);
+  for (; i < n; ++i) total += a[i] * b[i];
+  return total;
+}
+
+LLMDROP_AVX2 void axpy_avx2(float alpha, const float* x, float* y, int64_t n) {
+  const __m256 a = _mm256_set1_ps(alpha);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, _mm256_fmadd_ps(a, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
+  for (; i < n; ++i) y[i] += alpha * x[i];
+}
+
+bool have_avx2() {
+  static const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return avx2;
+}
+#endif
+
+// sum a[i] * b[i]: eight partial sums, so the additions do not wait on each other.
+float dot(const float* a, const float* b, int64_t n) {
+#ifdef LLMDROP_HAVE_X86_SIMD
+  if (have_avx2()) return dot_avx2(a, b, n);
+#endif
+  float partial[8] = {0.f};
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    for (int k = 0; k < 8; ++k) partial[k] += a[i + k] * b[i + k];
+  float total = 0.f;
+  for (float p : partial) total += p;
+  for (; i < n; ++i) total += a[i] * b[i];
+  return total;
+}
+
+// y += alpha * x
+void axpy(float alpha, const float* x, float* y, int64_t n) {
+#ifdef LLMDROP_HAVE_X86_SIMD
+  if (have_avx2()) return axpy_avx2(alpha, x, y, n);
+#endif
+  for (int64_t i = 0; i < n; ++i) y[i] += alpha * x[i];
+}
 
 // Multiply-adds per head (keys x head size) above which attention heads are spread over threads.
 constexpr int64_t kParallelAttentionWork = 1 << 16;
@@ -49,8 +113,7 @@ at::Tensor project(const at::Tensor& x, const at::Tensor& weight, const std::str
 void rms_norm_rows(const float* x, const float* weight, float* out, int64_t rows, int64_t hidden, double eps) {
   for (int64_t r = 0; r < rows; ++r) {
     const float* xr = x + r * hidden;
-    float sum = 0.f;
-    for (int64_t i = 0; i < hidden; ++i) sum += xr[i] * xr[i];
+    const float sum = dot(xr, xr, hidden);
     const float scale = 1.f / std::sqrt(sum / static_cast<float>(hidden) + static_cast<float>(eps));
     for (int64_t i = 0; i < hidden; ++i) out[r * hidden + i] = weight[i] * (xr[i] * scale);
   }
@@ -124,9 +187,7 @@ at::Tensor attention_block(at::Tensor& x, const at::Tensor& normed, const at::Te
           scores[j] = -std::numeric_limits<float>::infinity();
           continue;
         }
-        float dot = 0.f;
-        for (int64_t i = 0; i < d; ++i) dot += q[i] * k[j * d + i];
-        scores[j] = dot * scale;
+        scores[j] = dot(q, k + j * d, d) * scale;
         best = std::max(best, scores[j]);
       }
       float total = 0.f;
@@ -139,7 +200,7 @@ at::Tensor attention_block(at::Tensor& x, const at::Tensor& normed, const at::Te
       for (int64_t j = 0; j < keys; ++j) {
         const float p = scores[j] / total;
         if (p == 0.f) continue;
-        for (int64_t i = 0; i < d; ++i) o[i] += p * v[j * d + i];
+        axpy(p, v + j * d, o, d);
       }
     }
   });

@@ -2,28 +2,36 @@
 //
 // Weight formats (each op's suffix):
 //   f32, f16, bf16    dense [out, in] tensors of that dtype.
-//   q8_0, q4_0, q4_1  ggml blocks of 32 consecutive input columns, byte for byte as in a GGUF file, held as
-//                     uint8 [out, in / 32 * block_bytes] (the blocks of one output row back to back):
+//   q8_0, q4_0, q4_1  ggml's blocks of 32 consecutive input columns (GGUF's bytes):
 //                       q8_0, 34 bytes: fp16 d, int8 q[32]             w = d * q
 //                       q4_0, 18 bytes: fp16 d, uint8 qs[16]           w = d * q - 8 d
 //                       q4_1, 20 bytes: fp16 d, fp16 m, uint8 qs[16]   w = d * q + m
-//                     where qs[j] holds element j in its low nibble and element j + 16 in its high nibble.
-//                     The scales stay fp16, as GGUF stores them, so GGUF tensors are used without repacking.
+//                     where qs[j] holds element j in its low nibble and element j + 16 in its high nibble,
+//                     held as uint8 [out, in / 32 * block_bytes] in the row-interleaved layout below.
+//
+// Row-interleaved layout (llmdrop_rt.quant.cpu_linear.interleave): every full group of 8 output rows stores,
+// for each block column b, one group block of 8 * block_bytes bytes: the 8 rows' d (8 fp16), for q4_1 their
+// 8 m, then their quantised values in lanes: lane k holds bytes k*L .. k*L+L-1 of each row's values, row 0 to
+// row 7 (L = 4 for the 4-bit formats, 2 for q8_0). One 256-bit load then holds the same few columns of 8 rows,
+// so a kernel multiplies them with one broadcast piece of x and ends with the 8 rows' sums in the 8 lanes of a
+// vector, with no horizontal sums. The last out % 8 rows stay as plain GGUF rows.
 //
 // Up to kGemvMaxRows activation rows (decode): a fused GEMV. Dense weights are converted to fp32 in
-// registers and multiplied with x by FMA. For block formats x is first quantised per block of 32 to int16
-// (x ~ sx * xq, sx = max|x| / 32767 over the block: each x is off by at most 1.5e-5 of the largest
-// magnitude in its block); the
-// dot of a block's integer values q with xq is then an exact int32 sum of pairwise int16 products
-// (_mm256_madd_epi16), scaled by d * sx into an fp32 accumulator. The offset of the 4-bit formats (-8 d,
-// or m) contributes offset * (sum of x over the block), from per-block sums of the unquantised x. Both x
-// preparations run once per call.
+// registers and multiplied with x by FMA. For block formats x is first quantised per block of 32 (x ~ sx * xq,
+// sx = max|x| / 127 over the block into int8 for the 4-bit formats, as llama.cpp quantises activations for
+// them; / 32767 into int16 for q8_0, whose int8 weights would otherwise dominate its error less than x's);
+// the dot of a block's integer values with xq is an exact integer sum (_mm256_maddubs_epi16 / _mm256_madd_epi16),
+// scaled by d * sx into an fp32 accumulator. The offset of the 4-bit formats (-8 d, or m) contributes
+// offset * sx * (sum of xq over the block): the kernels compute W times the quantised x, so the error is that of
+// x's rounding times w, not times the 0..15 stored values the offset would otherwise cancel. x is quantised once
+// per call.
 // More rows (prefill): tiles of output rows are dequantised to fp32 and ATen's GEMM does the rest.
 // Parallelism is at::parallel_for (torch's thread pool) over contiguous ranges of output rows, so each
 // thread streams its own part of the weight. x86-64 builds carry AVX2 + FMA + F16C kernels picked at run
 // time (functions compiled with target attributes, so the build needs only the baseline ISA); portable
-// loops run elsewhere. Bindings are TORCH_LIBRARY ops (torch.ops.llmdrop_cpu_gemv.*), registered when
-// the shared object is imported as the Python module llmdrop_rt._cpu_gemv.
+// loops run elsewhere, and for the plain rows after the last full group. Bindings are TORCH_LIBRARY ops
+// (torch.ops.llmdrop_cpu_gemv.*), registered when the shared object is imported as the Python module
+// llmdrop_rt._cpu_gemv.
 #include <Python.h>
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -50,8 +58,9 @@
 namespace {
 
 constexpr int64_t kGemvMaxRows = 8;  // more activation rows than this: dequantised tiles + GEMM
-constexpr int64_t kRowBlock = 4;     // activation rows sharing one decode of a weight row in the GEMV
+constexpr int64_t kRowBlock = 4;     // activation rows sharing one decode of the weights in the GEMV
 constexpr int64_t kBlock = 32;       // input columns per quantisation block
+constexpr int64_t kGroupRows = 8;    // output rows interleaved in the block formats' layout
 constexpr int64_t kChunkBytes = 32 << 10;  // weight bytes a thread claims at a time in the GEMV
 constexpr int64_t kPrefetchAhead = 2048;  // bytes of the weight stream requested ahead of use
 
@@ -61,14 +70,11 @@ inline float fp16_bits_to_float(const uint8_t* p) {
   return static_cast<float>(c10::Half(bits, c10::Half::from_bits()));
 }
 
-// Element j of the 32 nibbles in qs[16].
-inline int nibble(const uint8_t* qs, int j) { return j < 16 ? qs[j] & 0xF : qs[j - 16] >> 4; }
-
 // ---------------------------------------------------------------------------------------------
-// Formats. Dense ones say how to read elements; block ones where d and the values sit in a block, what
-// integer value element j has, and the block's offset: w = d * value + offset, the offset being
-// kOffsetPerD * d, or the fp16 m at byte 2 (kStoredOffset). |value| <= 128, so a block's dot with int16
-// activations fits int32 with room to spare.
+// Formats. Dense ones say how to read elements. Block ones say where d, m and the values sit in a plain
+// block, how wide a lane of the interleaved layout is, what integer value element j has (from the block's
+// value bytes), the block's offset (w = d * value + offset: kOffsetPerD * d, or the fp16 m at byte 2), and
+// the integer type x is quantised to for them.
 // ---------------------------------------------------------------------------------------------
 struct F32 {
   using Element = float;
@@ -95,36 +101,52 @@ struct BF16 {
 };
 
 struct Q8_0 {
+  using XInt = int16_t;
+  static constexpr float kXMax = 32767.f;
   static constexpr bool kBlocked = true;
   static constexpr const char* kName = "q8_0";
   static constexpr int64_t kBytes = 34;
   static constexpr int64_t kValuesAt = 2;  // byte offset of the values; d is at 0
+  static constexpr int64_t kLaneBytes = 2;
   static constexpr float kOffsetPerD = 0.f;
   static constexpr bool kStoredOffset = false;
-  static int value(const uint8_t* values, int j) { return static_cast<int8_t>(values[j]); }
+  template <class Bytes>
+  static int value(const Bytes& byte, int j) { return static_cast<int8_t>(byte(j)); }
 };
 
+// Element j of the 32 nibbles in 16 value bytes.
+template <class Bytes>
+inline int nibble(const Bytes& byte, int j) { return j < 16 ? byte(j) & 0xF : byte(j - 16) >> 4; }
+
 struct Q4_0 {
+  using XInt = int8_t;
+  static constexpr float kXMax = 127.f;
   static constexpr bool kBlocked = true;
   static constexpr const char* kName = "q4_0";
   static constexpr int64_t kBytes = 18;
   static constexpr int64_t kValuesAt = 2;
+  static constexpr int64_t kLaneBytes = 4;
   static constexpr float kOffsetPerD = -8.f;
   static constexpr bool kStoredOffset = false;
-  static int value(const uint8_t* values, int j) { return nibble(values, j); }
+  template <class Bytes>
+  static int value(const Bytes& byte, int j) { return nibble(byte, j); }
 };
 
 struct Q4_1 {
+  using XInt = int8_t;
+  static constexpr float kXMax = 127.f;
   static constexpr bool kBlocked = true;
   static constexpr const char* kName = "q4_1";
   static constexpr int64_t kBytes = 20;
   static constexpr int64_t kValuesAt = 4;
+  static constexpr int64_t kLaneBytes = 4;
   static constexpr float kOffsetPerD = 0.f;
   static constexpr bool kStoredOffset = true;
-  static int value(const uint8_t* values, int j) { return nibble(values, j); }
+  template <class Bytes>
+  static int value(const Bytes& byte, int j) { return nibble(byte, j); }
 };
 
-// The offset term of the 4-bit formats needs the sums of x over each block.
+// The offset term of the 4-bit formats needs the sums of the quantised x over each block.
 template <class Format>
 constexpr bool has_offset() {
   if constexpr (Format::kBlocked) {
@@ -132,11 +154,6 @@ constexpr bool has_offset() {
   } else {
     return false;
   }
-}
-
-template <class Format>
-float block_offset(const uint8_t* block, float d) {
-  return Format::kStoredOffset ? fp16_bits_to_float(block + 2) : Format::kOffsetPerD * d;
 }
 
 template <class Format>
@@ -148,7 +165,42 @@ int64_t row_bytes(int64_t in) {
   }
 }
 
+// One output row's block b, wherever the layout puts its parts.
+template <class Format>
+struct BlockRef {
+  const uint8_t* d;       // fp16
+  const uint8_t* m;       // fp16, q4_1 only
+  const uint8_t* values;  // the value bytes, or lane 0 of the group block
+  int64_t lane_row;       // row within its group (-1: a plain GGUF block, values contiguous)
+
+  uint8_t byte(int64_t k) const {
+    if (lane_row < 0) return values[k];
+    constexpr int64_t lane = Format::kLaneBytes;
+    return values[(k / lane) * kGroupRows * lane + lane_row * lane + k % lane];
+  }
+  int value(int j) const {
+    return Format::value([this](int k) { return byte(k); }, j);
+  }
+  float offset(float scale) const {
+    return Format::kStoredOffset ? fp16_bits_to_float(m) : Format::kOffsetPerD * scale;
+  }
+};
+
+template <class Format>
+BlockRef<Format> block_ref(const uint8_t* weight, int64_t in, int64_t out, int64_t o, int64_t b) {
+  const int64_t bytes = row_bytes<Format>(in);
+  if (o < out / kGroupRows * kGroupRows) {
+    const int64_t r = o % kGroupRows;
+    const uint8_t* group_block = weight + (o - r) * bytes + b * kGroupRows * Format::kBytes;
+    return {group_block + 2 * r, group_block + 2 * kGroupRows + 2 * r,
+            group_block + kGroupRows * Format::kValuesAt, r};
+  }
+  const uint8_t* block = weight + o * bytes + b * Format::kBytes;
+  return {block, block + 2, block + Format::kValuesAt, -1};
+}
+
 // Everything a kernel needs; pointers are to contiguous data.
+template <class Format>
 struct Problem {
   const float* x;          // [rows, in]
   const uint8_t* weight;   // [out, row_bytes]
@@ -157,21 +209,24 @@ struct Problem {
   int64_t rows, in, out;
   // The GEMV of block formats reads x as QuantizedX (quantize_x below) instead, block-major so that the
   // activation rows of one block lie together:
-  const int16_t* xq;       // [in / 32, rows, 32]
+  const void* xq;          // [in / 32, rows, 32] of the format's XInt
   const float* xscale;     // [in / 32, rows], x ~ xscale * xq per block
-  const float* xsums;      // [in / 32, rows], sums of x over each block (4-bit formats only)
+  const float* xsums;      // [in / 32, rows], sums of the quantised x over each block (4-bit formats only)
 };
 
-// x [rows, in] quantised per block of 32 columns to int16 (see the top of the file).
+template <class XInt>
 struct QuantizedX {
-  std::vector<int16_t> values;
+  std::vector<XInt> values;
   std::vector<float> scales, sums;
 };
 
-QuantizedX quantize_x(const float* x, int64_t rows, int64_t in, bool with_sums) {
+// x [rows, in] quantised per block of 32 columns into XInt (see the top of the file).
+template <class Format>
+QuantizedX<typename Format::XInt> quantize_x(const float* x, int64_t rows, int64_t in) {
+  using XInt = typename Format::XInt;
   const int64_t blocks = in / kBlock;
-  QuantizedX q{std::vector<int16_t>(rows * in), std::vector<float>(rows * blocks),
-               std::vector<float>(with_sums ? rows * blocks : 0)};
+  QuantizedX<XInt> q{std::vector<XInt>(rows * in), std::vector<float>(rows * blocks),
+                     std::vector<float>(has_offset<Format>() ? rows * blocks : 0)};
   for (int64_t m = 0; m < rows; ++m) {
     for (int64_t b = 0; b < blocks; ++b) {
       const float* xb = x + m * in + b * kBlock;
@@ -182,12 +237,16 @@ QuantizedX quantize_x(const float* x, int64_t rows, int64_t in, bool with_sums) 
       }
       // A NaN or infinity in the block: its scale becomes NaN, so every output it touches is NaN.
       const bool finite = std::isfinite(largest) && !std::isnan(sum);
-      const float inverse = finite && largest > 0.f ? 32767.f / largest : 0.f;
-      int16_t* values = q.values.data() + (b * rows + m) * kBlock;
-      for (int j = 0; j < kBlock; ++j)  // round half away from zero
-        values[j] = finite ? static_cast<int16_t>(xb[j] * inverse + std::copysign(0.5f, xb[j])) : 0;
-      q.scales[b * rows + m] = finite ? largest / 32767.f : std::numeric_limits<float>::quiet_NaN();
-      if (with_sums) q.sums[b * rows + m] = sum;
+      const float inverse = finite && largest > 0.f ? Format::kXMax / largest : 0.f;
+      XInt* values = q.values.data() + (b * rows + m) * kBlock;
+      int32_t quantised_sum = 0;
+      for (int j = 0; j < kBlock; ++j) {  // round half away from zero
+        values[j] = finite ? static_cast<XInt>(xb[j] * inverse + std::copysign(0.5f, xb[j])) : 0;
+        quantised_sum += values[j];
+      }
+      const float scale = finite ? largest / Format::kXMax : std::numeric_limits<float>::quiet_NaN();
+      q.scales[b * rows + m] = scale;
+      if constexpr (has_offset<Format>()) q.sums[b * rows + m] = scale * static_cast<float>(quantised_sum);
     }
   }
   return q;
@@ -196,25 +255,25 @@ QuantizedX quantize_x(const float* x, int64_t rows, int64_t in, bool with_sums) 
 // ---------------------------------------------------------------------------------------------
 // Portable kernels
 // ---------------------------------------------------------------------------------------------
-// dots[r] = W[o] . x[m0 + r] for the weight row wrow and nrows activation rows.
+// dots[r] = W[o] . x[m0 + r] for output row o and nrows activation rows.
 template <class Format>
-void row_dots_portable(const Problem& p, const uint8_t* wrow, int64_t m0, int64_t nrows, float* dots) {
+void row_dots_portable(const Problem<Format>& p, int64_t o, int64_t m0, int64_t nrows, float* dots) {
   for (int64_t r = 0; r < nrows; ++r) {
     float total = 0.f;
     if constexpr (Format::kBlocked) {
-      const int64_t blocks = p.in / kBlock;
-      for (int64_t b = 0; b < blocks; ++b) {
-        const uint8_t* block = wrow + b * Format::kBytes;
+      const auto* xq_all = static_cast<const typename Format::XInt*>(p.xq);
+      for (int64_t b = 0; b < p.in / kBlock; ++b) {
+        const BlockRef<Format> block = block_ref<Format>(p.weight, p.in, p.out, o, b);
         const int64_t xb = b * p.rows + m0 + r;
-        const int16_t* xq = p.xq + xb * kBlock;
+        const auto* xq = xq_all + xb * kBlock;
         int32_t block_dot = 0;
-        for (int j = 0; j < kBlock; ++j) block_dot += Format::value(block + Format::kValuesAt, j) * xq[j];
-        const float d = fp16_bits_to_float(block);
+        for (int j = 0; j < kBlock; ++j) block_dot += block.value(j) * xq[j];
+        const float d = fp16_bits_to_float(block.d);
         total += static_cast<float>(block_dot) * (d * p.xscale[xb]);
-        if constexpr (has_offset<Format>()) total += block_offset<Format>(block, d) * p.xsums[xb];
+        if constexpr (has_offset<Format>()) total += block.offset(d) * p.xsums[xb];
       }
     } else {
-      const auto* w = reinterpret_cast<const typename Format::Element*>(wrow);
+      const auto* w = reinterpret_cast<const typename Format::Element*>(p.weight + o * row_bytes<Format>(p.in));
       const float* x = p.x + (m0 + r) * p.in;
       for (int64_t i = 0; i < p.in; ++i) total += Format::to_float(w[i]) * x[i];
     }
@@ -223,17 +282,17 @@ void row_dots_portable(const Problem& p, const uint8_t* wrow, int64_t m0, int64_
 }
 
 template <class Format>
-void dequant_row_portable(const uint8_t* wrow, int64_t in, float* w) {
+void dequant_row_portable(const Problem<Format>& p, int64_t o, float* w) {
   if constexpr (Format::kBlocked) {
-    for (int64_t b = 0; b < in / kBlock; ++b) {
-      const uint8_t* block = wrow + b * Format::kBytes;
-      const float d = fp16_bits_to_float(block);
-      const float offset = block_offset<Format>(block, d);
-      for (int j = 0; j < kBlock; ++j) w[b * kBlock + j] = d * Format::value(block + Format::kValuesAt, j) + offset;
+    for (int64_t b = 0; b < p.in / kBlock; ++b) {
+      const BlockRef<Format> block = block_ref<Format>(p.weight, p.in, p.out, o, b);
+      const float d = fp16_bits_to_float(block.d);
+      const float offset = block.offset(d);
+      for (int j = 0; j < kBlock; ++j) w[b * kBlock + j] = d * block.value(j) + offset;
     }
   } else {
-    const auto* elements = reinterpret_cast<const typename Format::Element*>(wrow);
-    for (int64_t i = 0; i < in; ++i) w[i] = Format::to_float(elements[i]);
+    const auto* elements = reinterpret_cast<const typename Format::Element*>(p.weight + o * row_bytes<Format>(p.in));
+    for (int64_t i = 0; i < p.in; ++i) w[i] = Format::to_float(elements[i]);
   }
 }
 
@@ -248,17 +307,6 @@ LLMDROP_AVX2 inline float hsum_avx2(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
-LLMDROP_AVX2 inline float fp16_bits_to_float_f16c(const uint8_t* p) {
-  uint16_t bits;
-  std::memcpy(&bits, p, sizeof(bits));
-  return _cvtsh_ss(bits);
-}
-
-template <class Format>
-LLMDROP_AVX2 inline float block_offset_f16c(const uint8_t* block, float d) {
-  return Format::kStoredOffset ? fp16_bits_to_float_f16c(block + 2) : Format::kOffsetPerD * d;
-}
-
 // Eight consecutive dense weights as fp32.
 LLMDROP_AVX2 inline __m256 load8(const float* w) { return _mm256_loadu_ps(w); }
 LLMDROP_AVX2 inline __m256 load8(const at::Half* w) {
@@ -269,144 +317,184 @@ LLMDROP_AVX2 inline __m256 load8(const at::BFloat16* w) {  // bf16 is the top ha
   return _mm256_castsi256_ps(_mm256_slli_epi32(halves, 16));
 }
 
-// Sixteen int8 (kSigned) or uint8 lanes as int16.
-template <bool kSigned>
-LLMDROP_AVX2 inline __m256i bytes_to_int16(__m128i v) {
-  return kSigned ? _mm256_cvtepi8_epi16(v) : _mm256_cvtepu8_epi16(v);
+// Eight fp16 values (the 8 rows' d or m of a group block) as fp32.
+LLMDROP_AVX2 inline __m256 load8_fp16(const uint8_t* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
 }
 
-// The 32 integer values of a block as int16: elements 0-15 in q[0], 16-31 in q[1].
-LLMDROP_AVX2 inline void block_values_avx2(Q8_0, const uint8_t* values, __m256i q[2]) {
-  for (int half = 0; half < 2; ++half)
-    q[half] = bytes_to_int16<true>(_mm_loadu_si128(reinterpret_cast<const __m128i*>(values + 16 * half)));
+// Four bytes (int8 x) or two int16 x values, the same in all eight 32-bit lanes.
+LLMDROP_AVX2 inline __m256i broadcast32(const void* p) {
+  int32_t v;
+  std::memcpy(&v, p, sizeof(v));
+  return _mm256_set1_epi32(v);
 }
-
-// Zero-extending qs[16] to 16-bit lanes puts byte j in lane j: its low nibble is element j, its high nibble
-// (all that is left after a shift by 4) element j + 16.
-LLMDROP_AVX2 inline void nibble_values_avx2(const uint8_t* values, __m256i q[2]) {
-  const __m256i bytes = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(values)));
-  q[0] = _mm256_and_si256(bytes, _mm256_set1_epi16(0x0F));
-  q[1] = _mm256_srli_epi16(bytes, 4);
-}
-LLMDROP_AVX2 inline void block_values_avx2(Q4_0, const uint8_t* values, __m256i q[2]) { nibble_values_avx2(values, q); }
-LLMDROP_AVX2 inline void block_values_avx2(Q4_1, const uint8_t* values, __m256i q[2]) { nibble_values_avx2(values, q); }
 
 // Independent accumulators per (weight row, activation row) pair: enough chains in all to hide the FMA latency.
 constexpr int chains_for(int pairs) { return pairs >= 4 ? 1 : 4 / pairs; }
 
-// total[r] += W[o, block b] . x[m0 + r], its offset term into offset_term[r], for NROWS activation rows.
-template <class Format, int NROWS>
-LLMDROP_AVX2 inline void accumulate_block_avx2(const Problem& p, const uint8_t* wrow, int64_t m0, int64_t b,
-                                               __m256 (&total)[NROWS], float (&offset_term)[NROWS]) {
-  const uint8_t* block = wrow + b * Format::kBytes;
-  _mm_prefetch(reinterpret_cast<const char*>(block) + kPrefetchAhead, _MM_HINT_T0);
-  __m256i q[2];
-  block_values_avx2(Format{}, block + Format::kValuesAt, q);
-  const float d = fp16_bits_to_float_f16c(block);
-  const float offset = has_offset<Format>() ? block_offset_f16c<Format>(block, d) : 0.f;
-  const int64_t x0 = b * p.rows + m0;  // QuantizedX index of (block b, row m0)
-  for (int r = 0; r < NROWS; ++r) {
-    const int16_t* xq = p.xq + (x0 + r) * kBlock;
-    const __m256i block_dot =
-        _mm256_add_epi32(_mm256_madd_epi16(q[0], _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq))),
-                         _mm256_madd_epi16(q[1], _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + 16))));
-    total[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(block_dot), _mm256_set1_ps(d * p.xscale[x0 + r]), total[r]);
-    if constexpr (has_offset<Format>()) offset_term[r] += offset * p.xsums[x0 + r];
+// The integer dots of one group block with NROWS activation rows' int8 x: sums[r] lane k = row k's dot.
+// Lane c of the block holds columns 4c..4c+3 of each row in its low nibbles and 16+4c..19+4c in its high ones.
+template <int NROWS>
+LLMDROP_AVX2 inline void group_block_dots_q4(const uint8_t* values, const int8_t* const (&xq)[NROWS],
+                                             __m256i (&sums)[NROWS]) {
+  const __m256i low_nibbles = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+  __m256i pairs[NROWS];  // int16 sums of pairs of products; 8 of them per lane stay below 2^15 (8 * 2 * 15 * 127)
+  for (int r = 0; r < NROWS; ++r) pairs[r] = _mm256_setzero_si256();
+  for (int c = 0; c < 4; ++c) {
+    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(values + 32 * c));
+    const __m256i low = _mm256_and_si256(v, low_nibbles);
+    const __m256i high = _mm256_and_si256(_mm256_srli_epi16(v, 4), low_nibbles);
+    for (int r = 0; r < NROWS; ++r) {
+      pairs[r] = _mm256_add_epi16(pairs[r], _mm256_maddubs_epi16(low, broadcast32(xq[r] + 4 * c)));
+      pairs[r] = _mm256_add_epi16(pairs[r], _mm256_maddubs_epi16(high, broadcast32(xq[r] + 16 + 4 * c)));
+    }
+  }
+  for (int r = 0; r < NROWS; ++r) sums[r] = _mm256_madd_epi16(pairs[r], ones);
+}
+
+// The same for q8_0 with int16 x: lane k of the block holds columns 2k, 2k+1 of each row.
+template <int NROWS>
+LLMDROP_AVX2 inline void group_block_dots_q8(const uint8_t* values, const int16_t* const (&xq)[NROWS],
+                                             __m256i (&sums)[NROWS]) {
+  for (int r = 0; r < NROWS; ++r) sums[r] = _mm256_setzero_si256();
+  for (int k = 0; k < 16; ++k) {
+    const __m256i w = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(values + 16 * k)));
+    for (int r = 0; r < NROWS; ++r)
+      sums[r] = _mm256_add_epi32(sums[r], _mm256_madd_epi16(w, broadcast32(xq[r] + 2 * k)));
   }
 }
 
-// dots[k][r] = W[o + k] . x[m0 + r] for WROWS consecutive weight rows from wrow and NROWS activation rows
-// (compile-time, so the accumulators stay in registers). With several activation rows the dense formats take
-// two weight rows at a time, so that each load of fp32 x serves both; for the block formats (int16 x, half
-// the bytes) that measured slower, so they take one.
-template <class Format, int WROWS, int NROWS>
-LLMDROP_AVX2 void tile_dots_avx2(const Problem& p, const uint8_t* wrow, int64_t m0, float (*dots)[kRowBlock]) {
-  constexpr int chains = chains_for(WROWS * NROWS);
-  if constexpr (Format::kBlocked) {
-    static_assert(WROWS == 1, "block formats decode one weight row at a time");
-    const int64_t blocks = p.in / kBlock;
-    __m256 total[chains][NROWS];  // chain c accumulates blocks c, c + chains, ...
-    float offset_term[chains][NROWS];
-    for (int c = 0; c < chains; ++c) {
-      for (int r = 0; r < NROWS; ++r) {
-        total[c][r] = _mm256_setzero_ps();
-        offset_term[c][r] = 0.f;
-      }
+// acc[r] lane k += W[o0 + k] . x[m0 + r] for the 8 rows of the group starting at `group` and NROWS activation rows.
+template <class Format, int NROWS>
+LLMDROP_AVX2 void group_dots_avx2(const Problem<Format>& p, const uint8_t* group, int64_t m0, __m256 (&acc)[NROWS]) {
+  using XInt = typename Format::XInt;
+  const auto* xq_all = static_cast<const XInt*>(p.xq);
+  for (int r = 0; r < NROWS; ++r) acc[r] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < p.in / kBlock; ++b) {
+    const uint8_t* block = group + b * kGroupRows * Format::kBytes;
+    for (int64_t line = 0; line < kGroupRows * Format::kBytes; line += 64)
+      _mm_prefetch(reinterpret_cast<const char*>(block) + kPrefetchAhead + line, _MM_HINT_T0);
+    const int64_t x0 = b * p.rows + m0;  // QuantizedX index of (block b, row m0)
+    const XInt* xq[NROWS];
+    for (int r = 0; r < NROWS; ++r) xq[r] = xq_all + (x0 + r) * kBlock;
+    __m256i sums[NROWS];
+    if constexpr (std::is_same_v<Format, Q8_0>) {
+      group_block_dots_q8<NROWS>(block + kGroupRows * Format::kValuesAt, xq, sums);
+    } else {
+      group_block_dots_q4<NROWS>(block + kGroupRows * Format::kValuesAt, xq, sums);
     }
-    int64_t b = 0;
-    for (; b + chains <= blocks; b += chains) {
-      for (int c = 0; c < chains; ++c)
-        accumulate_block_avx2<Format, NROWS>(p, wrow, m0, b + c, total[c], offset_term[c]);
-    }
-    for (; b < blocks; ++b) accumulate_block_avx2<Format, NROWS>(p, wrow, m0, b, total[0], offset_term[0]);
+    const __m256 d = load8_fp16(block);
     for (int r = 0; r < NROWS; ++r) {
-      for (int c = 1; c < chains; ++c) {
-        total[0][r] = _mm256_add_ps(total[0][r], total[c][r]);
-        offset_term[0][r] += offset_term[c][r];
-      }
-      dots[0][r] = hsum_avx2(total[0][r]) + offset_term[0][r];
-    }
-  } else {
-    using Element = typename Format::Element;
-    const float* x = p.x + m0 * p.in;
-    const int64_t in = p.in, bytes = row_bytes<Format>(in);
-    auto weights = [&](int k) { return reinterpret_cast<const Element*>(wrow + k * bytes); };
-    __m256 acc[WROWS][NROWS][chains];  // chain c accumulates columns 8c..8c+7 of every 8 * chains
-    for (int k = 0; k < WROWS; ++k)
-      for (int r = 0; r < NROWS; ++r)
-        for (int c = 0; c < chains; ++c) acc[k][r][c] = _mm256_setzero_ps();
-    int64_t i = 0;
-    for (; i + 8 * chains <= in; i += 8 * chains) {
-      __m256 wv[WROWS][chains];
-      for (int k = 0; k < WROWS; ++k) {
-        _mm_prefetch(reinterpret_cast<const char*>(weights(k) + i) + kPrefetchAhead, _MM_HINT_T0);
-        for (int c = 0; c < chains; ++c) wv[k][c] = load8(weights(k) + i + 8 * c);
-      }
-      for (int r = 0; r < NROWS; ++r) {
-        for (int c = 0; c < chains; ++c) {
-          const __m256 xv = _mm256_loadu_ps(x + r * in + i + 8 * c);
-          for (int k = 0; k < WROWS; ++k) acc[k][r][c] = _mm256_fmadd_ps(wv[k][c], xv, acc[k][r][c]);
-        }
+      const __m256 dot = _mm256_mul_ps(_mm256_cvtepi32_ps(sums[r]), _mm256_set1_ps(p.xscale[x0 + r]));
+      if constexpr (Format::kStoredOffset) {
+        acc[r] = _mm256_fmadd_ps(d, dot, acc[r]);
+        acc[r] = _mm256_fmadd_ps(load8_fp16(block + 2 * kGroupRows), _mm256_set1_ps(p.xsums[x0 + r]), acc[r]);
+      } else if constexpr (has_offset<Format>()) {
+        const __m256 offset_term = _mm256_set1_ps(Format::kOffsetPerD * p.xsums[x0 + r]);
+        acc[r] = _mm256_fmadd_ps(d, _mm256_add_ps(dot, offset_term), acc[r]);
+      } else {
+        acc[r] = _mm256_fmadd_ps(d, dot, acc[r]);
       }
     }
-    for (; i + 8 <= in; i += 8) {
-      for (int r = 0; r < NROWS; ++r) {
-        const __m256 xv = _mm256_loadu_ps(x + r * in + i);
-        for (int k = 0; k < WROWS; ++k) acc[k][r][0] = _mm256_fmadd_ps(load8(weights(k) + i), xv, acc[k][r][0]);
-      }
-    }
+  }
+}
+
+template <class Format, int NROWS>
+LLMDROP_AVX2 void group_tile_avx2(const Problem<Format>& p, const uint8_t* group, int64_t m0,
+                                  float (*dots)[kGroupRows]) {
+  __m256 acc[NROWS];
+  group_dots_avx2<Format, NROWS>(p, group, m0, acc);
+  for (int r = 0; r < NROWS; ++r) _mm256_storeu_ps(dots[r], acc[r]);
+}
+
+// dots[k][r] = W[o + k] . x[m0 + r] for WROWS consecutive rows of a dense weight from wrow and NROWS activation
+// rows (compile-time, so the accumulators stay in registers). With several activation rows two weight rows are
+// taken at a time, so that each load of x serves both.
+template <class Format, int WROWS, int NROWS>
+LLMDROP_AVX2 void dense_tile_dots_avx2(const Problem<Format>& p, const uint8_t* wrow, int64_t m0,
+                                       float (*dots)[kRowBlock]) {
+  constexpr int chains = chains_for(WROWS * NROWS);
+  using Element = typename Format::Element;
+  const float* x = p.x + m0 * p.in;
+  const int64_t in = p.in, bytes = row_bytes<Format>(in);
+  auto weights = [&](int k) { return reinterpret_cast<const Element*>(wrow + k * bytes); };
+  __m256 acc[WROWS][NROWS][chains];  // chain c accumulates columns 8c..8c+7 of every 8 * chains
+  for (int k = 0; k < WROWS; ++k)
+    for (int r = 0; r < NROWS; ++r)
+      for (int c = 0; c < chains; ++c) acc[k][r][c] = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 * chains <= in; i += 8 * chains) {
+    __m256 wv[WROWS][chains];
     for (int k = 0; k < WROWS; ++k) {
-      for (int r = 0; r < NROWS; ++r) {
-        for (int c = 1; c < chains; ++c) acc[k][r][0] = _mm256_add_ps(acc[k][r][0], acc[k][r][c]);
-        float total = hsum_avx2(acc[k][r][0]);
-        for (int64_t t = i; t < in; ++t) total += Format::to_float(weights(k)[t]) * x[r * in + t];
-        dots[k][r] = total;
+      _mm_prefetch(reinterpret_cast<const char*>(weights(k) + i) + kPrefetchAhead, _MM_HINT_T0);
+      for (int c = 0; c < chains; ++c) wv[k][c] = load8(weights(k) + i + 8 * c);
+    }
+    for (int r = 0; r < NROWS; ++r) {
+      for (int c = 0; c < chains; ++c) {
+        const __m256 xv = _mm256_loadu_ps(x + r * in + i + 8 * c);
+        for (int k = 0; k < WROWS; ++k) acc[k][r][c] = _mm256_fmadd_ps(wv[k][c], xv, acc[k][r][c]);
       }
     }
+  }
+  for (; i + 8 <= in; i += 8) {
+    for (int r = 0; r < NROWS; ++r) {
+      const __m256 xv = _mm256_loadu_ps(x + r * in + i);
+      for (int k = 0; k < WROWS; ++k) acc[k][r][0] = _mm256_fmadd_ps(load8(weights(k) + i), xv, acc[k][r][0]);
+    }
+  }
+  for (int k = 0; k < WROWS; ++k) {
+    for (int r = 0; r < NROWS; ++r) {
+      for (int c = 1; c < chains; ++c) acc[k][r][0] = _mm256_add_ps(acc[k][r][0], acc[k][r][c]);
+      float total = hsum_avx2(acc[k][r][0]);
+      for (int64_t t = i; t < in; ++t) total += Format::to_float(weights(k)[t]) * x[r * in + t];
+      dots[k][r] = total;
+    }
+  }
+}
+
+// The 8 rows of group block `block` as 8 plain GGUF blocks, into plain[8][kBytes].
+template <class Format>
+inline void ungroup_block(const uint8_t* block, uint8_t* plain) {
+  constexpr int64_t lane = Format::kLaneBytes, value_bytes = Format::kBytes - Format::kValuesAt;
+  for (int64_t r = 0; r < kGroupRows; ++r) {
+    uint8_t* out = plain + r * Format::kBytes;
+    std::memcpy(out, block + 2 * r, 2);
+    if constexpr (Format::kStoredOffset) std::memcpy(out + 2, block + 2 * kGroupRows + 2 * r, 2);
+    const uint8_t* values = block + kGroupRows * Format::kValuesAt;
+    for (int64_t k = 0; k < value_bytes / lane; ++k)
+      std::memcpy(out + Format::kValuesAt + k * lane, values + (k * kGroupRows + r) * lane, lane);
+  }
+}
+
+// w[0 .. 32) = the 32 weights of the plain GGUF block `block`.
+template <class Format>
+LLMDROP_AVX2 inline void dequant_plain_block_avx2(const uint8_t* block, float* w) {
+  __m256i q[2];  // the 32 values as int16: elements 0-15, 16-31
+  const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(block + Format::kValuesAt));
+  if constexpr (std::is_same_v<Format, Q8_0>) {
+    q[0] = _mm256_cvtepi8_epi16(bytes);
+    q[1] = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(block + Format::kValuesAt + 16)));
+  } else {
+    const __m256i wide = _mm256_cvtepu8_epi16(bytes);
+    q[0] = _mm256_and_si256(wide, _mm256_set1_epi16(0x0F));
+    q[1] = _mm256_srli_epi16(wide, 4);
+  }
+  const float d_scalar = fp16_bits_to_float(block);
+  const float offset_scalar = Format::kStoredOffset ? fp16_bits_to_float(block + 2) : Format::kOffsetPerD * d_scalar;
+  const __m256 d = _mm256_set1_ps(d_scalar), offset = _mm256_set1_ps(offset_scalar);
+  for (int k = 0; k < 4; ++k) {
+    const __m128i eight = k % 2 ? _mm256_extracti128_si256(q[k / 2], 1) : _mm256_castsi256_si128(q[k / 2]);
+    const __m256 values = _mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(eight));
+    _mm256_storeu_ps(w + 8 * k, _mm256_fmadd_ps(values, d, offset));
   }
 }
 
 template <class Format>
-LLMDROP_AVX2 void dequant_row_avx2(const uint8_t* wrow, int64_t in, float* w) {
-  if constexpr (Format::kBlocked) {
-    for (int64_t b = 0; b < in / kBlock; ++b) {
-      const uint8_t* block = wrow + b * Format::kBytes;
-      __m256i q[2];
-      block_values_avx2(Format{}, block + Format::kValuesAt, q);
-      const float d_scalar = fp16_bits_to_float_f16c(block);
-      const __m256 d = _mm256_set1_ps(d_scalar), offset = _mm256_set1_ps(block_offset_f16c<Format>(block, d_scalar));
-      for (int k = 0; k < 4; ++k) {
-        const __m128i eight = k % 2 ? _mm256_extracti128_si256(q[k / 2], 1) : _mm256_castsi256_si128(q[k / 2]);
-        const __m256 values = _mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(eight));
-        _mm256_storeu_ps(w + b * kBlock + 8 * k, _mm256_fmadd_ps(values, d, offset));
-      }
-    }
-  } else {
-    const auto* elements = reinterpret_cast<const typename Format::Element*>(wrow);
-    int64_t i = 0;
-    for (; i + 8 <= in; i += 8) _mm256_storeu_ps(w + i, load8(elements + i));
-    for (; i < in; ++i) w[i] = Format::to_float(elements[i]);
-  }
+LLMDROP_AVX2 void dequant_dense_row_avx2(const uint8_t* wrow, int64_t in, float* w) {
+  const auto* elements = reinterpret_cast<const typename Format::Element*>(wrow);
+  int64_t i = 0;
+  for (; i + 8 <= in; i += 8) _mm256_storeu_ps(w + i, load8(elements + i));
+  for (; i < in; ++i) w[i] = Format::to_float(elements[i]);
 }
 
 int cpu_simd_bits() {
@@ -427,34 +515,81 @@ int simd_bits() { return std::min(cpu_simd_bits(), simd_bits_cap.load()); }
 // ---------------------------------------------------------------------------------------------
 // Drivers
 // ---------------------------------------------------------------------------------------------
-// dots[k][r] = W[o + k] . x[m0 + r] for WROWS weight rows from wrow and NROWS activation rows.
+// dots[k][r] = W[o + k] . x[m0 + r] for WROWS dense weight rows and NROWS activation rows.
 template <class Format, int WROWS, int NROWS>
-void tile_dots(bool avx2, const Problem& p, const uint8_t* wrow, int64_t m0, float (*dots)[kRowBlock]) {
+void dense_tile_dots(bool avx2, const Problem<Format>& p, int64_t o, int64_t m0, float (*dots)[kRowBlock]) {
 #ifdef LLMDROP_HAVE_X86_SIMD
-  if (avx2) return tile_dots_avx2<Format, WROWS, NROWS>(p, wrow, m0, dots);
+  if (avx2) return dense_tile_dots_avx2<Format, WROWS, NROWS>(p, p.weight + o * row_bytes<Format>(p.in), m0, dots);
 #endif
-  for (int k = 0; k < WROWS; ++k)
-    row_dots_portable<Format>(p, wrow + k * row_bytes<Format>(p.in), m0, NROWS, dots[k]);
+  for (int k = 0; k < WROWS; ++k) row_dots_portable<Format>(p, o + k, m0, NROWS, dots[k]);
 }
 
 template <class Format, int WROWS>
-void tile_dots(bool avx2, const Problem& p, const uint8_t* wrow, int64_t m0, int64_t nrows, float (*dots)[kRowBlock]) {
+void dense_tile_dots(bool avx2, const Problem<Format>& p, int64_t o, int64_t m0, int64_t nrows,
+                     float (*dots)[kRowBlock]) {
   switch (nrows) {
-    case 1: return tile_dots<Format, WROWS, 1>(avx2, p, wrow, m0, dots);
-    case 2: return tile_dots<Format, WROWS, 2>(avx2, p, wrow, m0, dots);
-    case 3: return tile_dots<Format, WROWS, 3>(avx2, p, wrow, m0, dots);
-    default: return tile_dots<Format, WROWS, 4>(avx2, p, wrow, m0, dots);
+    case 1: return dense_tile_dots<Format, WROWS, 1>(avx2, p, o, m0, dots);
+    case 2: return dense_tile_dots<Format, WROWS, 2>(avx2, p, o, m0, dots);
+    case 3: return dense_tile_dots<Format, WROWS, 3>(avx2, p, o, m0, dots);
+    default: return dense_tile_dots<Format, WROWS, 4>(avx2, p, o, m0, dots);
+  }
+}
+
+// y for output rows [o, o + weight_rows) and activation rows [m0, m0 + nrows).
+template <class Format>
+void tile(bool avx2, const Problem<Format>& p, int64_t o, int64_t weight_rows, int64_t m0, int64_t nrows) {
+  auto store = [&](int64_t k, int64_t r, float dot) {
+    p.y[(m0 + r) * p.out + o + k] = dot + (p.bias ? p.bias[o + k] : 0.f);
+  };
+#ifdef LLMDROP_HAVE_X86_SIMD
+  if constexpr (Format::kBlocked) {
+    if (avx2 && weight_rows == kGroupRows) {
+      const uint8_t* group = p.weight + o * row_bytes<Format>(p.in);
+      float dots[kRowBlock][kGroupRows];
+      switch (nrows) {
+        case 1: group_tile_avx2<Format, 1>(p, group, m0, dots); break;
+        case 2: group_tile_avx2<Format, 2>(p, group, m0, dots); break;
+        case 3: group_tile_avx2<Format, 3>(p, group, m0, dots); break;
+        default: group_tile_avx2<Format, 4>(p, group, m0, dots); break;
+      }
+      for (int64_t k = 0; k < kGroupRows; ++k)
+        for (int64_t r = 0; r < nrows; ++r) store(k, r, dots[r][k]);
+      return;
+    }
+  }
+#endif
+  if constexpr (!Format::kBlocked) {
+    if (weight_rows == 2) {
+      float dots[2][kRowBlock];
+      dense_tile_dots<Format, 2>(avx2, p, o, m0, nrows, dots);
+      for (int64_t k = 0; k < 2; ++k)
+        for (int64_t r = 0; r < nrows; ++r) store(k, r, dots[k][r]);
+      return;
+    }
+    if (avx2) {
+      float dots[2][kRowBlock];
+      dense_tile_dots<Format, 1>(avx2, p, o, m0, nrows, dots);
+      for (int64_t r = 0; r < nrows; ++r) store(0, r, dots[0][r]);
+      return;
+    }
+  }
+  for (int64_t k = 0; k < weight_rows; ++k) {
+    float dots[kRowBlock];
+    row_dots_portable<Format>(p, o + k, m0, nrows, dots);
+    for (int64_t r = 0; r < nrows; ++r) store(k, r, dots[r]);
   }
 }
 
 template <class Format>
-void gemv(const Problem& p) {
+void gemv(const Problem<Format>& p) {
   const bool avx2 = simd_bits() >= 256;
   const int64_t bytes = row_bytes<Format>(p.in);
-  // One activation row, or a block format: one weight row per tile. Several rows of dense formats: two.
-  // A tile is computed the same way whichever thread takes it, so results do not depend on the thread count.
-  const int64_t tile_rows = p.rows > 1 && !Format::kBlocked ? 2 : 1;
-  const int64_t tiles = (p.out + tile_rows - 1) / tile_rows;
+  // A tile: a group of 8 output rows of a block format (one row each after the last full group); one weight
+  // row of a dense format, two with several activation rows. A tile is computed the same way whichever thread
+  // takes it, so results do not depend on the thread count.
+  const int64_t tile_rows = Format::kBlocked ? kGroupRows : (p.rows > 1 ? 2 : 1);
+  const int64_t full_tiles = p.out / tile_rows, tail_rows = p.out - full_tiles * tile_rows;
+  const int64_t tiles = full_tiles + (Format::kBlocked ? tail_rows : (tail_rows > 0));
   const int64_t tiles_per_chunk = std::max<int64_t>(1, kChunkBytes / std::max<int64_t>(tile_rows * bytes, 1));
   const int64_t chunks = (tiles + tiles_per_chunk - 1) / tiles_per_chunk;
   // Threads claim chunks from a shared counter instead of taking one fixed share each: on a busy machine a
@@ -463,41 +598,59 @@ void gemv(const Problem& p) {
   at::parallel_for(0, chunks, 1, [&](int64_t, int64_t) {
     for (int64_t chunk; (chunk = next_chunk.fetch_add(1)) < chunks;) {
       for (int64_t t = chunk * tiles_per_chunk; t < std::min(tiles, (chunk + 1) * tiles_per_chunk); ++t) {
-        const int64_t o = t * tile_rows, weight_rows = std::min(tile_rows, p.out - o);
-        const uint8_t* wrow = p.weight + o * bytes;
-        for (int64_t m0 = 0; m0 < p.rows; m0 += kRowBlock) {
-          const int64_t nrows = std::min(kRowBlock, p.rows - m0);
-          float dots[2][kRowBlock];
-          if (weight_rows == 1) {
-            tile_dots<Format, 1>(avx2, p, wrow, m0, nrows, dots);
-          } else if constexpr (!Format::kBlocked) {
-            tile_dots<Format, 2>(avx2, p, wrow, m0, nrows, dots);
-          }
-          for (int64_t k = 0; k < weight_rows; ++k) {
-            const float bias = p.bias ? p.bias[o + k] : 0.f;
-            for (int64_t r = 0; r < nrows; ++r) p.y[(m0 + r) * p.out + o + k] = dots[k][r] + bias;
-          }
-        }
+        const bool full = t < full_tiles;
+        const int64_t o = full ? t * tile_rows : full_tiles * tile_rows + (Format::kBlocked ? t - full_tiles : 0);
+        const int64_t weight_rows = full ? tile_rows : (Format::kBlocked ? 1 : tail_rows);
+        for (int64_t m0 = 0; m0 < p.rows; m0 += kRowBlock) tile<Format>(avx2, p, o, weight_rows, m0,
+                                                                        std::min(kRowBlock, p.rows - m0));
       }
     }
   });
 }
 
-// Rows [o_begin, o_end) of the weight as fp32, into w [o_end - o_begin, in].
+// Rows [o_begin, o_end) of the weight as fp32, into w [o_end - o_begin, in]. o_begin is a multiple of 8.
 template <class Format>
-void dequant_rows(const Problem& p, int64_t o_begin, int64_t o_end, float* w) {
+void dequant_rows(const Problem<Format>& p, int64_t o_begin, int64_t o_end, float* w) {
   const bool avx2 = simd_bits() >= 256;
+  const int64_t groups_end = Format::kBlocked ? std::min(o_end, p.out / kGroupRows * kGroupRows) : o_begin;
   const int64_t bytes = row_bytes<Format>(p.in);
-  at::parallel_for(o_begin, o_end, 8, [&](int64_t begin, int64_t end) {
-    for (int64_t o = begin; o < end; ++o) {
-      float* wrow = w + (o - o_begin) * p.in;
+  // Whole groups: each group block ungrouped into 8 plain blocks, then dequantised.
+  at::parallel_for(o_begin / kGroupRows, groups_end / kGroupRows, 1, [&](int64_t begin, int64_t end) {
+    if constexpr (Format::kBlocked) {
+      uint8_t plain[kGroupRows * Format::kBytes];
+      for (int64_t g = begin; g < end; ++g) {
+        float* rows = w + (g * kGroupRows - o_begin) * p.in;
+        for (int64_t b = 0; b < p.in / kBlock; ++b) {
+          ungroup_block<Format>(p.weight + g * kGroupRows * bytes + b * kGroupRows * Format::kBytes, plain);
+          for (int64_t r = 0; r < kGroupRows; ++r) {
+            const uint8_t* block = plain + r * Format::kBytes;
+            float* out = rows + r * p.in + b * kBlock;
 #ifdef LLMDROP_HAVE_X86_SIMD
-      if (avx2) {
-        dequant_row_avx2<Format>(p.weight + o * bytes, p.in, wrow);
-        continue;
+            if (avx2) {
+              dequant_plain_block_avx2<Format>(block, out);
+              continue;
+            }
+#endif
+            const float d = fp16_bits_to_float(block);
+            const BlockRef<Format> ref{block, block + 2, block + Format::kValuesAt, -1};
+            for (int j = 0; j < kBlock; ++j) out[j] = d * ref.value(j) + ref.offset(d);
+          }
+        }
+      }
+    }
+  });
+  at::parallel_for(std::max(o_begin, groups_end), o_end, 8, [&](int64_t begin, int64_t end) {
+    for (int64_t o = begin; o < end; ++o) {
+      float* row = w + (o - o_begin) * p.in;
+#ifdef LLMDROP_HAVE_X86_SIMD
+      if constexpr (!Format::kBlocked) {
+        if (avx2) {
+          dequant_dense_row_avx2<Format>(p.weight + o * bytes, p.in, row);
+          continue;
+        }
       }
 #endif
-      dequant_row_portable<Format>(p.weight + o * bytes, p.in, wrow);
+      dequant_row_portable<Format>(p, o, row);
     }
   });
 }
@@ -505,7 +658,7 @@ void dequant_rows(const Problem& p, int64_t o_begin, int64_t o_end, float* w) {
 // Many rows: y = x @ W.T one tile of output rows at a time (about 1 MB of fp32, so it stays in cache
 // between dequantisation and GEMM).
 template <class Format>
-void tiled_matmul(const Problem& p, const at::Tensor& x, at::Tensor& y) {
+void tiled_matmul(const Problem<Format>& p, const at::Tensor& x, at::Tensor& y) {
   const int64_t tile = std::max<int64_t>(16, ((int64_t{1} << 18) / p.in) / 16 * 16);
   at::Tensor w = at::empty({std::min(tile, p.out), p.in}, x.options());
   for (int64_t o0 = 0; o0 < p.out; o0 += tile) {
@@ -564,15 +717,17 @@ at::Tensor& gemv_out(const at::Tensor& x_any, const at::Tensor& weight, const c1
       return at::mm_out(y, x, weight.t());
     }
   }
-  Problem p{x.data_ptr<float>(), static_cast<const uint8_t*>(weight.data_ptr()),
-            bias ? bias->data_ptr<float>() : nullptr, y.data_ptr<float>(), rows, in, out, nullptr, nullptr, nullptr};
+  Problem<Format> p{x.data_ptr<float>(), static_cast<const uint8_t*>(weight.data_ptr()),
+                    bias ? bias->data_ptr<float>() : nullptr, y.data_ptr<float>(), rows, in, out,
+                    nullptr, nullptr, nullptr};
   if (rows <= kGemvMaxRows) {
-    QuantizedX xq;
     if constexpr (Format::kBlocked) {
-      xq = quantize_x(p.x, rows, in, has_offset<Format>());
+      const auto xq = quantize_x<Format>(p.x, rows, in);
       p.xq = xq.values.data(), p.xscale = xq.scales.data(), p.xsums = xq.sums.data();
+      gemv<Format>(p);
+    } else {
+      gemv<Format>(p);
     }
-    gemv<Format>(p);
   } else {
     tiled_matmul<Format>(p, x, y);
     if (bias) y.add_(*bias);

@@ -207,7 +207,7 @@ class ModelBuilder:
         fmt, table = self.stored([hf_names.EMBEDDING], [rows], hidden, self.formats[1])
         embed = cpu_linear.CpuEmbedding(table, fmt)
         if cfg.tie_word_embeddings:
-            return embed, cpu_linear.CpuLinear(embed.weight, fmt)
+            return embed, embed.tied_head()
         head_fmt, head_table = self.stored([hf_names.LM_HEAD], [rows], hidden, self.formats[1])
         return embed, cpu_linear.CpuLinear(head_table, head_fmt)
 

@@ -11,6 +11,11 @@ where ``qs[j]`` holds element ``j`` in its low nibble and element ``j + 16`` in 
 one of these types therefore is already a valid stored weight (its raw bytes, one row per output feature), and
 `quantize` reproduces gguf's reference quantizers (``gguf.quants.quantize``) bit for bit.
 
+The kernels read block formats in a row-interleaved layout of the same bytes (`interleave`; the file comment of
+csrc/cpu_gemv.cpp draws it): every 8 output rows store their blocks of one column together, values in lanes, so
+that one vector load holds a few columns of 8 rows. `CpuLinear` and `CpuEmbedding` interleave what they are given
+and hold only that; `deinterleave` gives the GGUF bytes back.
+
 `CpuLinear` runs the compiled kernels of ``llmdrop_rt._cpu_gemv`` (csrc/cpu_gemv.cpp) when they are built, and a
 pure-torch dequantize-and-matmul otherwise; its ``path`` says which.
 """
@@ -28,6 +33,10 @@ FORMATS = (*DENSE_DTYPES, *BLOCK_BYTES)
 # Up to this many rows the kernels run a fused GEMV; above it they dequantise tiles for ATen's GEMM
 # (kGemvMaxRows in csrc/cpu_gemv.cpp).
 GEMV_MAX_ROWS = 8
+# Output rows interleaved in the block formats' kernel layout, and the bytes of a lane (kGroupRows, kLaneBytes).
+GROUP_ROWS = 8
+LANE_BYTES = {"q8_0": 2, "q4_0": 4, "q4_1": 4}
+SCALE_BYTES = {"q8_0": 2, "q4_0": 2, "q4_1": 4}  # fp16 d (and m) opening each block
 
 
 ops = compiled_ops("_cpu_gemv", "llmdrop_cpu_gemv")
@@ -130,6 +139,53 @@ def dequantize(stored: torch.Tensor, fmt: str, dtype: torch.dtype = torch.float6
     return w.reshape(stored.shape[0], -1)
 
 
+def interleave(stored: torch.Tensor, fmt: str) -> torch.Tensor:
+    """A stored weight (GGUF's row layout) in the kernels' layout: the same shape and bytes, each full group of
+    8 rows rearranged so that block column b of all 8 rows lies together as [d x 8, (m x 8,) lanes], lane k
+    holding value bytes k*L .. k*L+L-1 of rows 0..7 in turn. Dense formats are returned as they are."""
+    if fmt in DENSE_DTYPES:
+        return stored
+    groups, blocks, nbytes, lane = stored.shape[0] // GROUP_ROWS, stored.shape[1] // BLOCK_BYTES[fmt], \
+        BLOCK_BYTES[fmt], LANE_BYTES[fmt]
+    full = groups * GROUP_ROWS
+    g = stored[:full].reshape(groups, GROUP_ROWS, blocks, nbytes)
+    scales = [g[..., i:i + 2].permute(0, 2, 1, 3).reshape(groups, blocks, -1) for i in range(0, SCALE_BYTES[fmt], 2)]
+    values = g[..., SCALE_BYTES[fmt]:].reshape(groups, GROUP_ROWS, blocks, -1, lane).permute(0, 2, 3, 1, 4)
+    grouped = torch.cat([*scales, values.reshape(groups, blocks, -1)], dim=-1).reshape(full, -1)
+    return torch.cat([grouped, stored[full:]]).contiguous()
+
+
+def deinterleave(weight: torch.Tensor, fmt: str) -> torch.Tensor:
+    """The inverse of `interleave`: a kernel-layout weight as GGUF's rows."""
+    if fmt in DENSE_DTYPES:
+        return weight
+    groups, blocks, nbytes, lane = weight.shape[0] // GROUP_ROWS, weight.shape[1] // BLOCK_BYTES[fmt], \
+        BLOCK_BYTES[fmt], LANE_BYTES[fmt]
+    full, scale_bytes = groups * GROUP_ROWS, SCALE_BYTES[fmt]
+    g = weight[:full].reshape(groups, blocks, GROUP_ROWS * nbytes)
+    scales = [g[..., GROUP_ROWS * i:GROUP_ROWS * (i + 2)].reshape(groups, blocks, GROUP_ROWS, 2).permute(0, 2, 1, 3)
+              for i in range(0, scale_bytes, 2)]
+    values = g[..., GROUP_ROWS * scale_bytes:].reshape(groups, blocks, -1, GROUP_ROWS, lane).permute(0, 3, 1, 2, 4)
+    rows = torch.cat([*scales, values.reshape(groups, GROUP_ROWS, blocks, -1)], dim=-1).reshape(full, -1)
+    return torch.cat([rows, weight[full:]]).contiguous()
+
+
+def deinterleaved_rows(weight: torch.Tensor, fmt: str, index: torch.Tensor) -> torch.Tensor:
+    """Rows `index` (1-D) of a kernel-layout weight as GGUF's rows, ungrouping only the groups they lie in."""
+    if fmt in DENSE_DTYPES:
+        return weight[index]
+    full = weight.shape[0] // GROUP_ROWS * GROUP_ROWS
+    rows = weight.new_empty(index.shape[0], weight.shape[1])
+    grouped = index < full
+    if grouped.any():
+        wanted = index[grouped]
+        groups = weight[:full].reshape(-1, GROUP_ROWS, weight.shape[1])[wanted // GROUP_ROWS]
+        ungrouped = deinterleave(groups.reshape(-1, weight.shape[1]), fmt).reshape(groups.shape)
+        rows[grouped] = ungrouped[torch.arange(wanted.shape[0]), wanted % GROUP_ROWS]
+    rows[~grouped] = weight[index[~grouped]]
+    return rows
+
+
 def in_features_of(stored: torch.Tensor, fmt: str) -> int:
     """The input features of a stored weight (its columns; 32 per block of the block formats)."""
     _check_format(fmt)
@@ -159,13 +215,16 @@ class CpuLinear(torch.nn.Module):
     where the CPU has bf16 dot products, is not a candidate: it would round x to bf16.
     """
 
-    def __init__(self, weight: torch.Tensor, fmt: str, bias: torch.Tensor | None = None, path: str = "auto"):
+    def __init__(self, weight: torch.Tensor, fmt: str, bias: torch.Tensor | None = None, path: str = "auto",
+                 *, interleaved: bool = False):
+        """weight: as `quantize` returns it (GGUF's layout), or already `interleave`d (interleaved=True: a table
+        shared with a `CpuEmbedding`). `self.weight` holds the kernels' layout; `stored()` gives GGUF's back."""
         super().__init__()
         _check_format(fmt)
         self.fmt = fmt
         self.out_features = weight.shape[0]
         self.in_features = in_features_of(weight, fmt)
-        self.register_buffer("weight", weight.contiguous())
+        self.register_buffer("weight", weight.contiguous() if interleaved else interleave(weight.contiguous(), fmt))
         self.register_buffer("bias", None if bias is None else bias.detach().to(torch.float32).contiguous())
         self.path = self._choose_path(path)
 
@@ -185,6 +244,10 @@ class CpuLinear(torch.nn.Module):
             return requested
         return "reference" if ops is None else "kernel"
 
+    def stored(self) -> torch.Tensor:
+        """The weight as `quantize` returns it (GGUF's layout)."""
+        return deinterleave(self.weight, self.fmt)
+
     def weight_bytes(self) -> int:
         """Bytes a forward pass streams from the weight (and bias)."""
         size = self.weight.numel() * self.weight.element_size()
@@ -197,7 +260,7 @@ class CpuLinear(torch.nn.Module):
         elif self.path == "kernel":
             y = getattr(ops, f"gemv_{self.fmt}")(x2, self.weight, self.bias)
         else:
-            y = F.linear(x2, dequantize(self.weight, self.fmt, torch.float32), self.bias)
+            y = F.linear(x2, dequantize(self.stored(), self.fmt, torch.float32), self.bias)
         return y.reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
@@ -205,17 +268,21 @@ class CpuLinear(torch.nn.Module):
 
 
 class CpuEmbedding(torch.nn.Module):
-    """Token embeddings from a table stored in one of `FORMATS` (rows dequantized to fp32 as they are looked up);
-    a tied output projection is a `CpuLinear` over the same stored tensor."""
+    """Token embeddings from a table stored in one of `FORMATS` (given as `quantize` returns it, held interleaved;
+    rows dequantized to fp32 as they are looked up); a tied output projection is `tied_head()`, a `CpuLinear`
+    over the same held tensor."""
 
     def __init__(self, weight: torch.Tensor, fmt: str):
         super().__init__()
         _check_format(fmt)
         self.fmt = fmt
-        self.register_buffer("weight", weight.contiguous())
+        self.register_buffer("weight", interleave(weight.contiguous(), fmt))
+
+    def tied_head(self) -> CpuLinear:
+        return CpuLinear(self.weight, self.fmt, interleaved=True)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        rows = self.weight[tokens.reshape(-1)]
+        rows = deinterleaved_rows(self.weight, self.fmt, tokens.reshape(-1))
         return dequantize(rows, self.fmt, torch.float32).reshape(*tokens.shape, -1)
 
     def extra_repr(self) -> str:

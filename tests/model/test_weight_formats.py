@@ -70,7 +70,7 @@ def test_embedded_gguf_loads_its_blocks_as_stored(smollm2_dir):
     assert qkv.fmt == "q4_1" and int4.model.embed.fmt == "q8_0"  # the shipped types, not requantized
     fp32 = llmdrop_rt.load(smollm2_dir)  # the same weights, dequantized once by the GGUF conversion
     dense_q = fp32.model.layers[0].attn.qkv.weight
-    assert torch.equal(cpu_linear.dequantize(qkv.weight, "q4_1", torch.float32), dense_q)
+    assert torch.equal(cpu_linear.dequantize(qkv.stored(), "q4_1", torch.float32), dense_q)
     tokens = torch.randint(100, 40000, (1, 24), generator=torch.Generator().manual_seed(3))
     ours, reference = int4.logits(tokens), fp32.logits(tokens)
     assert ((ours - reference).norm() / reference.norm()).item() < 1e-2
