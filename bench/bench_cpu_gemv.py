@@ -78,12 +78,12 @@ def bench_shape(model: str, name: str, out_features: int, in_features: int, form
     x = torch.randn(rows, in_features)
     candidates, weight_bytes, paths = {}, {}, {}
     for fmt in formats:
-        stored = cold_copies(cpu_linear.quantize(weight, fmt), cold_bytes)
+        stored = cold_copies(cpu_linear.interleave(cpu_linear.quantize(weight, fmt), fmt), cold_bytes)
         op = getattr(cpu_linear.ops, f"gemv_{fmt}")
         next_weight = rotating(stored)
         candidates[fmt] = lambda op=op, next_weight=next_weight: op(x, next_weight())
         weight_bytes[fmt] = stored[0].numel() * stored[0].element_size()
-        paths[fmt] = CpuLinear(stored[0], fmt).path
+        paths[fmt] = CpuLinear(stored[0], fmt, interleaved=True).path
     paths.update(dict.fromkeys(TORCH_BASELINES, "torch"))
     for baseline, dtype in zip(TORCH_BASELINES, (torch.float32, torch.bfloat16)):
         dense = cold_copies(weight.to(dtype), cold_bytes)

@@ -7,8 +7,8 @@ come from our exporter (bench.llama_cpp.peer_gguf); llama.cpp's rows need `make 
 
 A whole chunk in one pass runs our prefill arithmetic (many rows per matrix product: dequantized tiles and a GEMM).
 `--paths decode` scores the same chunks with the decode arithmetic instead: every CPU linear layer is fed at most
-GEMV_MAX_ROWS rows at a time, so it runs the GEMV kernels that decoding runs (with AVX-512 VNNI their block
-formats quantise activations to int8, as llama.cpp's q8_0 activations; elsewhere to int16).
+GEMV_MAX_ROWS rows at a time, so it runs the GEMV kernels that decoding runs (they quantise activations per block
+of 32: to int8 for the 4-bit formats, as llama.cpp does for Q4_0, and to int16 for int8 weights).
 
 Caveat: the embedded SmolLM2-135M-Instruct ships as Q4_1, so its weights already sit on a 4-bit grid. That
 flatters every 4-bit result (int4 here rounds weights that were 4-bit to begin with).
