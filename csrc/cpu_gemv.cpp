@@ -62,7 +62,9 @@ constexpr int64_t kRowBlock = 4;     // activation rows sharing one decode of th
 constexpr int64_t kBlock = 32;       // input columns per quantisation block
 constexpr int64_t kGroupRows = 8;    // output rows interleaved in the block formats' layout
 constexpr int64_t kChunkBytes = 32 << 10;  // weight bytes a thread claims at a time in the GEMV
-constexpr int64_t kPrefetchAhead = 2048;  // bytes of the weight stream requested ahead of use
+// Bytes of a block-format weight stream requested ahead of use. Dense rows are left to the hardware prefetchers:
+// SmolLM2's fp32 and fp16 GEMVs ran 10-20 % faster without software prefetches, its q4 ones slower.
+constexpr int64_t kPrefetchAhead = 2048;
 
 inline float fp16_bits_to_float(const uint8_t* p) {
   uint16_t bits;
@@ -426,7 +428,6 @@ LLMDROP_AVX2 void dense_tile_dots_avx2(const Problem<Format>& p, const uint8_t* 
   for (; i + 8 * chains <= in; i += 8 * chains) {
     __m256 wv[WROWS][chains];
     for (int k = 0; k < WROWS; ++k) {
-      _mm_prefetch(reinterpret_cast<const char*>(weights(k) + i) + kPrefetchAhead, _MM_HINT_T0);
       for (int c = 0; c < chains; ++c) wv[k][c] = load8(weights(k) + i + 8 * c);
     }
     for (int r = 0; r < NROWS; ++r) {
