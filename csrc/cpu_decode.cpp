@@ -58,6 +58,66 @@ LLMDROP_AVX2 void axpy_avx2(float alpha, const float* x, float* y, int64_t n) {
   for (; i < n; ++i) y[i] += alpha * x[i];
 }
 
+// e^x for eight lanes: x = n ln2 + r with |r| <= ln2 / 2, e^r by its degree-6 Taylor-like polynomial (Cephes'
+// expf coefficients, ~2 ulp), scaled by 2^n through the exponent bits. Below -87.3 the result is 0 (where
+// std::exp would give a subnormal), above 88.7 infinity; NaN stays NaN.
+LLMDROP_AVX2 __m256 exp8_avx2(__m256 x) {
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.3981999507e-3f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(8.3334519073e-3f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(4.1665795894e-2f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.6666665459e-1f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(5.0000001201e-1f));
+  y = _mm256_fmadd_ps(y, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.f)));
+  // 2^n in two factors, so that n up to 128 (x up to 88.7) does not overflow the exponent field.
+  const __m256i half = _mm256_srai_epi32(_mm256_cvtps_epi32(n), 1);
+  const __m256i rest = _mm256_sub_epi32(_mm256_cvtps_epi32(n), half);
+  const __m256i bias = _mm256_set1_epi32(127);
+  const __m256 scale_a = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(half, bias), 23));
+  const __m256 scale_b = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(rest, bias), 23));
+  y = _mm256_mul_ps(_mm256_mul_ps(y, scale_a), scale_b);
+  y = _mm256_blendv_ps(y, _mm256_setzero_ps(), _mm256_cmp_ps(x, _mm256_set1_ps(-87.3f), _CMP_LT_OQ));
+  y = _mm256_blendv_ps(y, _mm256_set1_ps(std::numeric_limits<float>::infinity()),
+                       _mm256_cmp_ps(x, _mm256_set1_ps(88.7f), _CMP_GT_OQ));
+  return _mm256_blendv_ps(y, x, _mm256_cmp_ps(x, x, _CMP_UNORD_Q));
+}
+
+LLMDROP_AVX2 void softmax_avx2(float* s, int64_t n) {
+  float best = -std::numeric_limits<float>::infinity();
+  for (int64_t j = 0; j < n; ++j) best = std::max(best, s[j]);
+  const __m256 shift = _mm256_set1_ps(best);
+  __m256 sum8 = _mm256_setzero_ps();
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) {
+    const __m256 e = exp8_avx2(_mm256_sub_ps(_mm256_loadu_ps(s + j), shift));
+    _mm256_storeu_ps(s + j, e);
+    sum8 = _mm256_add_ps(sum8, e);
+  }
+  float lanes[8];
+  _mm256_storeu_ps(lanes, sum8);
+  float total = 0.f;
+  for (float lane : lanes) total += lane;
+  for (; j < n; ++j) total += (s[j] = std::exp(s[j] - best));
+  const __m256 inverse = _mm256_set1_ps(1.f / total);
+  for (j = 0; j + 8 <= n; j += 8) _mm256_storeu_ps(s + j, _mm256_mul_ps(_mm256_loadu_ps(s + j), inverse));
+  for (; j < n; ++j) s[j] /= total;
+}
+
+LLMDROP_AVX2 void silu_mul_avx2(const float* gate, const float* up, float* out, int64_t n) {
+  const __m256 one = _mm256_set1_ps(1.f);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 g = _mm256_loadu_ps(gate + i);
+    const __m256 sigmoid = _mm256_div_ps(one, _mm256_add_ps(one, exp8_avx2(_mm256_sub_ps(_mm256_setzero_ps(), g))));
+    _mm256_storeu_ps(out + i, _mm256_mul_ps(_mm256_mul_ps(g, sigmoid), _mm256_loadu_ps(up + i)));
+  }
+  for (; i < n; ++i) out[i] = gate[i] / (1.f + std::exp(-gate[i])) * up[i];
+}
+
 bool have_avx2() {
   static const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
   return avx2;
@@ -77,6 +137,26 @@ float dot(const float* a, const float* b, int64_t n) {
   for (float p : partial) total += p;
   for (; i < n; ++i) total += a[i] * b[i];
   return total;
+}
+
+// Masked scores (-inf) become probability 0; a row of them only (no visible key) gives NaN, as 0 / 0.
+void softmax_in_place(float* s, int64_t n) {
+#ifdef LLMDROP_HAVE_X86_SIMD
+  if (have_avx2()) return softmax_avx2(s, n);
+#endif
+  float best = -std::numeric_limits<float>::infinity();
+  for (int64_t j = 0; j < n; ++j) best = std::max(best, s[j]);
+  float total = 0.f;
+  for (int64_t j = 0; j < n; ++j) total += (s[j] = std::exp(s[j] - best));
+  for (int64_t j = 0; j < n; ++j) s[j] /= total;
+}
+
+// out = silu(gate) * up
+void silu_mul(const float* gate, const float* up, float* out, int64_t n) {
+#ifdef LLMDROP_HAVE_X86_SIMD
+  if (have_avx2()) return silu_mul_avx2(gate, up, out, n);
+#endif
+  for (int64_t i = 0; i < n; ++i) out[i] = gate[i] / (1.f + std::exp(-gate[i])) * up[i];
 }
 
 // y += alpha * x
@@ -171,36 +251,30 @@ at::Tensor attention_block(at::Tensor& x, const at::Tensor& normed, const at::Te
   at::Tensor out = at::empty({rows, heads * d}, x.options());
   float* out_data = out.data_ptr<float>();
   const float scale = 1.f / std::sqrt(static_cast<float>(d));
-  const int64_t group = heads / kv_heads;
-  // Waking the thread pool costs more than a short context's attention: split heads only over long contexts.
-  const int64_t grain = keys * d >= kParallelAttentionWork ? 1 : rows * heads;
-  at::parallel_for(0, rows * heads, grain, [&](int64_t begin, int64_t end) {
-    std::vector<float> scores(keys);
+  const int64_t group = heads / kv_heads;  // query heads g * group .. g * group + group - 1 read KV head g
+  // Waking the thread pool costs more than a short context's attention: split KV heads only over long contexts.
+  const int64_t grain = keys * d * group >= kParallelAttentionWork ? 1 : rows * kv_heads;
+  // One task per (row, KV head): each cached key and value is read once for all the query heads that share it.
+  at::parallel_for(0, rows * kv_heads, grain, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores(group * keys);
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / heads, h = task % heads, g = h / group;
-      const float* q = qkv_data + b * width + h * d;
+      const int64_t b = task / kv_heads, g = task % kv_heads;
+      const float* q = qkv_data + b * width + g * group * d;
       const float* k = k_data + (b * kv_heads + g) * max_len * d;
       const float* v = v_data + (b * kv_heads + g) * max_len * d;
-      float best = -std::numeric_limits<float>::infinity();
       for (int64_t j = 0; j < keys; ++j) {
-        if (mask_data && !mask_data[b * mask_stride + j]) {
-          scores[j] = -std::numeric_limits<float>::infinity();
-          continue;
+        const bool masked = mask_data && !mask_data[b * mask_stride + j];
+        for (int64_t h = 0; h < group; ++h)
+          scores[h * keys + j] = masked ? -std::numeric_limits<float>::infinity() : dot(q + h * d, k + j * d, d) * scale;
+      }
+      float* o = out_data + b * heads * d + g * group * d;
+      std::fill(o, o + group * d, 0.f);
+      for (int64_t h = 0; h < group; ++h) softmax_in_place(scores.data() + h * keys, keys);
+      for (int64_t j = 0; j < keys; ++j) {
+        for (int64_t h = 0; h < group; ++h) {
+          const float p = scores[h * keys + j];
+          if (p != 0.f) axpy(p, v + j * d, o + h * d, d);
         }
-        scores[j] = dot(q, k + j * d, d) * scale;
-        best = std::max(best, scores[j]);
-      }
-      float total = 0.f;
-      for (int64_t j = 0; j < keys; ++j) {
-        scores[j] = std::isinf(scores[j]) ? 0.f : std::exp(scores[j] - best);
-        total += scores[j];
-      }
-      float* o = out_data + b * heads * d + h * d;
-      std::fill(o, o + d, 0.f);
-      for (int64_t j = 0; j < keys; ++j) {
-        const float p = scores[j] / total;
-        if (p == 0.f) continue;
-        axpy(p, v + j * d, o, d);
       }
     }
   });
@@ -215,12 +289,7 @@ at::Tensor mlp_block(const at::Tensor& normed, const at::Tensor& gate_up_weight,
   at::Tensor act = at::empty({rows, inter}, gate_up.options());
   const float* gu = gate_up.data_ptr<float>();
   float* a = act.data_ptr<float>();
-  for (int64_t r = 0; r < rows; ++r) {
-    for (int64_t i = 0; i < inter; ++i) {
-      const float g = gu[r * 2 * inter + i];
-      a[r * inter + i] = g / (1.f + std::exp(-g)) * gu[r * 2 * inter + inter + i];
-    }
-  }
+  for (int64_t r = 0; r < rows; ++r) silu_mul(gu + r * 2 * inter, gu + r * 2 * inter + inter, a + r * inter, inter);
   return project(act, down_weight, down_fmt, down_bias);
 }
 
