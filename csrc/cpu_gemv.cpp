@@ -16,7 +16,8 @@
 // so a kernel multiplies them with one broadcast piece of x and ends with the 8 rows' sums in the 8 lanes of a
 // vector, with no horizontal sums. The last out % 8 rows stay as plain GGUF rows.
 //
-// Up to kGemvMaxRows activation rows (decode): a fused GEMV. Dense weights are converted to fp32 in
+// Up to kGemvMaxRows activation rows (decode), and any number for the block formats (see fused_kernels_for): a
+// fused GEMV. Dense weights are converted to fp32 in
 // registers and multiplied with x by FMA. For block formats x is first quantised per block of 32 (x ~ sx * xq,
 // sx = max|x| / 127 over the block into int8 for the 4-bit formats, as llama.cpp quantises activations for
 // them; / 32767 into int16 for q8_0, whose int8 weights would otherwise dominate its error less than x's);
@@ -25,7 +26,7 @@
 // offset * sx * (sum of xq over the block): the kernels compute W times the quantised x, so the error is that of
 // x's rounding times w, not times the 0..15 stored values the offset would otherwise cancel. x is quantised once
 // per call.
-// More rows (prefill): tiles of output rows are dequantised to fp32 and ATen's GEMM does the rest.
+// More rows of a dense format (prefill): tiles of output rows are dequantised to fp32 and ATen's GEMM does the rest.
 // Parallelism is at::parallel_for (torch's thread pool) over contiguous ranges of output rows, so each
 // thread streams its own part of the weight. x86-64 builds carry AVX2 + FMA + F16C kernels picked at run
 // time (functions compiled with target attributes, so the build needs only the baseline ISA); portable
@@ -700,6 +701,20 @@ void check_args(const at::Tensor& x, const at::Tensor& weight, const c10::option
               " ", bias ? bias->sizes() : at::IntArrayRef{});
 }
 
+// Whether `rows` activation rows run the fused kernels rather than dequantised tiles + ATen's GEMM: up to
+// kGemvMaxRows always. Above, the block formats' integer kernels (measured on SmolLM2's shapes at 128 rows: q4_0
+// 1.2x the tiles' speed on one thread, 2.4x on two, whose GEMMs of one tile hardly split), except q8_0 on one
+// thread, where the tiles ran 1.3x faster.
+template <class Format>
+bool fused_kernels_for(int64_t rows) {
+  if (rows <= kGemvMaxRows) return true;
+  if constexpr (Format::kBlocked) {
+    return !(std::is_same_v<Format, Q8_0> && at::get_num_threads() == 1);
+  } else {
+    return false;
+  }
+}
+
 template <class Format>
 at::Tensor& gemv_out(const at::Tensor& x_any, const at::Tensor& weight, const c10::optional<at::Tensor>& bias_any,
                      at::Tensor& y) {
@@ -721,7 +736,7 @@ at::Tensor& gemv_out(const at::Tensor& x_any, const at::Tensor& weight, const c1
   Problem<Format> p{x.data_ptr<float>(), static_cast<const uint8_t*>(weight.data_ptr()),
                     bias ? bias->data_ptr<float>() : nullptr, y.data_ptr<float>(), rows, in, out,
                     nullptr, nullptr, nullptr};
-  if (rows <= kGemvMaxRows) {
+  if (fused_kernels_for<Format>(rows)) {
     if constexpr (Format::kBlocked) {
       const auto xq = quantize_x<Format>(p.x, rows, in);
       p.xq = xq.values.data(), p.xscale = xq.scales.data(), p.xsums = xq.sums.data();

@@ -30,8 +30,9 @@ BLOCK = 32  # input columns per quantisation block
 BLOCK_BYTES = {"q8_0": 34, "q4_0": 18, "q4_1": 20}
 DENSE_DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
 FORMATS = (*DENSE_DTYPES, *BLOCK_BYTES)
-# Up to this many rows the kernels run a fused GEMV; above it they dequantise tiles for ATen's GEMM
-# (kGemvMaxRows in csrc/cpu_gemv.cpp).
+# Up to this many rows the kernels run a fused GEMV; above it the dense formats dequantise tiles for ATen's GEMM,
+# and the block formats keep their integer kernels (q8_0 on one thread excepted: tiles + GEMM there), which beat
+# the tiles at prefill shapes (kGemvMaxRows and fused_kernels_for in csrc/cpu_gemv.cpp).
 GEMV_MAX_ROWS = 8
 # Output rows interleaved in the block formats' kernel layout, and the bytes of a lane (kGroupRows, kLaneBytes).
 GROUP_ROWS = 8
@@ -204,9 +205,10 @@ class CpuLinear(torch.nn.Module):
     """y = x @ W.T + bias for fp32 x [..., in] and W stored in one of `FORMATS`; y is fp32.
 
     path, the code that runs a call:
-      "kernel"    the compiled op torch.ops.llmdrop_cpu_gemv.gemv_<fmt> (its fused GEMV up to GEMV_MAX_ROWS rows,
-                  dequantised tiles and ATen's GEMM above), except that f32 calls with more rows go to F.linear,
-                  the same GEMM without the op in between;
+      "kernel"    the compiled op torch.ops.llmdrop_cpu_gemv.gemv_<fmt> (its fused GEMV up to GEMV_MAX_ROWS rows;
+                  above, the block formats' integer kernels or, for dense formats, dequantised tiles and ATen's
+                  GEMM: see GEMV_MAX_ROWS), except that f32 calls with more rows go to F.linear, the same GEMM
+                  without the op in between;
       "torch"     F.linear on the stored weight (f32 only: F.linear wants x and W of one dtype);
       "reference" dequantize to fp32, then F.linear (what "auto" picks where the extension is not built).
     "auto" picks "kernel" for every format and shape, by a rule measured with bench/bench_cpu_gemv.py: at 1-8 rows

@@ -269,6 +269,22 @@ def test_threads_split_rows_without_changing_results(fmt, gen):
 
 
 @requires_ext
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("fmt", BLOCK_FORMATS)
+def test_many_rows_on_one_and_two_threads(fmt, threads, simd, gen):
+    """Prefill-sized calls take the integer kernels or (q8_0 on one thread) dequantised tiles + GEMM."""
+    stored = quantize(random_weight(77, 96, gen), fmt)
+    x, bias = torch.randn(45, 96, generator=gen), torch.randn(77, generator=gen)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        y = getattr(ops, f"gemv_{fmt}")(x, interleave(stored, fmt), bias)
+    finally:
+        torch.set_num_threads(before)
+    assert_close_to_reference(y, x, stored, fmt, bias)
+
+
+@requires_ext
 @pytest.mark.parametrize("rows", [1, 33])
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_nan_in_x_reaches_every_output_of_its_row(fmt, rows, simd, gen):
