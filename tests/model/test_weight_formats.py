@@ -9,8 +9,9 @@ from llmdrop_rt.model.builder import WEIGHT_FORMATS
 from llmdrop_rt.quant import cpu_linear
 
 # Relative error of the logits vs the reference on the same weights: the block kernels round activations per block
-# (see csrc/cpu_gemv.cpp), the 16-bit ones accumulate in another order than torch.
-TOLERANCE = {"fp32": 1e-5, "fp16": 1e-5, "bf16": 1e-5, "int8": 1e-2, "int4": 1e-2}
+# (see csrc/cpu_gemv.cpp: to int16 for int8 weights, to int8 for int4 ones, as llama.cpp does for Q4_0, which moves
+# each matrix product by ~0.5 % and the logits by 2-3 %), the 16-bit ones accumulate in another order than torch.
+TOLERANCE = {"fp32": 1e-5, "fp16": 1e-5, "bf16": 1e-5, "int8": 1e-2, "int4": 5e-2}
 
 
 def rounded_reference(folder, weights: str, drop_attn=(), drop_mlp=()):
@@ -73,4 +74,4 @@ def test_embedded_gguf_loads_its_blocks_as_stored(smollm2_dir):
     assert torch.equal(cpu_linear.dequantize(qkv.stored(), "q4_1", torch.float32), dense_q)
     tokens = torch.randint(100, 40000, (1, 24), generator=torch.Generator().manual_seed(3))
     ours, reference = int4.logits(tokens), fp32.logits(tokens)
-    assert ((ours - reference).norm() / reference.norm()).item() < 1e-2
+    assert ((ours - reference).norm() / reference.norm()).item() < TOLERANCE["int4"]

@@ -18,8 +18,18 @@ import pytest
 import torch
 
 from llmdrop_rt.quant import cpu_linear
-from llmdrop_rt.quant.cpu_linear import (BLOCK, BLOCK_BYTES, FORMATS, CpuEmbedding, CpuLinear, deinterleave,
-                                         deinterleaved_rows, dequantize, interleave, quantize)
+from llmdrop_rt.quant.cpu_linear import (
+    BLOCK,
+    BLOCK_BYTES,
+    FORMATS,
+    CpuEmbedding,
+    CpuLinear,
+    deinterleave,
+    deinterleaved_rows,
+    dequantize,
+    interleave,
+    quantize,
+)
 
 ops = cpu_linear.ops
 requires_ext = pytest.mark.skipif(
