@@ -213,7 +213,8 @@ class CpuLinear(torch.nn.Module):
       "reference" dequantize to fp32, then F.linear (what "auto" picks where the extension is not built).
     "auto" picks "kernel" for every format and shape, by a rule measured with bench/bench_cpu_gemv.py: at 1-8 rows
     the kernel beat F.linear fp32 on every decode shape measured (SmolLM2-135M and Llama-7B projections, 1 and 2
-    threads, cold weights), and above 8 rows both are the same GEMM. torch's bf16 F.linear, faster for many rows
+    threads, cold weights); above 8 rows the dense formats run the same GEMM, the block formats their integer
+    kernels where those measured faster (GEMV_MAX_ROWS). torch's bf16 F.linear, faster for many rows
     where the CPU has bf16 dot products, is not a candidate: it would round x to bf16.
     """
 
