@@ -28,7 +28,8 @@ def extension_build_kwargs():
     openmp = ["-fopenmp"] if torch.backends.openmp.is_available() and sys.platform.startswith("linux") else []
 
     def cpu_extension(name: str, source: str):
-        return cpp_extension.CppExtension(name, [source], extra_compile_args=["-O3", *openmp], extra_link_args=openmp)
+        return cpp_extension.CppExtension(name, [source], depends=["csrc/x86_simd.h"],
+                                          extra_compile_args=["-O3", *openmp], extra_link_args=openmp)
 
     extensions = [
         cpu_extension("llmdrop_rt._int4_cpu", "csrc/int4_cpu.cpp"),

@@ -21,17 +21,13 @@
 #include <unordered_map>
 #include <vector>
 
-#if defined(__x86_64__) && defined(__GNUC__)
-#include <immintrin.h>
-#define LLMDROP_HAVE_X86_SIMD 1
-#define LLMDROP_AVX2 __attribute__((target("avx2,fma")))
-#endif
+#include "x86_simd.h"
 
 namespace {
 
 // ---------------------------------------------------------------------------------------------
-// The vector loops between the projections: AVX2 + FMA where the CPU has them (picked at run time, as in
-// cpu_gemv.cpp), portable loops with the same independent partial sums elsewhere.
+// The vector loops between the projections: AVX2 where the CPU has it (x86_simd.h), portable loops with the same
+// independent partial sums elsewhere.
 // ---------------------------------------------------------------------------------------------
 #ifdef LLMDROP_HAVE_X86_SIMD
 LLMDROP_AVX2 float dot_avx2(const float* a, const float* b, int64_t n) {
@@ -42,11 +38,7 @@ LLMDROP_AVX2 float dot_avx2(const float* a, const float* b, int64_t n) {
     acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), acc1);
   }
   for (; i + 8 <= n; i += 8) acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc0);
-  const __m256 sum8 = _mm256_add_ps(acc0, acc1);
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(sum8), _mm256_extractf128_ps(sum8, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
-  float total = _mm_cvtss_f32(s);
+  float total = llmdrop::hsum_avx2(_mm256_add_ps(acc0, acc1));
   for (; i < n; ++i) total += a[i] * b[i];
   return total;
 }
@@ -118,16 +110,12 @@ LLMDROP_AVX2 void silu_mul_avx2(const float* gate, const float* up, float* out, 
   for (; i < n; ++i) out[i] = gate[i] / (1.f + std::exp(-gate[i])) * up[i];
 }
 
-bool have_avx2() {
-  static const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return avx2;
-}
 #endif
 
 // sum a[i] * b[i]: eight partial sums, so the additions do not wait on each other.
 float dot(const float* a, const float* b, int64_t n) {
 #ifdef LLMDROP_HAVE_X86_SIMD
-  if (have_avx2()) return dot_avx2(a, b, n);
+  if (llmdrop::cpu_has_avx2()) return dot_avx2(a, b, n);
 #endif
   float partial[8] = {0.f};
   int64_t i = 0;
@@ -142,7 +130,7 @@ float dot(const float* a, const float* b, int64_t n) {
 // Masked scores (-inf) become probability 0; a row of them only (no visible key) gives NaN, as 0 / 0.
 void softmax_in_place(float* s, int64_t n) {
 #ifdef LLMDROP_HAVE_X86_SIMD
-  if (have_avx2()) return softmax_avx2(s, n);
+  if (llmdrop::cpu_has_avx2()) return softmax_avx2(s, n);
 #endif
   float best = -std::numeric_limits<float>::infinity();
   for (int64_t j = 0; j < n; ++j) best = std::max(best, s[j]);
@@ -154,7 +142,7 @@ void softmax_in_place(float* s, int64_t n) {
 // out = silu(gate) * up
 void silu_mul(const float* gate, const float* up, float* out, int64_t n) {
 #ifdef LLMDROP_HAVE_X86_SIMD
-  if (have_avx2()) return silu_mul_avx2(gate, up, out, n);
+  if (llmdrop::cpu_has_avx2()) return silu_mul_avx2(gate, up, out, n);
 #endif
   for (int64_t i = 0; i < n; ++i) out[i] = gate[i] / (1.f + std::exp(-gate[i])) * up[i];
 }
@@ -162,7 +150,7 @@ void silu_mul(const float* gate, const float* up, float* out, int64_t n) {
 // y += alpha * x
 void axpy(float alpha, const float* x, float* y, int64_t n) {
 #ifdef LLMDROP_HAVE_X86_SIMD
-  if (have_avx2()) return axpy_avx2(alpha, x, y, n);
+  if (llmdrop::cpu_has_avx2()) return axpy_avx2(alpha, x, y, n);
 #endif
   for (int64_t i = 0; i < n; ++i) y[i] += alpha * x[i];
 }

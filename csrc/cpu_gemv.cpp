@@ -50,11 +50,7 @@
 #include <type_traits>
 #include <vector>
 
-#if defined(__x86_64__) && defined(__GNUC__)
-#include <immintrin.h>
-#define LLMDROP_HAVE_X86_SIMD 1
-#define LLMDROP_AVX2 __attribute__((target("avx2,fma,f16c")))
-#endif
+#include "x86_simd.h"
 
 namespace {
 
@@ -303,12 +299,7 @@ void dequant_row_portable(const Problem<Format>& p, int64_t o, float* w) {
 // ---------------------------------------------------------------------------------------------
 // AVX2 + FMA + F16C kernels (used only when the CPU reports all three)
 // ---------------------------------------------------------------------------------------------
-LLMDROP_AVX2 inline float hsum_avx2(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
-  return _mm_cvtss_f32(s);
-}
+using llmdrop::hsum_avx2;
 
 // Eight consecutive dense weights as fp32.
 LLMDROP_AVX2 inline __m256 load8(const float* w) { return _mm256_loadu_ps(w); }
@@ -499,11 +490,7 @@ LLMDROP_AVX2 void dequant_dense_row_avx2(const uint8_t* wrow, int64_t in, float*
   for (; i < in; ++i) w[i] = Format::to_float(elements[i]);
 }
 
-int cpu_simd_bits() {
-  static const int bits =
-      __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c") ? 256 : 0;
-  return bits;
-}
+int cpu_simd_bits() { return llmdrop::cpu_has_avx2() ? 256 : 0; }
 #else
 int cpu_simd_bits() { return 0; }
 #endif

@@ -23,10 +23,7 @@
 #include <cstring>
 #include <vector>
 
-#if defined(__x86_64__) && defined(__GNUC__)
-#include <immintrin.h>
-#define LLMDROP_HAVE_X86_SIMD 1
-#endif
+#include "x86_simd.h"
 
 namespace {
 
@@ -82,25 +79,20 @@ inline void dequant_row_portable(const int32_t* qrow, const float* scale, const 
 
 #ifdef LLMDROP_HAVE_X86_SIMD
 // ---------------------------------------------------------------------------------------------
-// AVX2 + FMA kernels (used only when the CPU reports avx2 and fma)
+// AVX2 + FMA kernels (used only when the CPU reports them, x86_simd.h)
 // ---------------------------------------------------------------------------------------------
-__attribute__((target("avx2,fma"))) inline __m256 nibbles_avx2(int32_t word) {
+LLMDROP_AVX2 inline __m256 nibbles_avx2(int32_t word) {
   const __m256i shifts = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);
   const __m256i mask = _mm256_set1_epi32(0xF);
   return _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(word), shifts), mask));
 }
 
-__attribute__((target("avx2,fma"))) inline float hsum_avx2(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
-  return _mm_cvtss_f32(s);
-}
+using llmdrop::hsum_avx2;
 
 // dots[r] = sum_g scale[g] * sum_{k in g} q . x[r] over a whole packed row, for NROWS activation rows
 // (compile-time, so the accumulators stay in registers; one horizontal sum per row, not per group).
 template <int NROWS>
-__attribute__((target("avx2,fma"))) void scaled_row_dot_avx2(const int32_t* qrow, const float* x, int64_t ldx,
+LLMDROP_AVX2 void scaled_row_dot_avx2(const int32_t* qrow, const float* x, int64_t ldx,
                                                              int64_t words, int64_t words_per_group,
                                                              const float* scale, float* dots) {
   __m256 total[NROWS];
@@ -140,7 +132,7 @@ void scaled_row_dot_avx2_rows(const int32_t* qrow, const float* x, int64_t ldx, 
   }
 }
 
-__attribute__((target("avx2,fma"))) void dequant_row_avx2(const int32_t* qrow, const float* scale,
+LLMDROP_AVX2 void dequant_row_avx2(const int32_t* qrow, const float* scale,
                                                           const float* zero_scaled, int64_t words,
                                                           int64_t group_size, float* w) {
   for (int64_t k = 0; k < words; ++k) {
@@ -207,7 +199,7 @@ void scaled_row_dot_avx512_rows(const int32_t* qrow, const float* x_pairs, int64
 
 int cpu_simd_bits() {
   static const int bits = __builtin_cpu_supports("avx512f")                                 ? 512
-                          : (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) ? 256
+                          : llmdrop::cpu_has_avx2()                                         ? 256
                                                                                               : 0;
   return bits;
 }
