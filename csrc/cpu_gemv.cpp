@@ -547,25 +547,21 @@ void tile(bool avx2, const Problem<Format>& p, int64_t o, int64_t weight_rows, i
     }
   }
 #endif
-  if constexpr (!Format::kBlocked) {
+  if constexpr (Format::kBlocked) {  // a group without AVX2, or a plain row after the last group
+    for (int64_t k = 0; k < weight_rows; ++k) {
+      float dots[kRowBlock];
+      row_dots_portable<Format>(p, o + k, m0, nrows, dots);
+      for (int64_t r = 0; r < nrows; ++r) store(k, r, dots[r]);
+    }
+  } else {
+    float dots[2][kRowBlock];
     if (weight_rows == 2) {
-      float dots[2][kRowBlock];
       dense_tile_dots<Format, 2>(avx2, p, o, m0, nrows, dots);
-      for (int64_t k = 0; k < 2; ++k)
-        for (int64_t r = 0; r < nrows; ++r) store(k, r, dots[k][r]);
-      return;
-    }
-    if (avx2) {
-      float dots[2][kRowBlock];
+    } else {
       dense_tile_dots<Format, 1>(avx2, p, o, m0, nrows, dots);
-      for (int64_t r = 0; r < nrows; ++r) store(0, r, dots[0][r]);
-      return;
     }
-  }
-  for (int64_t k = 0; k < weight_rows; ++k) {
-    float dots[kRowBlock];
-    row_dots_portable<Format>(p, o + k, m0, nrows, dots);
-    for (int64_t r = 0; r < nrows; ++r) store(k, r, dots[r]);
+    for (int64_t k = 0; k < weight_rows; ++k)
+      for (int64_t r = 0; r < nrows; ++r) store(k, r, dots[k][r]);
   }
 }
 
@@ -601,33 +597,25 @@ void gemv(const Problem<Format>& p) {
 template <class Format>
 void dequant_rows(const Problem<Format>& p, int64_t o_begin, int64_t o_end, float* w) {
   const bool avx2 = simd_bits() >= 256;
-  const int64_t groups_end = Format::kBlocked ? std::min(o_end, p.out / kGroupRows * kGroupRows) : o_begin;
   const int64_t bytes = row_bytes<Format>(p.in);
-  // Whole groups: each group block ungrouped into 8 plain blocks, then dequantised.
-  at::parallel_for(o_begin / kGroupRows, groups_end / kGroupRows, 1, [&](int64_t begin, int64_t end) {
-    if constexpr (Format::kBlocked) {
+  // With AVX2, whole groups of a block format: each group block ungrouped into 8 plain blocks, then dequantised.
+  const int64_t groups_end = Format::kBlocked && avx2 ? std::min(o_end, p.out / kGroupRows * kGroupRows) : o_begin;
+#ifdef LLMDROP_HAVE_X86_SIMD
+  if constexpr (Format::kBlocked) {
+    at::parallel_for(o_begin / kGroupRows, groups_end / kGroupRows, 1, [&](int64_t begin, int64_t end) {
       uint8_t plain[kGroupRows * Format::kBytes];
       for (int64_t g = begin; g < end; ++g) {
         float* rows = w + (g * kGroupRows - o_begin) * p.in;
         for (int64_t b = 0; b < p.in / kBlock; ++b) {
           ungroup_block<Format>(p.weight + g * kGroupRows * bytes + b * kGroupRows * Format::kBytes, plain);
-          for (int64_t r = 0; r < kGroupRows; ++r) {
-            const uint8_t* block = plain + r * Format::kBytes;
-            float* out = rows + r * p.in + b * kBlock;
-#ifdef LLMDROP_HAVE_X86_SIMD
-            if (avx2) {
-              dequant_plain_block_avx2<Format>(block, out);
-              continue;
-            }
-#endif
-            const float d = fp16_bits_to_float(block);
-            const BlockRef<Format> ref{block, block + 2, block + Format::kValuesAt, -1};
-            for (int j = 0; j < kBlock; ++j) out[j] = d * ref.value(j) + ref.offset(d);
-          }
+          for (int64_t r = 0; r < kGroupRows; ++r)
+            dequant_plain_block_avx2<Format>(plain + r * Format::kBytes, rows + r * p.in + b * kBlock);
         }
       }
-    }
-  });
+    });
+  }
+#endif
+  // The other rows one at a time (block_ref finds a grouped row's blocks for the portable loop).
   at::parallel_for(std::max(o_begin, groups_end), o_end, 8, [&](int64_t begin, int64_t end) {
     for (int64_t o = begin; o < end; ++o) {
       float* row = w + (o - o_begin) * p.in;
