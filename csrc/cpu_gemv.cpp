@@ -30,7 +30,8 @@
 // Parallelism is at::parallel_for (torch's thread pool) over contiguous ranges of output rows, so each
 // thread streams its own part of the weight. x86-64 builds carry AVX2 + FMA + F16C kernels picked at run
 // time (functions compiled with target attributes, so the build needs only the baseline ISA); portable
-// loops run elsewhere, and for the plain rows after the last full group. Bindings are TORCH_LIBRARY ops
+// loops run elsewhere, and for the plain rows after the last full group. rows_<fmt> looks rows up as fp32 (a
+// CpuEmbedding's table). Bindings are TORCH_LIBRARY ops
 // (torch.ops.llmdrop_cpu_gemv.*), registered when the shared object is imported as the Python module
 // llmdrop_rt._cpu_gemv.
 #include <Python.h>
@@ -733,12 +734,43 @@ at::Tensor gemv_op(const at::Tensor& x, const at::Tensor& weight, const c10::opt
   return gemv_out<Format>(x, weight, bias, y);
 }
 
+// Rows `index` of a weight held in the kernels' layout, as fp32 [len(index), in]: an embedding lookup that reads
+// only the looked-up rows' blocks, wherever the interleaved layout put them.
+template <class Format>
+at::Tensor rows_op(const at::Tensor& weight, const at::Tensor& index) {
+  const std::string op = std::string("rows_") + Format::kName;
+  TORCH_CHECK(weight.device().is_cpu() && weight.dim() == 2 && weight.is_contiguous(), op,
+              ": weight must be a contiguous 2-D CPU tensor, got ", weight.sizes());
+  at::ScalarType stored = at::kByte;
+  int64_t in = weight.size(1);
+  if constexpr (Format::kBlocked) {
+    in = weight.size(1) / Format::kBytes * kBlock;
+  } else {
+    stored = Format::kDtype;
+  }
+  TORCH_CHECK(weight.scalar_type() == stored, op, ": weight must be ", stored, ", got ", weight.scalar_type());
+  TORCH_CHECK(index.dim() == 1 && index.scalar_type() == at::kLong, op, ": index must be int64 [n], got ",
+              index.scalar_type(), " ", index.sizes());
+  const int64_t out = weight.size(0);
+  const at::Tensor rows = index.contiguous();
+  const int64_t* wanted = rows.data_ptr<int64_t>();
+  for (int64_t i = 0; i < rows.size(0); ++i)
+    TORCH_CHECK(wanted[i] >= 0 && wanted[i] < out, op, ": index ", wanted[i], " outside the weight's ", out, " rows");
+  at::Tensor result = at::empty({rows.size(0), in}, weight.options().dtype(at::kFloat));
+  const Problem<Format> p{nullptr, static_cast<const uint8_t*>(weight.data_ptr()), nullptr, nullptr, 0, in, out,
+                          nullptr, nullptr, nullptr};
+  float* data = result.data_ptr<float>();
+  for (int64_t i = 0; i < rows.size(0); ++i) dequant_row_portable<Format>(p, wanted[i], data + i * in);
+  return result;
+}
+
 template <class Format>
 void define_ops(torch::Library& m) {
   const std::string name = std::string("gemv_") + Format::kName;
   m.def((name + "(Tensor x, Tensor weight, Tensor? bias=None) -> Tensor").c_str(), &gemv_op<Format>);
   m.def((name + ".out(Tensor x, Tensor weight, Tensor? bias, *, Tensor(a!) out) -> Tensor(a!)").c_str(),
         &gemv_out<Format>);
+  m.def((std::string("rows_") + Format::kName + "(Tensor weight, Tensor index) -> Tensor").c_str(), &rows_op<Format>);
 }
 
 // Cap the vector width the kernels may use (256 or 0 bits); returns the width now in use.

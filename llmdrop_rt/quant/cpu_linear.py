@@ -285,8 +285,12 @@ class CpuEmbedding(torch.nn.Module):
         return CpuLinear(self.weight, self.fmt, interleaved=True)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        rows = deinterleaved_rows(self.weight, self.fmt, tokens.reshape(-1))
-        return dequantize(rows, self.fmt, torch.float32).reshape(*tokens.shape, -1)
+        index = tokens.reshape(-1)
+        if ops is not None:
+            rows = getattr(ops, f"rows_{self.fmt}")(self.weight, index)
+        else:
+            rows = dequantize(deinterleaved_rows(self.weight, self.fmt, index), self.fmt, torch.float32)
+        return rows.reshape(*tokens.shape, -1)
 
     def extra_repr(self) -> str:
         return f"num_embeddings={self.weight.shape[0]}, fmt={self.fmt}"

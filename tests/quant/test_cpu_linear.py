@@ -207,9 +207,12 @@ def test_interleaved_layout(fmt, gen):
                 assert torch.equal(lanes[(8 * k + r) * lane:(8 * k + r + 1) * lane], block[scales + k * lane:][:lane])
 
 
+@pytest.mark.parametrize("extension", [True, False], ids=["rows-op", "python"])
 @pytest.mark.parametrize("fmt", FORMATS)
-def test_embedding_rows_and_tied_head(fmt, gen):
-    stored = quantize(random_weight(45, 64, gen), fmt)
+def test_embedding_rows_and_tied_head(fmt, extension, gen, monkeypatch):
+    if not extension:
+        monkeypatch.setattr(cpu_linear, "ops", None)
+    stored = quantize(random_weight(45, 64, gen), fmt)  # 5 interleaved groups of 8 rows and 5 plain rows
     embed = CpuEmbedding(stored, fmt)
     tokens = torch.randint(45, (3, 7), generator=gen)
     assert torch.equal(embed(tokens), dequantize(stored[tokens.reshape(-1)], fmt, torch.float32).reshape(3, 7, 64))
@@ -330,8 +333,13 @@ def test_zero_rows_and_zero_blocks():
      r"bias must be float32 \[4\]"),
     (lambda: ops.gemv_q4_1.out(torch.randn(2, 64), torch.zeros(4, 40, dtype=torch.uint8), None,
                                out=torch.empty(4, 2)), r"out must be a contiguous float32 \[2, 4\]"),
+    (lambda: ops.rows_q4_0(torch.zeros(4, 36, dtype=torch.uint8), torch.tensor([1, 4])),
+     "rows_q4_0: index 4 outside the weight's 4 rows"),
+    (lambda: ops.rows_f16(torch.zeros(4, 8), torch.tensor([0])), "rows_f16: weight must be Half"),
+    (lambda: ops.rows_q8_0(torch.zeros(4, 34, dtype=torch.uint8), torch.tensor([0], dtype=torch.int32)),
+     r"rows_q8_0: index must be int64 \[n\]"),
 ], ids=["x-dtype", "x-1d", "weight-dtype", "in-mismatch", "weight-strides", "in-not-blocks", "blocks-dtype",
-        "row-bytes", "bias-shape", "bias-dtype", "out-shape"])
+        "row-bytes", "bias-shape", "bias-dtype", "out-shape", "rows-index-range", "rows-dtype", "rows-index-dtype"])
 def test_bad_arguments_raise_clear_errors(call, message):
     with pytest.raises(RuntimeError, match=message):
         call()
