@@ -744,6 +744,8 @@ at::Tensor rows_op(const at::Tensor& weight, const at::Tensor& index) {
   at::ScalarType stored = at::kByte;
   int64_t in = weight.size(1);
   if constexpr (Format::kBlocked) {
+    TORCH_CHECK(weight.size(1) % Format::kBytes == 0, op, ": weight has ", weight.size(1),
+                " bytes per row, not a whole number of ", Format::kBytes, "-byte blocks");
     in = weight.size(1) / Format::kBytes * kBlock;
   } else {
     stored = Format::kDtype;

@@ -336,10 +336,13 @@ def test_zero_rows_and_zero_blocks():
     (lambda: ops.rows_q4_0(torch.zeros(4, 36, dtype=torch.uint8), torch.tensor([1, 4])),
      "rows_q4_0: index 4 outside the weight's 4 rows"),
     (lambda: ops.rows_f16(torch.zeros(4, 8), torch.tensor([0])), "rows_f16: weight must be Half"),
+    (lambda: ops.rows_q4_1(torch.zeros(4, 30, dtype=torch.uint8), torch.tensor([0])),
+     "rows_q4_1: weight has 30 bytes per row, not a whole number of 20-byte blocks"),
     (lambda: ops.rows_q8_0(torch.zeros(4, 34, dtype=torch.uint8), torch.tensor([0], dtype=torch.int32)),
      r"rows_q8_0: index must be int64 \[n\]"),
 ], ids=["x-dtype", "x-1d", "weight-dtype", "in-mismatch", "weight-strides", "in-not-blocks", "blocks-dtype",
-        "row-bytes", "bias-shape", "bias-dtype", "out-shape", "rows-index-range", "rows-dtype", "rows-index-dtype"])
+        "row-bytes", "bias-shape", "bias-dtype", "out-shape", "rows-index-range", "rows-dtype", "rows-row-bytes",
+        "rows-index-dtype"])
 def test_bad_arguments_raise_clear_errors(call, message):
     with pytest.raises(RuntimeError, match=message):
         call()
