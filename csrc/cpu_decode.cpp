@@ -14,6 +14,8 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <limits>
 #include <mutex>
@@ -41,13 +43,6 @@ LLMDROP_AVX2 float dot_avx2(const float* a, const float* b, int64_t n) {
   float total = llmdrop::hsum_avx2(_mm256_add_ps(acc0, acc1));
   for (; i < n; ++i) total += a[i] * b[i];
   return total;
-}
-
-LLMDROP_AVX2 void axpy_avx2(float alpha, const float* x, float* y, int64_t n) {
-  const __m256 a = _mm256_set1_ps(alpha);
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, _mm256_fmadd_ps(a, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
-  for (; i < n; ++i) y[i] += alpha * x[i];
 }
 
 // e^x for eight lanes: x = n ln2 + r with |r| <= ln2 / 2, e^r by its degree-6 Taylor-like polynomial (Cephes'
@@ -99,6 +94,64 @@ LLMDROP_AVX2 void softmax_avx2(float* s, int64_t n) {
   for (; j < n; ++j) s[j] /= total;
 }
 
+// Lane t of the result = the sum of v[t]'s eight lanes.
+LLMDROP_AVX2 inline __m256 hsum8_avx2(const __m256 (&v)[8]) {
+  const __m256 a = _mm256_hadd_ps(_mm256_hadd_ps(v[0], v[1]), _mm256_hadd_ps(v[2], v[3]));
+  const __m256 b = _mm256_hadd_ps(_mm256_hadd_ps(v[4], v[5]), _mm256_hadd_ps(v[6], v[7]));
+  return _mm256_add_ps(_mm256_permute2f128_ps(a, b, 0x20), _mm256_permute2f128_ps(a, b, 0x31));
+}
+
+// scores[h * keys + j] = scale * q[h] . k[j] for `group` query heads and every key: eight keys at a time, each
+// query vector loaded once for the eight, their sums reduced together.
+LLMDROP_AVX2 void attention_scores_avx2(const float* q, const float* k, int64_t group, int64_t keys, int64_t d,
+                                        float scale, float* scores) {
+  const int64_t whole = d / 8 * 8;
+  int64_t j = 0;
+  for (; j + 8 <= keys; j += 8) {
+    for (int64_t h = 0; h < group; ++h) {
+      const float* qh = q + h * d;
+      __m256 acc[8];
+      for (auto& a : acc) a = _mm256_setzero_ps();
+      for (int64_t i = 0; i < whole; i += 8) {
+        const __m256 qv = _mm256_loadu_ps(qh + i);
+        for (int t = 0; t < 8; ++t) acc[t] = _mm256_fmadd_ps(_mm256_loadu_ps(k + (j + t) * d + i), qv, acc[t]);
+      }
+      alignas(32) float dots[8];
+      _mm256_store_ps(dots, hsum8_avx2(acc));
+      for (int t = 0; t < 8; ++t) {
+        for (int64_t i = whole; i < d; ++i) dots[t] += qh[i] * k[(j + t) * d + i];
+        scores[h * keys + j + t] = dots[t] * scale;
+      }
+    }
+  }
+  for (; j < keys; ++j)
+    for (int64_t h = 0; h < group; ++h) scores[h * keys + j] = dot_avx2(q + h * d, k + j * d, d) * scale;
+}
+
+// o[c .. c + 8 * N) += sum_j p[j] v[j][c .. c + 8 * N) over keys with p[j] != 0, in N registers.
+template <int N>
+LLMDROP_AVX2 inline void weighted_values_avx2(const float* p, const float* v, int64_t keys, int64_t d, int64_t c,
+                                              float* o) {
+  __m256 acc[N];
+  for (int t = 0; t < N; ++t) acc[t] = _mm256_loadu_ps(o + c + 8 * t);
+  for (int64_t j = 0; j < keys; ++j) {
+    if (p[j] == 0.f) continue;  // masked keys: their cache slots may hold anything
+    const __m256 pj = _mm256_set1_ps(p[j]);
+    for (int t = 0; t < N; ++t) acc[t] = _mm256_fmadd_ps(pj, _mm256_loadu_ps(v + j * d + c + 8 * t), acc[t]);
+  }
+  for (int t = 0; t < N; ++t) _mm256_storeu_ps(o + c + 8 * t, acc[t]);
+}
+
+// o = sum_j p[j] v[j] (o zeroed by the caller): 64 columns at a time held in registers across all keys.
+LLMDROP_AVX2 void attention_values_avx2(const float* p, const float* v, int64_t keys, int64_t d, float* o) {
+  int64_t c = 0;
+  for (; c + 64 <= d; c += 64) weighted_values_avx2<8>(p, v, keys, d, c, o);
+  for (; c + 8 <= d; c += 8) weighted_values_avx2<1>(p, v, keys, d, c, o);
+  for (int64_t j = 0; j < keys; ++j)
+    if (p[j] != 0.f)
+      for (int64_t i = c; i < d; ++i) o[i] += p[j] * v[j * d + i];
+}
+
 LLMDROP_AVX2 void silu_mul_avx2(const float* gate, const float* up, float* out, int64_t n) {
   const __m256 one = _mm256_set1_ps(1.f);
   int64_t i = 0;
@@ -112,10 +165,28 @@ LLMDROP_AVX2 void silu_mul_avx2(const float* gate, const float* up, float* out, 
 
 #endif
 
+// Tests cap the vector width (256: AVX2 + FMA + F16C, 0: the portable loops) to run both paths on one machine.
+std::atomic<int> simd_bits_cap{256};
+
+int simd_bits() {
+#ifdef LLMDROP_HAVE_X86_SIMD
+  if (llmdrop::cpu_has_avx2()) return std::min(256, simd_bits_cap.load());
+#endif
+  return 0;
+}
+
+bool use_avx2() { return simd_bits() >= 256; }
+
+// Cap the vector width of the loops between the projections (256 or 0 bits); returns the width now in use.
+int64_t set_max_simd_bits(int64_t bits) {
+  simd_bits_cap.store(static_cast<int>(bits));
+  return simd_bits();
+}
+
 // sum a[i] * b[i]: eight partial sums, so the additions do not wait on each other.
 float dot(const float* a, const float* b, int64_t n) {
 #ifdef LLMDROP_HAVE_X86_SIMD
-  if (llmdrop::cpu_has_avx2()) return dot_avx2(a, b, n);
+  if (use_avx2()) return dot_avx2(a, b, n);
 #endif
   float partial[8] = {0.f};
   int64_t i = 0;
@@ -130,7 +201,7 @@ float dot(const float* a, const float* b, int64_t n) {
 // Masked scores (-inf) become probability 0; a row of them only (no visible key) gives NaN, as 0 / 0.
 void softmax_in_place(float* s, int64_t n) {
 #ifdef LLMDROP_HAVE_X86_SIMD
-  if (llmdrop::cpu_has_avx2()) return softmax_avx2(s, n);
+  if (use_avx2()) return softmax_avx2(s, n);
 #endif
   float best = -std::numeric_limits<float>::infinity();
   for (int64_t j = 0; j < n; ++j) best = std::max(best, s[j]);
@@ -142,17 +213,29 @@ void softmax_in_place(float* s, int64_t n) {
 // out = silu(gate) * up
 void silu_mul(const float* gate, const float* up, float* out, int64_t n) {
 #ifdef LLMDROP_HAVE_X86_SIMD
-  if (llmdrop::cpu_has_avx2()) return silu_mul_avx2(gate, up, out, n);
+  if (use_avx2()) return silu_mul_avx2(gate, up, out, n);
 #endif
   for (int64_t i = 0; i < n; ++i) out[i] = gate[i] / (1.f + std::exp(-gate[i])) * up[i];
 }
 
-// y += alpha * x
-void axpy(float alpha, const float* x, float* y, int64_t n) {
+// scores[h * keys + j] = scale * q[h] . k[j] for `group` query heads (rows d apart) and keys 0 .. keys - 1.
+void attention_scores(const float* q, const float* k, int64_t group, int64_t keys, int64_t d, float scale,
+                      float* scores) {
 #ifdef LLMDROP_HAVE_X86_SIMD
-  if (llmdrop::cpu_has_avx2()) return axpy_avx2(alpha, x, y, n);
+  if (use_avx2()) return attention_scores_avx2(q, k, group, keys, d, scale, scores);
 #endif
-  for (int64_t i = 0; i < n; ++i) y[i] += alpha * x[i];
+  for (int64_t j = 0; j < keys; ++j)
+    for (int64_t h = 0; h < group; ++h) scores[h * keys + j] = dot(q + h * d, k + j * d, d) * scale;
+}
+
+// o = sum_j p[j] v[j] over the keys with p[j] != 0 (o zeroed by the caller).
+void attention_values(const float* p, const float* v, int64_t keys, int64_t d, float* o) {
+#ifdef LLMDROP_HAVE_X86_SIMD
+  if (use_avx2()) return attention_values_avx2(p, v, keys, d, o);
+#endif
+  for (int64_t j = 0; j < keys; ++j)
+    if (p[j] != 0.f)
+      for (int64_t i = 0; i < d; ++i) o[i] += p[j] * v[j * d + i];
 }
 
 // Multiply-adds per head (keys x head size) above which attention heads are spread over threads.
@@ -250,19 +333,16 @@ at::Tensor attention_block(at::Tensor& x, const at::Tensor& normed, const at::Te
       const float* q = qkv_data + b * width + g * group * d;
       const float* k = k_data + (b * kv_heads + g) * max_len * d;
       const float* v = v_data + (b * kv_heads + g) * max_len * d;
-      for (int64_t j = 0; j < keys; ++j) {
-        const bool masked = mask_data && !mask_data[b * mask_stride + j];
-        for (int64_t h = 0; h < group; ++h)
-          scores[h * keys + j] = masked ? -std::numeric_limits<float>::infinity() : dot(q + h * d, k + j * d, d) * scale;
-      }
+      attention_scores(q, k, group, keys, d, scale, scores.data());
+      if (mask_data)
+        for (int64_t j = 0; j < keys; ++j)
+          if (!mask_data[b * mask_stride + j])
+            for (int64_t h = 0; h < group; ++h) scores[h * keys + j] = -std::numeric_limits<float>::infinity();
       float* o = out_data + b * heads * d + g * group * d;
       std::fill(o, o + group * d, 0.f);
-      for (int64_t h = 0; h < group; ++h) softmax_in_place(scores.data() + h * keys, keys);
-      for (int64_t j = 0; j < keys; ++j) {
-        for (int64_t h = 0; h < group; ++h) {
-          const float p = scores[h * keys + j];
-          if (p != 0.f) axpy(p, v + j * d, o + h * d, d);
-        }
+      for (int64_t h = 0; h < group; ++h) {
+        softmax_in_place(scores.data() + h * keys, keys);
+        attention_values(scores.data() + h * keys, v, keys, d, o + h * d);
       }
     }
   });
@@ -327,6 +407,7 @@ TORCH_LIBRARY(llmdrop_cpu_decode, m) {
         "int start, Tensor? cos, Tensor? sin, Tensor? mask, Tensor? mlp_norm, Tensor? gate_up_weight, "
         "str gate_up_fmt, Tensor? gate_up_bias, Tensor? down_weight, str down_fmt, Tensor? down_bias, float eps, "
         "int heads, int kv_heads, int head_dim) -> Tensor");
+  m.def("set_max_simd_bits(int bits) -> int", &set_max_simd_bits);
 }
 
 TORCH_LIBRARY_IMPL(llmdrop_cpu_decode, CPU, m) { m.impl("decode_layer", &decode_layer); }

@@ -27,8 +27,9 @@
 // x's rounding times w, not times the 0..15 stored values the offset would otherwise cancel. x is quantised once
 // per call.
 // More rows of a dense format (prefill): tiles of output rows are dequantised to fp32 and ATen's GEMM does the rest.
-// Parallelism is at::parallel_for (torch's thread pool) over contiguous ranges of output rows, so each
-// thread streams its own part of the weight. x86-64 builds carry AVX2 + FMA + F16C kernels picked at run
+// A GEMV tile reads several distant stretches of the weight in turn (kMaxStreams of them at batch 1), and each
+// thread of at::parallel_for (torch's thread pool) walks its own contiguous range of tiles (ChunkRanges), so every
+// core keeps several long sequential streams in flight: one stream per core reads well below the memory's rate. x86-64 builds carry AVX2 + FMA + F16C kernels picked at run
 // time (functions compiled with target attributes, so the build needs only the baseline ISA); portable
 // loops run elsewhere, and for the plain rows after the last full group. rows_<fmt> looks rows up as fp32 (a
 // CpuEmbedding's table). Bindings are TORCH_LIBRARY ops
@@ -47,6 +48,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <memory>
 #include <string>
 #include <type_traits>
 #include <vector>
@@ -359,60 +361,68 @@ LLMDROP_AVX2 inline void group_block_dots_q8(const uint8_t* values, const int16_
   }
 }
 
-// acc[r] lane k += W[o0 + k] . x[m0 + r] for the 8 rows of the group starting at `group` and NROWS activation rows.
-template <class Format, int NROWS>
-LLMDROP_AVX2 void group_dots_avx2(const Problem<Format>& p, const uint8_t* group, int64_t m0, __m256 (&acc)[NROWS]) {
+// acc[g][r] lane k += W[row k of group g] . x[m0 + r] for G groups of 8 rows (starting at groups[g]) and NROWS
+// activation rows; the groups' blocks are read in turn, so G streams of the weight are in flight.
+template <class Format, int G, int NROWS>
+LLMDROP_AVX2 void group_dots_avx2(const Problem<Format>& p, const uint8_t* const* groups, int64_t m0,
+                                  __m256 (&acc)[G][NROWS]) {
   using XInt = typename Format::XInt;
   const auto* xq_all = static_cast<const XInt*>(p.xq);
-  for (int r = 0; r < NROWS; ++r) acc[r] = _mm256_setzero_ps();
+  for (int g = 0; g < G; ++g)
+    for (int r = 0; r < NROWS; ++r) acc[g][r] = _mm256_setzero_ps();
   for (int64_t b = 0; b < p.in / kBlock; ++b) {
-    const uint8_t* block = group + b * kGroupRows * Format::kBytes;
-    for (int64_t line = 0; line < kGroupRows * Format::kBytes; line += 64)
-      _mm_prefetch(reinterpret_cast<const char*>(block) + kPrefetchAhead + line, _MM_HINT_T0);
     const int64_t x0 = b * p.rows + m0;  // QuantizedX index of (block b, row m0)
     const XInt* xq[NROWS];
     for (int r = 0; r < NROWS; ++r) xq[r] = xq_all + (x0 + r) * kBlock;
-    __m256i sums[NROWS];
-    if constexpr (std::is_same_v<Format, Q8_0>) {
-      group_block_dots_q8<NROWS>(block + kGroupRows * Format::kValuesAt, xq, sums);
-    } else {
-      group_block_dots_q4<NROWS>(block + kGroupRows * Format::kValuesAt, xq, sums);
-    }
-    const __m256 d = load8_fp16(block);
-    for (int r = 0; r < NROWS; ++r) {
-      const __m256 dot = _mm256_mul_ps(_mm256_cvtepi32_ps(sums[r]), _mm256_set1_ps(p.xscale[x0 + r]));
-      if constexpr (Format::kStoredOffset) {
-        acc[r] = _mm256_fmadd_ps(d, dot, acc[r]);
-        acc[r] = _mm256_fmadd_ps(load8_fp16(block + 2 * kGroupRows), _mm256_set1_ps(p.xsums[x0 + r]), acc[r]);
-      } else if constexpr (has_offset<Format>()) {
-        const __m256 offset_term = _mm256_set1_ps(Format::kOffsetPerD * p.xsums[x0 + r]);
-        acc[r] = _mm256_fmadd_ps(d, _mm256_add_ps(dot, offset_term), acc[r]);
+    for (int g = 0; g < G; ++g) {
+      const uint8_t* block = groups[g] + b * kGroupRows * Format::kBytes;
+      for (int64_t line = 0; line < kGroupRows * Format::kBytes; line += 64)
+        _mm_prefetch(reinterpret_cast<const char*>(block) + kPrefetchAhead + line, _MM_HINT_T0);
+      __m256i sums[NROWS];
+      if constexpr (std::is_same_v<Format, Q8_0>) {
+        group_block_dots_q8<NROWS>(block + kGroupRows * Format::kValuesAt, xq, sums);
       } else {
-        acc[r] = _mm256_fmadd_ps(d, dot, acc[r]);
+        group_block_dots_q4<NROWS>(block + kGroupRows * Format::kValuesAt, xq, sums);
+      }
+      const __m256 d = load8_fp16(block);
+      for (int r = 0; r < NROWS; ++r) {
+        const __m256 dot = _mm256_mul_ps(_mm256_cvtepi32_ps(sums[r]), _mm256_set1_ps(p.xscale[x0 + r]));
+        if constexpr (Format::kStoredOffset) {
+          acc[g][r] = _mm256_fmadd_ps(d, dot, acc[g][r]);
+          acc[g][r] = _mm256_fmadd_ps(load8_fp16(block + 2 * kGroupRows), _mm256_set1_ps(p.xsums[x0 + r]),
+                                      acc[g][r]);
+        } else if constexpr (has_offset<Format>()) {
+          const __m256 offset_term = _mm256_set1_ps(Format::kOffsetPerD * p.xsums[x0 + r]);
+          acc[g][r] = _mm256_fmadd_ps(d, _mm256_add_ps(dot, offset_term), acc[g][r]);
+        } else {
+          acc[g][r] = _mm256_fmadd_ps(d, dot, acc[g][r]);
+        }
       }
     }
   }
 }
 
-template <class Format, int NROWS>
-LLMDROP_AVX2 void group_tile_avx2(const Problem<Format>& p, const uint8_t* group, int64_t m0,
-                                  float (*dots)[kGroupRows]) {
-  __m256 acc[NROWS];
-  group_dots_avx2<Format, NROWS>(p, group, m0, acc);
-  for (int r = 0; r < NROWS; ++r) _mm256_storeu_ps(dots[r], acc[r]);
+// dots[g][r][k] = row k of group g . x[m0 + r].
+template <class Format, int G, int NROWS>
+LLMDROP_AVX2 void group_tile_avx2(const Problem<Format>& p, const uint8_t* const* groups, int64_t m0,
+                                  float (*dots)[kRowBlock][kGroupRows]) {
+  __m256 acc[G][NROWS];
+  group_dots_avx2<Format, G, NROWS>(p, groups, m0, acc);
+  for (int g = 0; g < G; ++g)
+    for (int r = 0; r < NROWS; ++r) _mm256_storeu_ps(dots[g][r], acc[g][r]);
 }
 
-// dots[k][r] = W[o + k] . x[m0 + r] for WROWS consecutive rows of a dense weight from wrow and NROWS activation
-// rows (compile-time, so the accumulators stay in registers). With several activation rows two weight rows are
-// taken at a time, so that each load of x serves both.
+// dots[k][r] = (weight row at wrow + k * stride bytes) . x[m0 + r] for WROWS rows of a dense weight and NROWS
+// activation rows (compile-time, so the accumulators stay in registers). The rows are read in turn, a few vectors
+// of each, so WROWS streams of the weight are in flight, and each load of x serves all of them.
 template <class Format, int WROWS, int NROWS>
-LLMDROP_AVX2 void dense_tile_dots_avx2(const Problem<Format>& p, const uint8_t* wrow, int64_t m0,
+LLMDROP_AVX2 void dense_tile_dots_avx2(const Problem<Format>& p, const uint8_t* wrow, int64_t stride, int64_t m0,
                                        float (*dots)[kRowBlock]) {
   constexpr int chains = chains_for(WROWS * NROWS);
   using Element = typename Format::Element;
   const float* x = p.x + m0 * p.in;
-  const int64_t in = p.in, bytes = row_bytes<Format>(in);
-  auto weights = [&](int k) { return reinterpret_cast<const Element*>(wrow + k * bytes); };
+  const int64_t in = p.in;
+  auto weights = [&](int k) { return reinterpret_cast<const Element*>(wrow + k * stride); };
   __m256 acc[WROWS][NROWS][chains];  // chain c accumulates columns 8c..8c+7 of every 8 * chains
   for (int k = 0; k < WROWS; ++k)
     for (int r = 0; r < NROWS; ++r)
@@ -505,90 +515,145 @@ int simd_bits() { return std::min(cpu_simd_bits(), simd_bits_cap.load()); }
 // ---------------------------------------------------------------------------------------------
 // Drivers
 // ---------------------------------------------------------------------------------------------
-// dots[k][r] = W[o + k] . x[m0 + r] for WROWS dense weight rows and NROWS activation rows.
-template <class Format, int WROWS, int NROWS>
-void dense_tile_dots(bool avx2, const Problem<Format>& p, int64_t o, int64_t m0, float (*dots)[kRowBlock]) {
-#ifdef LLMDROP_HAVE_X86_SIMD
-  if (avx2) return dense_tile_dots_avx2<Format, WROWS, NROWS>(p, p.weight + o * row_bytes<Format>(p.in), m0, dots);
-#endif
-  for (int k = 0; k < WROWS; ++k) row_dots_portable<Format>(p, o + k, m0, NROWS, dots[k]);
-}
-
-template <class Format, int WROWS>
-void dense_tile_dots(bool avx2, const Problem<Format>& p, int64_t o, int64_t m0, int64_t nrows,
-                     float (*dots)[kRowBlock]) {
-  switch (nrows) {
-    case 1: return dense_tile_dots<Format, WROWS, 1>(avx2, p, o, m0, dots);
-    case 2: return dense_tile_dots<Format, WROWS, 2>(avx2, p, o, m0, dots);
-    case 3: return dense_tile_dots<Format, WROWS, 3>(avx2, p, o, m0, dots);
-    default: return dense_tile_dots<Format, WROWS, 4>(avx2, p, o, m0, dots);
+// f(std::integral_constant<int, n>{}) for n in 1 .. 4: a run-time count as a template argument.
+template <class F>
+void with_count(int64_t n, F&& f) {
+  switch (n) {
+    case 1: return f(std::integral_constant<int, 1>{});
+    case 2: return f(std::integral_constant<int, 2>{});
+    case 3: return f(std::integral_constant<int, 3>{});
+    default: return f(std::integral_constant<int, 4>{});
   }
 }
 
-// y for output rows [o, o + weight_rows) and activation rows [m0, m0 + nrows).
+// The GEMV's unit of work: output rows of a dense format, groups of 8 output rows of a block format. A tile is
+// `count` units spaced `spacing` units apart (units t, t + spacing, ...), read together: a core reading one
+// sequential stream has too few reads in flight to reach the memory's bandwidth, and several distant streams
+// read in turn come much closer. A tile is computed the same way whichever thread takes it, so results do not
+// depend on the thread count.
+constexpr int64_t kMaxStreams = 4;
+
+// Units per tile: with several activation rows a block format's group needs every register for one stream.
 template <class Format>
-void tile(bool avx2, const Problem<Format>& p, int64_t o, int64_t weight_rows, int64_t m0, int64_t nrows) {
-  auto store = [&](int64_t k, int64_t r, float dot) {
-    p.y[(m0 + r) * p.out + o + k] = dot + (p.bias ? p.bias[o + k] : 0.f);
+int64_t streams_for(int64_t rows) {
+  if (rows == 1) return kMaxStreams;
+  return Format::kBlocked ? 1 : 2;
+}
+
+// y for the units of tile t and activation rows [m0, m0 + nrows).
+template <class Format>
+void tile(bool avx2, const Problem<Format>& p, int64_t t, int64_t count, int64_t spacing, int64_t m0,
+          int64_t nrows) {
+  const int64_t bytes = row_bytes<Format>(p.in);
+  auto store = [&](int64_t o, int64_t r, float dot) {
+    p.y[(m0 + r) * p.out + o] = dot + (p.bias ? p.bias[o] : 0.f);
   };
-#ifdef LLMDROP_HAVE_X86_SIMD
   if constexpr (Format::kBlocked) {
-    if (avx2 && weight_rows == kGroupRows) {
-      const uint8_t* group = p.weight + o * row_bytes<Format>(p.in);
-      float dots[kRowBlock][kGroupRows];
-      switch (nrows) {
-        case 1: group_tile_avx2<Format, 1>(p, group, m0, dots); break;
-        case 2: group_tile_avx2<Format, 2>(p, group, m0, dots); break;
-        case 3: group_tile_avx2<Format, 3>(p, group, m0, dots); break;
-        default: group_tile_avx2<Format, 4>(p, group, m0, dots); break;
-      }
-      for (int64_t k = 0; k < kGroupRows; ++k)
-        for (int64_t r = 0; r < nrows; ++r) store(k, r, dots[r][k]);
+#ifdef LLMDROP_HAVE_X86_SIMD
+    if (avx2) {
+      const uint8_t* groups[kMaxStreams];
+      for (int64_t k = 0; k < count; ++k) groups[k] = p.weight + (t + k * spacing) * kGroupRows * bytes;
+      float dots[kMaxStreams][kRowBlock][kGroupRows];
+      with_count(count, [&](auto g) {
+        with_count(nrows, [&](auto r) { group_tile_avx2<Format, g.value, r.value>(p, groups, m0, dots); });
+      });
+      for (int64_t k = 0; k < count; ++k)
+        for (int64_t r = 0; r < nrows; ++r)
+          for (int64_t row = 0; row < kGroupRows; ++row) store((t + k * spacing) * kGroupRows + row, r, dots[k][r][row]);
       return;
     }
-  }
 #endif
-  if constexpr (Format::kBlocked) {  // a group without AVX2, or a plain row after the last group
-    for (int64_t k = 0; k < weight_rows; ++k) {
-      float dots[kRowBlock];
-      row_dots_portable<Format>(p, o + k, m0, nrows, dots);
-      for (int64_t r = 0; r < nrows; ++r) store(k, r, dots[r]);
+    for (int64_t k = 0; k < count; ++k) {
+      for (int64_t row = 0; row < kGroupRows; ++row) {
+        const int64_t o = (t + k * spacing) * kGroupRows + row;
+        float dots[kRowBlock];
+        row_dots_portable<Format>(p, o, m0, nrows, dots);
+        for (int64_t r = 0; r < nrows; ++r) store(o, r, dots[r]);
+      }
     }
   } else {
-    float dots[2][kRowBlock];
-    if (weight_rows == 2) {
-      dense_tile_dots<Format, 2>(avx2, p, o, m0, nrows, dots);
-    } else {
-      dense_tile_dots<Format, 1>(avx2, p, o, m0, nrows, dots);
+    float dots[kMaxStreams][kRowBlock];
+#ifdef LLMDROP_HAVE_X86_SIMD
+    if (avx2) {
+      with_count(count, [&](auto w) {
+        with_count(nrows, [&](auto r) {
+          dense_tile_dots_avx2<Format, w.value, r.value>(p, p.weight + t * bytes, spacing * bytes, m0, dots);
+        });
+      });
     }
-    for (int64_t k = 0; k < weight_rows; ++k)
-      for (int64_t r = 0; r < nrows; ++r) store(k, r, dots[k][r]);
+#endif
+    if (!avx2)
+      for (int64_t k = 0; k < count; ++k) row_dots_portable<Format>(p, t + k * spacing, m0, nrows, dots[k]);
+    for (int64_t k = 0; k < count; ++k)
+      for (int64_t r = 0; r < nrows; ++r) store(t + k * spacing, r, dots[k][r]);
   }
 }
+
+// Chunks [0, chunks) dealt out as one contiguous range per worker, each walked from its start, so that a thread
+// streams long contiguous stretches of the weight (what the hardware prefetchers follow: claiming chunks from one
+// shared counter, the threads' chunks interleave and both GEMV threads read at a fraction of the rate). A worker
+// that has finished its range takes chunks from the end of the others', so a thread that lost its core for a while
+// on a busy machine holds up the rest by about one chunk.
+class ChunkRanges {
+ public:
+  ChunkRanges(int64_t chunks, int64_t workers) : workers_(workers), ranges_(new std::atomic<uint64_t>[workers]) {
+    for (int64_t w = 0; w < workers; ++w) ranges_[w].store(pack(chunks * w / workers, chunks * (w + 1) / workers));
+  }
+  int64_t workers() const { return workers_; }
+
+  // The next chunk for worker w (its own first, then the others' last), or -1 when none is left.
+  int64_t take(int64_t w) {
+    int64_t chunk = take_from(w, /*front=*/true);
+    for (int64_t k = 1; chunk < 0 && k < workers_; ++k) chunk = take_from((w + k) % workers_, /*front=*/false);
+    return chunk;
+  }
+
+ private:
+  static uint64_t pack(int64_t next, int64_t end) { return static_cast<uint64_t>(next) << 32 | static_cast<uint64_t>(end); }
+
+  int64_t take_from(int64_t w, bool front) {
+    uint64_t range = ranges_[w].load();
+    for (;;) {
+      const int64_t next = static_cast<int64_t>(range >> 32), end = static_cast<int64_t>(range & 0xFFFFFFFFu);
+      if (next >= end) return -1;
+      const uint64_t rest = front ? pack(next + 1, end) : pack(next, end - 1);
+      if (ranges_[w].compare_exchange_weak(range, rest)) return front ? next : end - 1;
+    }
+  }
+
+  int64_t workers_;
+  std::unique_ptr<std::atomic<uint64_t>[]> ranges_;
+};
 
 template <class Format>
 void gemv(const Problem<Format>& p) {
   const bool avx2 = simd_bits() >= 256;
-  const int64_t bytes = row_bytes<Format>(p.in);
-  // A tile: a group of 8 output rows of a block format (one row each after the last full group); one weight
-  // row of a dense format, two with several activation rows. A tile is computed the same way whichever thread
-  // takes it, so results do not depend on the thread count.
-  const int64_t tile_rows = Format::kBlocked ? kGroupRows : (p.rows > 1 ? 2 : 1);
-  const int64_t full_tiles = p.out / tile_rows, tail_rows = p.out - full_tiles * tile_rows;
-  const int64_t tiles = full_tiles + (Format::kBlocked ? tail_rows : (tail_rows > 0));
-  const int64_t tiles_per_chunk = std::max<int64_t>(1, kChunkBytes / std::max<int64_t>(tile_rows * bytes, 1));
-  const int64_t chunks = (tiles + tiles_per_chunk - 1) / tiles_per_chunk;
-  // Threads claim chunks from a shared counter instead of taking one fixed share each: on a busy machine a
-  // thread that loses its core for a while holds up only the chunk it is on.
-  std::atomic<int64_t> next_chunk{0};
-  at::parallel_for(0, chunks, 1, [&](int64_t, int64_t) {
-    for (int64_t chunk; (chunk = next_chunk.fetch_add(1)) < chunks;) {
-      for (int64_t t = chunk * tiles_per_chunk; t < std::min(tiles, (chunk + 1) * tiles_per_chunk); ++t) {
-        const bool full = t < full_tiles;
-        const int64_t o = full ? t * tile_rows : full_tiles * tile_rows + (Format::kBlocked ? t - full_tiles : 0);
-        const int64_t weight_rows = full ? tile_rows : (Format::kBlocked ? 1 : tail_rows);
-        for (int64_t m0 = 0; m0 < p.rows; m0 += kRowBlock) tile<Format>(avx2, p, o, weight_rows, m0,
-                                                                        std::min(kRowBlock, p.rows - m0));
+  const int64_t unit_rows = Format::kBlocked ? kGroupRows : 1;
+  const int64_t units = p.out / unit_rows, streams = streams_for<Format>(p.rows);
+  const int64_t spacing = (units + streams - 1) / streams, tiles = spacing;
+  // Work items: the tiles, then (block formats) the plain rows after the last full group, one each.
+  const int64_t items = tiles + (p.out - units * unit_rows);
+  const int64_t tile_bytes = streams * unit_rows * row_bytes<Format>(p.in);
+  const int64_t items_per_chunk = std::max<int64_t>(1, kChunkBytes / std::max<int64_t>(tile_bytes, 1));
+  const int64_t chunks = (items + items_per_chunk - 1) / items_per_chunk;
+  ChunkRanges ranges(chunks, std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), chunks)));
+  at::parallel_for(0, ranges.workers(), 1, [&](int64_t first_worker, int64_t last_worker) {
+    for (int64_t w = first_worker; w < last_worker; ++w) {
+      for (int64_t chunk; (chunk = ranges.take(w)) >= 0;) {
+        for (int64_t i = chunk * items_per_chunk; i < std::min(items, (chunk + 1) * items_per_chunk); ++i) {
+          for (int64_t m0 = 0; m0 < p.rows; m0 += kRowBlock) {
+            const int64_t nrows = std::min(kRowBlock, p.rows - m0);
+            if (i < tiles) {
+              const int64_t count = std::min(streams, (units - i + spacing - 1) / spacing);
+              tile<Format>(avx2, p, i, count, spacing, m0, nrows);
+            } else {
+              const int64_t o = units * unit_rows + (i - tiles);
+              float dots[kRowBlock];
+              row_dots_portable<Format>(p, o, m0, nrows, dots);
+              for (int64_t r = 0; r < nrows; ++r) p.y[(m0 + r) * p.out + o] = dots[r] + (p.bias ? p.bias[o] : 0.f);
+            }
+          }
+        }
       }
     }
   });

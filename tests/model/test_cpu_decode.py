@@ -56,3 +56,71 @@ def test_cpp_decode_step_equals_the_modules(tiny_checkpoints, name, weights, dro
 def test_the_cpu_default_is_our_fp32_kernels_and_torch_modules_keep_the_module_path(tiny_checkpoints):
     assert llmdrop_rt.load(tiny_checkpoints["llama3"]).model.decode_calls is not None  # weights="auto": fp32 kernels
     assert llmdrop_rt.load(tiny_checkpoints["llama3"], weights=None).model.decode_calls is None  # torch modules
+
+
+@pytest.fixture(params=[256, 0], ids=["avx2", "portable"])
+def decode_simd(request):
+    width = cpu_decode.ops.set_max_simd_bits(request.param)
+    if width != request.param:
+        pytest.skip(f"this CPU has no {request.param}-bit kernels")
+    yield width
+    cpu_decode.ops.set_max_simd_bits(256)
+
+
+def rotate_half(v, cos, sin):
+    half = v.shape[-1] // 2
+    a, b = v[..., :half], v[..., half:]
+    return torch.cat([a * cos - b * sin, b * cos + a * sin], dim=-1)
+
+
+def reference_attention(x, pending, norm, qkv_weight, o_weight, k_cache, v_cache, start, cos, sin, mask, eps,
+                        heads, kv_heads, d):
+    """decode_layer's attention sub-block in float64 torch: (new residual, o_proj output, k and v caches)."""
+    x, k_cache, v_cache = x.double() + pending.double(), k_cache.double().clone(), v_cache.double().clone()
+    normed = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * norm.double()
+    q, k, v = (normed @ qkv_weight.double().T).split([heads * d, kv_heads * d, kv_heads * d], dim=-1)
+    rows = x.shape[0]
+    cos, sin = cos.double()[:, None], sin.double()[:, None]
+    q = rotate_half(q.view(rows, heads, d), cos, sin)
+    k_cache[:, :, start] = rotate_half(k.view(rows, kv_heads, d), cos, sin)
+    v_cache[:, :, start] = v.view(rows, kv_heads, d)
+    keys = k_cache[:, :, :start + 1].repeat_interleave(heads // kv_heads, dim=1)
+    values = v_cache[:, :, :start + 1].repeat_interleave(heads // kv_heads, dim=1)
+    scores = torch.einsum("bhd,bhjd->bhj", q, keys) / d ** 0.5
+    scores = scores.masked_fill(~mask[:, None, :start + 1], float("-inf"))
+    out = torch.einsum("bhj,bhjd->bhd", scores.softmax(-1), torch.where(scores[..., None].isinf(), 0, values))
+    return x, out.reshape(rows, heads * d) @ o_weight.double().T, k_cache, v_cache
+
+
+@pytest.mark.parametrize("heads, kv_heads, d, start", [
+    (9, 3, 64, 36),     # SmolLM2's heads, keys not a multiple of 8
+    (4, 2, 136, 300),   # two 64-column chunks and one vector of values per head
+    (6, 6, 20, 8),      # columns after the last whole vector, no grouping
+    (8, 2, 24, 1100),   # enough work per head to spread heads over threads
+])
+def test_decode_layer_attention_equals_float64(decode_simd, heads, kv_heads, d, start):
+    gen = torch.Generator().manual_seed(heads * 1000 + d + start)
+    rows, hidden, slots = 2, 48, start + 5
+    x, pending = torch.randn(rows, hidden, generator=gen), torch.randn(rows, hidden, generator=gen)
+    norm = torch.rand(hidden, generator=gen) + 0.5
+    qkv_weight = torch.randn((heads + 2 * kv_heads) * d, hidden, generator=gen) / hidden ** 0.5
+    o_weight = torch.randn(hidden, heads * d, generator=gen) / (heads * d) ** 0.5
+    k_cache = torch.randn(rows, kv_heads, slots, d, generator=gen)
+    v_cache = torch.randn(rows, kv_heads, slots, d, generator=gen)
+    mask = torch.rand(rows, slots, generator=gen) > 0.3
+    mask[:, start] = True
+    # Slots past the new key and masked slots are never read: poisoned, they must not reach the output.
+    k_cache[:, :, start + 1:] = v_cache[:, :, start + 1:] = float("nan")
+    hidden_keys = ~mask[:, None, :, None].expand_as(k_cache)
+    k_cache[hidden_keys], v_cache[hidden_keys] = float("nan"), float("nan")
+    angles = torch.rand(rows, d // 2, generator=gen) * 6
+    cos, sin = angles.cos(), angles.sin()
+    expected = reference_attention(x, pending, norm, qkv_weight, o_weight, k_cache, v_cache, start, cos, sin, mask,
+                                   1e-5, heads, kv_heads, d)
+    out = cpu_decode.ops.decode_layer(x, pending, norm, qkv_weight, "f32", None, o_weight, "f32", None, k_cache,
+                                      v_cache, start, cos, sin, mask, None, None, "", None, None, "", None, 1e-5,
+                                      heads, kv_heads, d)
+    for got, want in zip((x, out, k_cache[:, :, start], v_cache[:, :, start]),
+                         (expected[0], expected[1], expected[2][:, :, start], expected[3][:, :, start])):
+        torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4)
+    assert k_cache[:, :, start + 1:].isnan().all()  # nothing written past the new key

@@ -39,7 +39,7 @@ BLOCK_FORMATS = tuple(BLOCK_BYTES)
 GGUF_TYPES = {"q8_0": gguf.GGMLQuantizationType.Q8_0, "q4_0": gguf.GGMLQuantizationType.Q4_0,
               "q4_1": gguf.GGMLQuantizationType.Q4_1}
 # (out, in): in a multiple of 32 for every format, plus odd in for the dense formats.
-SHAPES = [(37, 64), (77, 96), (576, 1536)]
+SHAPES = [(37, 64), (59, 64), (77, 96), (576, 1536)]  # 59: tiles of 4 and of 3 streams (gemv)
 DENSE_ODD_SHAPES = [(37, 77), (5, 13)]
 ROWS = [1, 3, 8, 33]  # 33: more than the GEMV takes (tiles + GEMM)
 # Fresh inputs every run; LLMDROP_TEST_SEED=<the seed a failing test printed> repeats them.
