@@ -6,7 +6,8 @@ torch.ops.llmdrop_cpu_gemv.gemv_<fmt>
 on the next of enough copies of the weight to exceed the caches (--cold-mib), so weights stream from memory as in a
 decode step. torch's F.linear on fp32 weights (fp32 x) and on bf16 weights (bf16 x) run in the same rounds: the
 candidates alternate within every round and each reports the median (and best) over rounds. GB/s counts weight
-bytes. The floor is the streaming-read bandwidth of .sum() over a 512 MiB tensor, timed as one more candidate in the
+bytes. The floor is the read bandwidth of a 512 MiB tensor read the way the kernels read weights (the op
+torch.ops.llmdrop_cpu_gemv.read_sum: several distant stretches per thread), timed as one more candidate in the
 same rounds (so under the same machine load); /stream is a candidate's median GB/s over the floor's. `path` is what
 CpuLinear would run for such a layer.
 
@@ -91,7 +92,7 @@ def bench_shape(model: str, name: str, out_features: int, in_features: int, form
         xd = x.to(dtype)
         candidates[baseline] = lambda next_dense=next_dense, xd=xd: F.linear(xd, next_dense())
         weight_bytes[baseline] = dense[0].numel() * dense[0].element_size()
-    candidates[STREAM_READ] = stream.sum
+    candidates[STREAM_READ] = (lambda: cpu_linear.ops.read_sum(stream)) if cpu_linear.ops is not None else stream.sum
     weight_bytes[STREAM_READ] = stream.numel() * stream.element_size()
     with torch.inference_mode():
         seconds = sample_seconds(candidates, rounds, sample_time)

@@ -2,8 +2,9 @@
 
 A decode step at batch 1 reads every kept weight once (q|k|v, o, gate|up, down per layer, and the output head), so
 on a CPU its floor is (weight bytes per token) / (the machine's read bandwidth). The bandwidth is measured here
-with one large streaming read (a sum over a 1 GiB buffer, the same measure `python -m llmdrop_rt.bench` uses), so
-the floor is the hardware's, not any GEMV's. The same run times, interleaved round by round:
+with large reads of a 1 GiB buffer (the same measure `python -m llmdrop_rt.bench` uses: the faster of torch's sum
+and a read of several distant stretches per thread, as our kernels read weights), so the floor is the hardware's,
+not any GEMV's. The same run times, interleaved round by round:
 - one pass of torch's F.linear over the model's fp32 matrices (what a torch-only runtime's GEMVs cost),
 - one pass of our own kernels over the matrices in the asked weight format (quant.cpu_linear),
 - our real decode step in that format (first to last generated token).

@@ -831,6 +831,53 @@ at::Tensor rows_op(const at::Tensor& weight, const at::Tensor& index) {
   return result;
 }
 
+// The sum of a float32 tensor, read the way the GEMVs read a weight: each thread a contiguous range, as
+// kMaxStreams stretches read in turn, 32 floats of each at a time. Timing it measures the read rate our kernels can
+// reach (llmdrop_rt.bench's floor); the float sum keeps the reads from being optimised away.
+#ifdef LLMDROP_HAVE_X86_SIMD
+LLMDROP_AVX2 double stretches_sum_avx2(const float* data, int64_t stretch, int64_t streams) {
+  __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+  int64_t i = 0;
+  for (; i + 32 <= stretch; i += 32)
+    for (int64_t s = 0; s < streams; ++s)
+      for (int c = 0; c < 4; ++c) acc[c] = _mm256_add_ps(acc[c], _mm256_loadu_ps(data + s * stretch + i + 8 * c));
+  double total = hsum_avx2(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3])));
+  for (int64_t s = 0; s < streams; ++s)
+    for (int64_t j = i; j < stretch; ++j) total += data[s * stretch + j];
+  return total;
+}
+#endif
+
+double stretches_sum(const float* data, int64_t n) {
+  const int64_t stretch = n / kMaxStreams;
+  double total = 0.;
+#ifdef LLMDROP_HAVE_X86_SIMD
+  if (simd_bits() >= 256) {
+    total = stretches_sum_avx2(data, stretch, kMaxStreams);
+  } else
+#endif
+  {
+    for (int64_t i = 0; i < stretch * kMaxStreams; ++i) total += data[i];
+  }
+  for (int64_t i = stretch * kMaxStreams; i < n; ++i) total += data[i];
+  return total;
+}
+
+double read_sum(const at::Tensor& data) {
+  TORCH_CHECK(data.device().is_cpu() && data.scalar_type() == at::kFloat && data.is_contiguous(),
+              "read_sum: data must be a contiguous float32 CPU tensor, got ", data.scalar_type(), " ", data.sizes());
+  const float* values = data.data_ptr<float>();
+  const int64_t n = data.numel(), workers = std::max<int64_t>(1, at::get_num_threads());
+  std::vector<double> partial(workers, 0.);
+  at::parallel_for(0, workers, 1, [&](int64_t first, int64_t last) {
+    for (int64_t w = first; w < last; ++w)
+      partial[w] = stretches_sum(values + n * w / workers, n * (w + 1) / workers - n * w / workers);
+  });
+  double total = 0.;
+  for (double part : partial) total += part;
+  return total;
+}
+
 template <class Format>
 void define_ops(torch::Library& m) {
   const std::string name = std::string("gemv_") + Format::kName;
@@ -859,6 +906,7 @@ TORCH_LIBRARY(llmdrop_cpu_gemv, m) {
   define_ops<Q4_1>(m);
   m.def("simd_width() -> int", &simd_width);
   m.def("set_max_simd_bits(int bits) -> int", &set_max_simd_bits);
+  m.def("read_sum(Tensor data) -> float", &read_sum);
 }
 
 // An empty Python module: importing it loads this library, which registers the ops above.

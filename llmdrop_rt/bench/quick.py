@@ -13,8 +13,8 @@ Each configuration of ours and of transformers runs in its own subprocess with t
 memory is its own and no configuration warms caches for another; llama.cpp runs as llama-bench. Reported per
 configuration: prefill tokens/s (the prompt of the smallest batch), decode tokens/s per batch size (first to last
 generated token), weight bytes, KV-cache bytes, peak memory (GPU: max allocated; CPU: peak RSS, which includes the
-Python/torch runtime). On a CPU the read bandwidth of one large streaming read is measured at each thread count,
-and each row's decode speed is shown against the floor it implies (weight bytes per token / read bandwidth).
+Python/torch runtime). On a CPU the read bandwidth of large reads of 1 GiB (see `read_bandwidth`) is measured at
+each thread count, and each row's decode speed is shown against the floor it implies (weight bytes per token / read bandwidth).
 `--rounds` runs everything round-robin and reports medians, so a machine whose speed drifts slows all rows alike.
 Prints tables, writes JSON (`--out`) and a PNG of decode speed by precision (`--plot`, needs matplotlib).
 """
@@ -36,16 +36,20 @@ CPU_WEIGHTS = ("fp32", "fp16", "bf16", "int8", "int4")
 
 
 def read_bandwidth(threads: int, nbytes: int = 1 << 30, repeats: int = 3) -> float:
-    """Bytes per second of the fastest of `repeats` sums over a buffer far larger than the caches."""
+    """Bytes per second of the fastest of `repeats` reads of a buffer far larger than the caches: the faster of
+    torch's `.sum()` (one sequential stream per thread) and, when the extension is built, our kernels' read
+    pattern (`read_sum`: several distant stretches per thread in turn, which a core reads markedly faster)."""
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         data = torch.ones(nbytes // 4)
+        reads = [data.sum] + ([lambda: cpu_linear.ops.read_sum(data)] if cpu_linear.ops is not None else [])
         best = float("inf")
         for _ in range(repeats):
-            t0 = time.perf_counter()
-            data.sum()
-            best = min(best, time.perf_counter() - t0)
+            for read in reads:
+                t0 = time.perf_counter()
+                read()
+                best = min(best, time.perf_counter() - t0)
         return nbytes / best
     finally:
         torch.set_num_threads(previous)
@@ -132,7 +136,7 @@ def format_tables(rows: list[dict], batch_sizes: list[int], num_layers: int, ban
         cells += ["-" if kv is None else f"{kv / 2**20:.2f}", "-" if peak is None else f"{peak / 2**20:.0f}"]
         lines.append("| " + " | ".join(cells) + " |")
     if bandwidth:
-        lines += ["", "read bandwidth (one streaming read of 1 GiB): " +
+        lines += ["", "read bandwidth (the faster of two ways to read 1 GiB, see read_bandwidth): " +
                   ", ".join(f"{t} thread(s) {bw / 1e9:.1f} GB/s" for t, bw in sorted(bandwidth.items()))]
     return "\n".join(lines)
 

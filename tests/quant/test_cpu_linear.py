@@ -390,3 +390,24 @@ def test_extension_builds_where_required():
         pytest.skip("LLMDROP_RT_REQUIRE_EXT is not set")
     assert ops is not None, "LLMDROP_RT_REQUIRE_EXT is set but llmdrop_rt._cpu_gemv does not import"
     assert ops.simd_width() in (0, 256)
+
+
+@pytest.mark.parametrize("numel", [1, 3, 127, 128 * 9 + 5, 100_003])
+def test_read_sum_reads_every_element_once(numel, simd, gen):
+    data = torch.rand(numel, generator=gen)
+    data[-1] = 1000.0  # the last element lies past the stretches
+    expected = data.double().sum().item()
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            assert ops.read_sum(data) == pytest.approx(expected, rel=1e-5)
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_read_sum_refuses_other_tensors():
+    with pytest.raises(RuntimeError, match="read_sum: data must be a contiguous float32"):
+        ops.read_sum(torch.ones(8, dtype=torch.float64))
+    with pytest.raises(RuntimeError, match="read_sum: data must be a contiguous float32"):
+        ops.read_sum(torch.ones(8, 2).t())
