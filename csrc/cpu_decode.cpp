@@ -101,31 +101,27 @@ LLMDROP_AVX2 inline __m256 hsum8_avx2(const __m256 (&v)[8]) {
   return _mm256_add_ps(_mm256_permute2f128_ps(a, b, 0x20), _mm256_permute2f128_ps(a, b, 0x31));
 }
 
-// scores[h * keys + j] = scale * q[h] . k[j] for `group` query heads and every key: eight keys at a time, each
-// query vector loaded once for the eight, their sums reduced together.
-LLMDROP_AVX2 void attention_scores_avx2(const float* q, const float* k, int64_t group, int64_t keys, int64_t d,
-                                        float scale, float* scores) {
+// scores[j] = scale * q . k[j] for every key: eight keys at a time, each vector of q loaded once for the eight,
+// their sums reduced together.
+LLMDROP_AVX2 void attention_scores_avx2(const float* q, const float* k, int64_t keys, int64_t d, float scale,
+                                        float* scores) {
   const int64_t whole = d / 8 * 8;
   int64_t j = 0;
   for (; j + 8 <= keys; j += 8) {
-    for (int64_t h = 0; h < group; ++h) {
-      const float* qh = q + h * d;
-      __m256 acc[8];
-      for (auto& a : acc) a = _mm256_setzero_ps();
-      for (int64_t i = 0; i < whole; i += 8) {
-        const __m256 qv = _mm256_loadu_ps(qh + i);
-        for (int t = 0; t < 8; ++t) acc[t] = _mm256_fmadd_ps(_mm256_loadu_ps(k + (j + t) * d + i), qv, acc[t]);
-      }
-      alignas(32) float dots[8];
-      _mm256_store_ps(dots, hsum8_avx2(acc));
-      for (int t = 0; t < 8; ++t) {
-        for (int64_t i = whole; i < d; ++i) dots[t] += qh[i] * k[(j + t) * d + i];
-        scores[h * keys + j + t] = dots[t] * scale;
-      }
+    __m256 acc[8];
+    for (auto& a : acc) a = _mm256_setzero_ps();
+    for (int64_t i = 0; i < whole; i += 8) {
+      const __m256 qv = _mm256_loadu_ps(q + i);
+      for (int t = 0; t < 8; ++t) acc[t] = _mm256_fmadd_ps(_mm256_loadu_ps(k + (j + t) * d + i), qv, acc[t]);
+    }
+    alignas(32) float dots[8];
+    _mm256_store_ps(dots, hsum8_avx2(acc));
+    for (int t = 0; t < 8; ++t) {
+      for (int64_t i = whole; i < d; ++i) dots[t] += q[i] * k[(j + t) * d + i];
+      scores[j + t] = dots[t] * scale;
     }
   }
-  for (; j < keys; ++j)
-    for (int64_t h = 0; h < group; ++h) scores[h * keys + j] = dot_avx2(q + h * d, k + j * d, d) * scale;
+  for (; j < keys; ++j) scores[j] = dot_avx2(q, k + j * d, d) * scale;
 }
 
 // o[c .. c + 8 * N) += sum_j p[j] v[j][c .. c + 8 * N) over keys with p[j] != 0, in N registers.
@@ -218,14 +214,12 @@ void silu_mul(const float* gate, const float* up, float* out, int64_t n) {
   for (int64_t i = 0; i < n; ++i) out[i] = gate[i] / (1.f + std::exp(-gate[i])) * up[i];
 }
 
-// scores[h * keys + j] = scale * q[h] . k[j] for `group` query heads (rows d apart) and keys 0 .. keys - 1.
-void attention_scores(const float* q, const float* k, int64_t group, int64_t keys, int64_t d, float scale,
-                      float* scores) {
+// scores[j] = scale * q . k[j] for keys 0 .. keys - 1 (rows d apart).
+void attention_scores(const float* q, const float* k, int64_t keys, int64_t d, float scale, float* scores) {
 #ifdef LLMDROP_HAVE_X86_SIMD
-  if (use_avx2()) return attention_scores_avx2(q, k, group, keys, d, scale, scores);
+  if (use_avx2()) return attention_scores_avx2(q, k, keys, d, scale, scores);
 #endif
-  for (int64_t j = 0; j < keys; ++j)
-    for (int64_t h = 0; h < group; ++h) scores[h * keys + j] = dot(q + h * d, k + j * d, d) * scale;
+  for (int64_t j = 0; j < keys; ++j) scores[j] = dot(q, k + j * d, d) * scale;
 }
 
 // o = sum_j p[j] v[j] over the keys with p[j] != 0 (o zeroed by the caller).
@@ -238,7 +232,7 @@ void attention_values(const float* p, const float* v, int64_t keys, int64_t d, f
       for (int64_t i = 0; i < d; ++i) o[i] += p[j] * v[j * d + i];
 }
 
-// Multiply-adds per head (keys x head size) above which attention heads are spread over threads.
+// Multiply-adds of a step's attention (rows x heads x keys x head size) above which heads are spread over threads.
 constexpr int64_t kParallelAttentionWork = 1 << 16;
 
 using GemvOp = at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&);
@@ -323,27 +317,25 @@ at::Tensor attention_block(at::Tensor& x, const at::Tensor& normed, const at::Te
   float* out_data = out.data_ptr<float>();
   const float scale = 1.f / std::sqrt(static_cast<float>(d));
   const int64_t group = heads / kv_heads;  // query heads g * group .. g * group + group - 1 read KV head g
-  // Waking the thread pool costs more than a short context's attention: split KV heads only over long contexts.
-  const int64_t grain = keys * d * group >= kParallelAttentionWork ? 1 : rows * kv_heads;
-  // One task per (row, KV head): each cached key and value is read once for all the query heads that share it.
-  at::parallel_for(0, rows * kv_heads, grain, [&](int64_t begin, int64_t end) {
-    std::vector<float> scores(group * keys);
+  // One task per (row, query head); a thread's consecutive tasks share KV heads, so their cached keys and values
+  // are read from memory once. Waking the thread pool costs more than a short context's attention: the tasks
+  // are spread over threads only when there is enough work.
+  const int64_t tasks = rows * heads;
+  const int64_t grain = tasks * keys * d >= kParallelAttentionWork ? 1 : tasks;
+  at::parallel_for(0, tasks, grain, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores(keys);
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / kv_heads, g = task % kv_heads;
-      const float* q = qkv_data + b * width + g * group * d;
+      const int64_t b = task / heads, h = task % heads, g = h / group;
       const float* k = k_data + (b * kv_heads + g) * max_len * d;
       const float* v = v_data + (b * kv_heads + g) * max_len * d;
-      attention_scores(q, k, group, keys, d, scale, scores.data());
+      attention_scores(qkv_data + b * width + h * d, k, keys, d, scale, scores.data());
       if (mask_data)
         for (int64_t j = 0; j < keys; ++j)
-          if (!mask_data[b * mask_stride + j])
-            for (int64_t h = 0; h < group; ++h) scores[h * keys + j] = -std::numeric_limits<float>::infinity();
-      float* o = out_data + b * heads * d + g * group * d;
-      std::fill(o, o + group * d, 0.f);
-      for (int64_t h = 0; h < group; ++h) {
-        softmax_in_place(scores.data() + h * keys, keys);
-        attention_values(scores.data() + h * keys, v, keys, d, o + h * d);
-      }
+          if (!mask_data[b * mask_stride + j]) scores[j] = -std::numeric_limits<float>::infinity();
+      float* o = out_data + (b * heads + h) * d;
+      std::fill(o, o + d, 0.f);
+      softmax_in_place(scores.data(), keys);
+      attention_values(scores.data(), v, keys, d, o);
     }
   });
   return project(out, o_weight, o_fmt, o_bias);

@@ -222,37 +222,69 @@ struct QuantizedX {
   std::vector<float> scales, sums;
 };
 
-// x [rows, in] quantised per block of 32 columns into XInt (see the top of the file).
+// One block of 32 values of x quantised into XInt: values, and returns the scale; *sum = the values' sum. A NaN
+// or infinity in the block makes the scale NaN (so every output it touches is NaN) and the values 0.
 template <class Format>
-QuantizedX<typename Format::XInt> quantize_x(const float* x, int64_t rows, int64_t in) {
+float quantize_block_portable(const float* xb, typename Format::XInt* values, int32_t* sum) {
   using XInt = typename Format::XInt;
-  const int64_t blocks = in / kBlock;
-  QuantizedX<XInt> q{std::vector<XInt>(rows * in), std::vector<float>(rows * blocks),
-                     std::vector<float>(has_offset<Format>() ? rows * blocks : 0)};
-  for (int64_t m = 0; m < rows; ++m) {
-    for (int64_t b = 0; b < blocks; ++b) {
-      const float* xb = x + m * in + b * kBlock;
-      float largest = 0.f, sum = 0.f;
-      for (int j = 0; j < kBlock; ++j) {
-        largest = std::max(largest, std::fabs(xb[j]));
-        sum += xb[j];
-      }
-      // A NaN or infinity in the block: its scale becomes NaN, so every output it touches is NaN.
-      const bool finite = std::isfinite(largest) && !std::isnan(sum);
-      const float inverse = finite && largest > 0.f ? Format::kXMax / largest : 0.f;
-      XInt* values = q.values.data() + (b * rows + m) * kBlock;
-      int32_t quantised_sum = 0;
-      for (int j = 0; j < kBlock; ++j) {  // round half away from zero
-        values[j] = finite ? static_cast<XInt>(xb[j] * inverse + std::copysign(0.5f, xb[j])) : 0;
-        quantised_sum += values[j];
-      }
-      const float scale = finite ? largest / Format::kXMax : std::numeric_limits<float>::quiet_NaN();
-      q.scales[b * rows + m] = scale;
-      if constexpr (has_offset<Format>()) q.sums[b * rows + m] = scale * static_cast<float>(quantised_sum);
-    }
+  float largest = 0.f;
+  bool finite = true;
+  for (int j = 0; j < kBlock; ++j) {
+    finite = finite && std::isfinite(xb[j]);
+    largest = std::max(largest, std::fabs(xb[j]));
   }
-  return q;
+  const float inverse = finite && largest > 0.f ? Format::kXMax / largest : 0.f;
+  *sum = 0;
+  for (int j = 0; j < kBlock; ++j) {  // round half away from zero
+    values[j] = finite ? static_cast<XInt>(xb[j] * inverse + std::copysign(0.5f, xb[j])) : 0;
+    *sum += values[j];
+  }
+  return finite ? largest / Format::kXMax : std::numeric_limits<float>::quiet_NaN();
 }
+
+#ifdef LLMDROP_HAVE_X86_SIMD
+// The same, eight lanes at a time, with the same roundings (a product, then the sum with +-0.5, truncated).
+template <class Format>
+LLMDROP_AVX2 float quantize_block_avx2(const float* xb, typename Format::XInt* values, int32_t* sum) {
+  const __m256 sign_bit = _mm256_set1_ps(-0.f), infinity = _mm256_set1_ps(std::numeric_limits<float>::infinity());
+  __m256 x[4], largest = _mm256_setzero_ps(), not_finite = _mm256_setzero_ps();
+  for (int k = 0; k < 4; ++k) {
+    x[k] = _mm256_loadu_ps(xb + 8 * k);
+    const __m256 magnitude = _mm256_andnot_ps(sign_bit, x[k]);
+    not_finite = _mm256_or_ps(not_finite, _mm256_cmp_ps(magnitude, infinity, _CMP_NLT_UQ));  // inf or NaN
+    largest = _mm256_max_ps(largest, magnitude);
+  }
+  __m128 top = _mm_max_ps(_mm256_castps256_ps128(largest), _mm256_extractf128_ps(largest, 1));
+  top = _mm_max_ps(top, _mm_movehl_ps(top, top));
+  const float largest_scalar = _mm_cvtss_f32(_mm_max_ss(top, _mm_shuffle_ps(top, top, 1)));
+  if (_mm256_movemask_ps(not_finite)) {
+    std::fill(values, values + kBlock, 0);
+    *sum = 0;
+    return std::numeric_limits<float>::quiet_NaN();
+  }
+  const __m256 inverse = _mm256_set1_ps(largest_scalar > 0.f ? Format::kXMax / largest_scalar : 0.f);
+  __m256i q[4];
+  for (int k = 0; k < 4; ++k) {
+    const __m256 half = _mm256_or_ps(_mm256_set1_ps(0.5f), _mm256_and_ps(sign_bit, x[k]));
+    q[k] = _mm256_cvttps_epi32(_mm256_add_ps(_mm256_mul_ps(x[k], inverse), half));
+  }
+  const __m256i total = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
+  __m128i t = _mm_add_epi32(_mm256_castsi256_si128(total), _mm256_extracti128_si256(total, 1));
+  t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0x4E));
+  *sum = _mm_cvtsi128_si32(_mm_add_epi32(t, _mm_shuffle_epi32(t, 0xB1)));
+  // packs work within 128-bit halves: the permutes put the 32 values back in order.
+  const __m256i low16 = _mm256_packs_epi32(q[0], q[1]), high16 = _mm256_packs_epi32(q[2], q[3]);
+  if constexpr (std::is_same_v<typename Format::XInt, int16_t>) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(values), _mm256_permute4x64_epi64(low16, 0xD8));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(values + 16), _mm256_permute4x64_epi64(high16, 0xD8));
+  } else {
+    const __m256i bytes = _mm256_packs_epi16(low16, high16);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(values),
+                        _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
+  }
+  return largest_scalar / Format::kXMax;
+}
+#endif
 
 // ---------------------------------------------------------------------------------------------
 // Portable kernels
@@ -511,6 +543,32 @@ std::atomic<int> simd_bits_cap{256};
 
 // 256: AVX2 + FMA + F16C, 0: portable loops.
 int simd_bits() { return std::min(cpu_simd_bits(), simd_bits_cap.load()); }
+
+// x [rows, in] quantised per block of 32 columns into XInt (see the top of the file), into q's buffers.
+template <class Format>
+void quantize_x(const float* x, int64_t rows, int64_t in, QuantizedX<typename Format::XInt>& q) {
+  const int64_t blocks = in / kBlock;
+  q.values.resize(rows * in), q.scales.resize(rows * blocks), q.sums.resize(has_offset<Format>() ? rows * blocks : 0);
+  [[maybe_unused]] const bool avx2 = simd_bits() >= 256;
+  for (int64_t m = 0; m < rows; ++m) {
+    for (int64_t b = 0; b < blocks; ++b) {
+      const float* xb = x + m * in + b * kBlock;
+      auto* values = q.values.data() + (b * rows + m) * kBlock;
+      int32_t sum = 0;
+      float scale;
+#ifdef LLMDROP_HAVE_X86_SIMD
+      if (avx2) {
+        scale = quantize_block_avx2<Format>(xb, values, &sum);
+      } else
+#endif
+      {
+        scale = quantize_block_portable<Format>(xb, values, &sum);
+      }
+      q.scales[b * rows + m] = scale;
+      if constexpr (has_offset<Format>()) q.sums[b * rows + m] = scale * static_cast<float>(sum);
+    }
+  }
+}
 
 // ---------------------------------------------------------------------------------------------
 // Drivers
@@ -779,7 +837,11 @@ at::Tensor& gemv_out(const at::Tensor& x_any, const at::Tensor& weight, const c1
                     nullptr, nullptr, nullptr};
   if (fused_kernels_for<Format>(rows)) {
     if constexpr (Format::kBlocked) {
-      const auto xq = quantize_x<Format>(p.x, rows, in);
+      // A decode step's calls reuse one thread's buffers rather than allocating three per call.
+      thread_local QuantizedX<typename Format::XInt> decode_buffers;
+      QuantizedX<typename Format::XInt> buffers;
+      auto& xq = rows <= kGemvMaxRows ? decode_buffers : buffers;
+      quantize_x<Format>(p.x, rows, in, xq);
       p.xq = xq.values.data(), p.xscale = xq.scales.data(), p.xsums = xq.sums.data();
       gemv<Format>(p);
     } else {

@@ -115,20 +115,31 @@ def _run(command: list, timeout: float = DEFAULT_TIMEOUT_S) -> str:
 def run_llama_bench(gguf_path: str | os.PathLike, threads=(1,), n_prompt: int = 128, n_gen: int = 32,
                     repetitions: int = 5, timeout: float = DEFAULT_TIMEOUT_S) -> list[dict]:
     """llama-bench's JSON records (one per test and thread count): prompt processing of `n_prompt` tokens
-    (n_gen 0) and generation of `n_gen` tokens (n_prompt 0), with avg_ts / stddev_ts in tokens per second."""
+    (n_gen 0) and generation of `n_gen` tokens (n_prompt 0), with avg_ts / stddev_ts in tokens per second.
+
+    llama.cpp's repacked tensor layouts are CPU-specific code (AMX on recent Xeons) that can crash where its plain
+    layouts run: a failed run is repeated with `--repack 0`, and its records say `"repack": false`."""
     threads = [threads] if isinstance(threads, int) else list(threads)
     command = [binary("llama-bench"), "-m", gguf_path, "-t", ",".join(map(str, threads)), "-p", n_prompt,
                "-n", n_gen, "-r", repetitions, "-o", "json"]
-    return json.loads(_run(command, timeout))
+    try:
+        return json.loads(_run(command, timeout))
+    except RuntimeError as failure:
+        try:
+            return json.loads(_run(command + ["--repack", "0"], timeout))
+        except RuntimeError as second:
+            raise RuntimeError(f"{failure}; with --repack 0: {second}") from None
 
 
 def bench_summary(records: list[dict]) -> list[dict]:
-    """The numbers that matter of llama-bench records: test (pp128/tg32), threads, tok/s and its stddev."""
+    """The numbers that matter of llama-bench records: test (pp128/tg32), threads, tok/s and its stddev, and
+    whether llama.cpp ran its repacked layouts (see run_llama_bench)."""
     rows = []
     for record in records:
         test = f"pp{record['n_prompt']}" if record["n_gen"] == 0 else f"tg{record['n_gen']}"
         rows.append({"model": record["model_filename"], "type": record["model_type"], "test": test,
-                     "threads": record["n_threads"], "tok_s": record["avg_ts"], "stddev": record["stddev_ts"]})
+                     "threads": record["n_threads"], "tok_s": record["avg_ts"], "stddev": record["stddev_ts"],
+                     "repack": record.get("repack", True)})
     return rows
 
 
@@ -254,12 +265,15 @@ def plan_peer_jobs(args, cfg) -> list[dict]:
 
 
 def measure(job: dict) -> dict:
-    """One llama-bench run of a peer job, in the bench's row format (decode at batch 1 only: llama-bench's tg)."""
+    """One llama-bench run of a peer job, in the bench's row format (decode at batch 1 only: llama-bench's tg).
+    A row that ran with `--repack 0` (see run_llama_bench) says so in `peer_note`."""
     gguf_path = peer_gguf(job["model"], job["plan"], job["gguf_type"])
     records = bench_summary(run_llama_bench(gguf_path, job["threads"], job["prompt_len"], job["new_tokens"],
                                             max(2, job["repeats"])))
     speed = {row["test"][:2]: row["tok_s"] for row in records}
     row = {"prefill_tok_s": speed["pp"], "weight_bytes": gguf_path.stat().st_size}
+    if not all(record["repack"] for record in records):
+        row["peer_note"] = "ran with --repack 0 (with llama.cpp's default repacked layouts llama-bench failed)"
     for batch in job["batch_sizes"]:
         if batch == 1:
             row["decode_tok_s_b1"] = speed["tg"]

@@ -135,6 +135,9 @@ def format_tables(rows: list[dict], batch_sizes: list[int], num_layers: int, ban
         kv, peak = r.get(f"kv_bytes_b{batch_sizes[-1]}"), r.get("peak_memory_bytes")
         cells += ["-" if kv is None else f"{kv / 2**20:.2f}", "-" if peak is None else f"{peak / 2**20:.0f}"]
         lines.append("| " + " | ".join(cells) + " |")
+    notes = sorted({f"{row['label']}: {row['peer_note']}" for row in rows if row.get("peer_note")})
+    if notes:
+        lines += [""] + notes
     if bandwidth:
         lines += ["", "read bandwidth (the faster of two ways to read 1 GiB, see read_bandwidth): " +
                   ", ".join(f"{t} thread(s) {bw / 1e9:.1f} GB/s" for t, bw in sorted(bandwidth.items()))]
@@ -212,12 +215,16 @@ def run(args, argv) -> None:
             for job in jobs + peers:
                 bar.set_postfix_str(job["label"])
                 if job["impl"] == "llama.cpp":
-                    results[job["label"]].append(llama_cpp.measure(job))
+                    try:
+                        results[job["label"]].append(llama_cpp.measure(job))
+                    except RuntimeError as failure:  # a peer that cannot run leaves its row out, not the bench
+                        print(f"\n{job['label']} left out: {failure}", file=sys.stderr)
                 else:
                     results[job["label"]].append(row_from_measure(run_in_subprocess(job)))
                 bar.update()
     rows = [dict(label=job["label"], impl=job["impl"], precision=job["precision"], threads=job["threads"],
-                 drop_attn=job["drop_attn"], **median_of_rounds(results[job["label"]])) for job in jobs + peers]
+                 drop_attn=job["drop_attn"], **median_of_rounds(results[job["label"]]))
+            for job in jobs + peers if results[job["label"]]]
     tables = format_tables(rows, batch_sizes, cfg.num_layers, bandwidth)
     if args.device == "cpu":
         tables = f"our CPU kernels: {cpu_linear.kernel_isa()}\n" + tables
