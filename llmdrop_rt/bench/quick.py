@@ -14,7 +14,8 @@ memory is its own and no configuration warms caches for another; llama.cpp runs 
 configuration: prefill tokens/s (the prompt of the smallest batch), decode tokens/s per batch size (first to last
 generated token), weight bytes, KV-cache bytes, peak memory (GPU: max allocated; CPU: peak RSS, which includes the
 Python/torch runtime). On a CPU the read bandwidth of large reads of 1 GiB (see `read_bandwidth`) is measured at
-each thread count, and each row's decode speed is shown against the floor it implies (weight bytes per token / read bandwidth).
+each thread count, and each row's decode speed is shown against the floor it implies (weight bytes per token / read
+bandwidth).
 `--rounds` runs everything round-robin and reports medians, so a machine whose speed drifts slows all rows alike.
 Prints tables, writes JSON (`--out`) and a PNG of decode speed by precision (`--plot`, needs matplotlib).
 """
