@@ -22,10 +22,11 @@
 // sx = max|x| / 127 over the block into int8 for the 4-bit formats, as llama.cpp quantises activations for
 // them; / 32767 into int16 for q8_0, whose int8 weights would otherwise dominate its error less than x's);
 // the dot of a block's integer values with xq is an exact integer sum (_mm256_maddubs_epi16 / _mm256_madd_epi16),
-// scaled by d * sx into an fp32 accumulator. The offset of the 4-bit formats (-8 d, or m) contributes
-// offset * sx * (sum of xq over the block): the kernels compute W times the quantised x, so the error is that of
-// x's rounding times w, not times the 0..15 stored values the offset would otherwise cancel. x is quantised once
-// per call.
+// scaled by d * sx into an fp32 accumulator. A group block's values are unpacked once for up to 8 activation
+// rows (kBlockRowsPerPass), which is what makes several rows cheaper per row than one. The offset of the 4-bit
+// formats (-8 d, or m) contributes offset * sx * (sum of xq over the block): the kernels compute W times the
+// quantised x, so the error is that of x's rounding times w, not times the 0..15 stored values the offset would
+// otherwise cancel. x is quantised once per call.
 // More rows of a dense format (prefill): tiles of output rows are dequantised to fp32 and ATen's GEMM does the rest.
 // A GEMV tile reads several distant stretches of the weight in turn (kMaxStreams of them at batch 1), and each
 // thread of at::parallel_for (torch's thread pool) walks its own contiguous range of tiles (ChunkRanges), so every
@@ -58,7 +59,10 @@
 namespace {
 
 constexpr int64_t kGemvMaxRows = 8;  // more activation rows than this: dequantised tiles + GEMM
-constexpr int64_t kRowBlock = 4;     // activation rows sharing one decode of the weights in the GEMV
+// Activation rows sharing one decode of the weights in the GEMV: a block format's widened group block serves
+// up to 8 of them; a dense tile's accumulators fill the registers at 4.
+constexpr int64_t kBlockRowsPerPass = 8;
+constexpr int64_t kDenseRowsPerPass = 4;
 constexpr int64_t kBlock = 32;       // input columns per quantisation block
 constexpr int64_t kGroupRows = 8;    // output rows interleaved in the block formats' layout
 constexpr int64_t kChunkBytes = 32 << 10;  // weight bytes a thread claims at a time in the GEMV
@@ -361,40 +365,63 @@ LLMDROP_AVX2 inline __m256i broadcast32(const void* p) {
 // Independent accumulators per (weight row, activation row) pair: enough chains in all to hide the FMA latency.
 constexpr int chains_for(int pairs) { return pairs >= 4 ? 1 : 4 / pairs; }
 
-// The integer dots of one group block with NROWS activation rows' int8 x: sums[r] lane k = row k's dot.
-// Lane c of the block holds columns 4c..4c+3 of each row in its low nibbles and 16+4c..19+4c in its high ones.
-template <int NROWS>
-LLMDROP_AVX2 inline void group_block_dots_q4(const uint8_t* values, const int8_t* const (&xq)[NROWS],
-                                             __m256i (&sums)[NROWS]) {
-  const __m256i low_nibbles = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
-  __m256i pairs[NROWS];  // int16 sums of pairs of products; 8 of them per lane stay below 2^15 (8 * 2 * 15 * 127)
-  for (int r = 0; r < NROWS; ++r) pairs[r] = _mm256_setzero_si256();
-  for (int c = 0; c < 4; ++c) {
-    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(values + 32 * c));
-    const __m256i low = _mm256_and_si256(v, low_nibbles);
-    const __m256i high = _mm256_and_si256(_mm256_srli_epi16(v, 4), low_nibbles);
-    for (int r = 0; r < NROWS; ++r) {
-      pairs[r] = _mm256_add_epi16(pairs[r], _mm256_maddubs_epi16(low, broadcast32(xq[r] + 4 * c)));
-      pairs[r] = _mm256_add_epi16(pairs[r], _mm256_maddubs_epi16(high, broadcast32(xq[r] + 16 + 4 * c)));
+// The 4-bit values of one group block, unpacked once so that every activation row's dot reuses them: lane c of
+// the block holds columns 4c..4c+3 of each of the 8 rows in its low nibbles and 16+4c..19+4c in its high ones.
+struct NibbleGroup {
+  __m256i low[4], high[4];
+  LLMDROP_AVX2 explicit NibbleGroup(const uint8_t* values) {
+    const __m256i low_nibbles = _mm256_set1_epi8(0x0F);
+    for (int c = 0; c < 4; ++c) {
+      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(values + 32 * c));
+      low[c] = _mm256_and_si256(v, low_nibbles);
+      high[c] = _mm256_and_si256(_mm256_srli_epi16(v, 4), low_nibbles);
     }
   }
-  for (int r = 0; r < NROWS; ++r) sums[r] = _mm256_madd_epi16(pairs[r], ones);
-}
+  // Lane k: the integer dot of row k's 32 values with the int8 xq[0 .. 32). maddubs makes int16 sums of pairs of
+  // products; 8 of them per lane stay below 2^15 (8 * 2 * 15 * 127).
+  LLMDROP_AVX2 __m256i dot(const int8_t* xq) const {
+    __m256i pairs[4];
+    for (int c = 0; c < 4; ++c)
+      pairs[c] = _mm256_add_epi16(_mm256_maddubs_epi16(low[c], broadcast32(xq + 4 * c)),
+                                  _mm256_maddubs_epi16(high[c], broadcast32(xq + 16 + 4 * c)));
+    const __m256i total = _mm256_add_epi16(_mm256_add_epi16(pairs[0], pairs[1]), _mm256_add_epi16(pairs[2], pairs[3]));
+    return _mm256_madd_epi16(total, _mm256_set1_epi16(1));
+  }
+};
 
-// The same for q8_0 with int16 x: lane k of the block holds columns 2k, 2k+1 of each row.
+// The integer dots of one q8_0 group block with NROWS activation rows' int16 x: sums[r] lane k = row k's dot.
+// Lane k of the block holds columns 2k, 2k+1 of each row; each widened vector serves all the rows at once.
 template <int NROWS>
-LLMDROP_AVX2 inline void group_block_dots_q8(const uint8_t* values, const int16_t* const (&xq)[NROWS],
+LLMDROP_AVX2 inline void group_block_dots_q8(const uint8_t* values, const int16_t* xq, int64_t row_stride,
                                              __m256i (&sums)[NROWS]) {
   for (int r = 0; r < NROWS; ++r) sums[r] = _mm256_setzero_si256();
   for (int k = 0; k < 16; ++k) {
     const __m256i w = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(values + 16 * k)));
     for (int r = 0; r < NROWS; ++r)
-      sums[r] = _mm256_add_epi32(sums[r], _mm256_madd_epi16(w, broadcast32(xq[r] + 2 * k)));
+      sums[r] = _mm256_add_epi32(sums[r], _mm256_madd_epi16(w, broadcast32(xq + r * row_stride + 2 * k)));
   }
 }
 
+// acc += one group block's contribution for one activation row: the integer dots `sum` of its 8 rows scaled by
+// d and x's scale, and (4-bit formats) the rows' offsets (m, or -8 d) times the sum of x over the block.
+template <class Format>
+LLMDROP_AVX2 inline void accumulate_block(__m256& acc, __m256 d, __m256 offset, __m256i sum, float xscale,
+                                          float xsum) {
+  acc = _mm256_fmadd_ps(_mm256_mul_ps(d, _mm256_set1_ps(xscale)), _mm256_cvtepi32_ps(sum), acc);
+  if constexpr (has_offset<Format>()) acc = _mm256_fmadd_ps(offset, _mm256_set1_ps(xsum), acc);
+}
+
+// The 8 rows' offsets in a group block of a 4-bit format.
+template <class Format>
+LLMDROP_AVX2 inline __m256 group_offsets(const uint8_t* block, __m256 d) {
+  if constexpr (Format::kStoredOffset) return load8_fp16(block + 2 * kGroupRows);
+  return _mm256_mul_ps(d, _mm256_set1_ps(Format::kOffsetPerD));
+}
+
 // acc[g][r] lane k += W[row k of group g] . x[m0 + r] for G groups of 8 rows (starting at groups[g]) and NROWS
-// activation rows; the groups' blocks are read in turn, so G streams of the weight are in flight.
+// activation rows; the groups' blocks are read in turn, so G streams of the weight are in flight. A 4-bit group
+// block is unpacked once and then serves the rows one after the other, each row's dot finished before the next
+// begins, so that few vectors are live at a time.
 template <class Format, int G, int NROWS>
 LLMDROP_AVX2 void group_dots_avx2(const Problem<Format>& p, const uint8_t* const* groups, int64_t m0,
                                   __m256 (&acc)[G][NROWS]) {
@@ -404,31 +431,25 @@ LLMDROP_AVX2 void group_dots_avx2(const Problem<Format>& p, const uint8_t* const
     for (int r = 0; r < NROWS; ++r) acc[g][r] = _mm256_setzero_ps();
   for (int64_t b = 0; b < p.in / kBlock; ++b) {
     const int64_t x0 = b * p.rows + m0;  // QuantizedX index of (block b, row m0)
-    const XInt* xq[NROWS];
-    for (int r = 0; r < NROWS; ++r) xq[r] = xq_all + (x0 + r) * kBlock;
+    const XInt* xq = xq_all + x0 * kBlock;
+    const float* xscale = p.xscale + x0;
+    const float* xsums = has_offset<Format>() ? p.xsums + x0 : nullptr;
     for (int g = 0; g < G; ++g) {
       const uint8_t* block = groups[g] + b * kGroupRows * Format::kBytes;
       for (int64_t line = 0; line < kGroupRows * Format::kBytes; line += 64)
         _mm_prefetch(reinterpret_cast<const char*>(block) + kPrefetchAhead + line, _MM_HINT_T0);
-      __m256i sums[NROWS];
-      if constexpr (std::is_same_v<Format, Q8_0>) {
-        group_block_dots_q8<NROWS>(block + kGroupRows * Format::kValuesAt, xq, sums);
-      } else {
-        group_block_dots_q4<NROWS>(block + kGroupRows * Format::kValuesAt, xq, sums);
-      }
+      const uint8_t* values = block + kGroupRows * Format::kValuesAt;
       const __m256 d = load8_fp16(block);
-      for (int r = 0; r < NROWS; ++r) {
-        const __m256 dot = _mm256_mul_ps(_mm256_cvtepi32_ps(sums[r]), _mm256_set1_ps(p.xscale[x0 + r]));
-        if constexpr (Format::kStoredOffset) {
-          acc[g][r] = _mm256_fmadd_ps(d, dot, acc[g][r]);
-          acc[g][r] = _mm256_fmadd_ps(load8_fp16(block + 2 * kGroupRows), _mm256_set1_ps(p.xsums[x0 + r]),
-                                      acc[g][r]);
-        } else if constexpr (has_offset<Format>()) {
-          const __m256 offset_term = _mm256_set1_ps(Format::kOffsetPerD * p.xsums[x0 + r]);
-          acc[g][r] = _mm256_fmadd_ps(d, _mm256_add_ps(dot, offset_term), acc[g][r]);
-        } else {
-          acc[g][r] = _mm256_fmadd_ps(d, dot, acc[g][r]);
-        }
+      if constexpr (std::is_same_v<Format, Q8_0>) {
+        __m256i sums[NROWS];
+        group_block_dots_q8<NROWS>(values, xq, kBlock, sums);
+        for (int r = 0; r < NROWS; ++r)
+          accumulate_block<Format>(acc[g][r], d, _mm256_setzero_ps(), sums[r], xscale[r], 0.f);
+      } else {
+        const NibbleGroup nibbles(values);
+        const __m256 offsets = group_offsets<Format>(block, d);
+        for (int r = 0; r < NROWS; ++r)
+          accumulate_block<Format>(acc[g][r], d, offsets, nibbles.dot(xq + r * kBlock), xscale[r], xsums[r]);
       }
     }
   }
@@ -437,7 +458,7 @@ LLMDROP_AVX2 void group_dots_avx2(const Problem<Format>& p, const uint8_t* const
 // dots[g][r][k] = row k of group g . x[m0 + r].
 template <class Format, int G, int NROWS>
 LLMDROP_AVX2 void group_tile_avx2(const Problem<Format>& p, const uint8_t* const* groups, int64_t m0,
-                                  float (*dots)[kRowBlock][kGroupRows]) {
+                                  float (*dots)[kBlockRowsPerPass][kGroupRows]) {
   __m256 acc[G][NROWS];
   group_dots_avx2<Format, G, NROWS>(p, groups, m0, acc);
   for (int g = 0; g < G; ++g)
@@ -449,7 +470,7 @@ LLMDROP_AVX2 void group_tile_avx2(const Problem<Format>& p, const uint8_t* const
 // of each, so WROWS streams of the weight are in flight, and each load of x serves all of them.
 template <class Format, int WROWS, int NROWS>
 LLMDROP_AVX2 void dense_tile_dots_avx2(const Problem<Format>& p, const uint8_t* wrow, int64_t stride, int64_t m0,
-                                       float (*dots)[kRowBlock]) {
+                                       float (*dots)[kDenseRowsPerPass]) {
   constexpr int chains = chains_for(WROWS * NROWS);
   using Element = typename Format::Element;
   const float* x = p.x + m0 * p.in;
@@ -573,15 +594,13 @@ void quantize_x(const float* x, int64_t rows, int64_t in, QuantizedX<typename Fo
 // ---------------------------------------------------------------------------------------------
 // Drivers
 // ---------------------------------------------------------------------------------------------
-// f(std::integral_constant<int, n>{}) for n in 1 .. 4: a run-time count as a template argument.
-template <class F>
-void with_count(int64_t n, F&& f) {
-  switch (n) {
-    case 1: return f(std::integral_constant<int, 1>{});
-    case 2: return f(std::integral_constant<int, 2>{});
-    case 3: return f(std::integral_constant<int, 3>{});
-    default: return f(std::integral_constant<int, 4>{});
+// f(std::integral_constant<int, n>{}) for n = min(count, Max), count >= 1: a run-time count as a template argument.
+template <int Max, class F>
+void with_count(int64_t count, F&& f) {
+  if constexpr (Max > 1) {
+    if (count < Max) return with_count<Max - 1>(count, f);
   }
+  f(std::integral_constant<int, Max>{});
 }
 
 // The GEMV's unit of work: output rows of a dense format, groups of 8 output rows of a block format. A tile is
@@ -598,6 +617,9 @@ int64_t streams_for(int64_t rows) {
   return Format::kBlocked ? 1 : 2;
 }
 
+template <class Format>
+constexpr int64_t rows_per_pass() { return Format::kBlocked ? kBlockRowsPerPass : kDenseRowsPerPass; }
+
 // y for the units of tile t and activation rows [m0, m0 + nrows).
 template <class Format>
 void tile(bool avx2, const Problem<Format>& p, int64_t t, int64_t count, int64_t spacing, int64_t m0,
@@ -611,10 +633,13 @@ void tile(bool avx2, const Problem<Format>& p, int64_t t, int64_t count, int64_t
     if (avx2) {
       const uint8_t* groups[kMaxStreams];
       for (int64_t k = 0; k < count; ++k) groups[k] = p.weight + (t + k * spacing) * kGroupRows * bytes;
-      float dots[kMaxStreams][kRowBlock][kGroupRows];
-      with_count(count, [&](auto g) {
-        with_count(nrows, [&](auto r) { group_tile_avx2<Format, g.value, r.value>(p, groups, m0, dots); });
-      });
+      float dots[kMaxStreams][kBlockRowsPerPass][kGroupRows];
+      // Several streams at batch 1; one stream of up to 8 rows otherwise (streams_for).
+      if (nrows == 1) {
+        with_count<kMaxStreams>(count, [&](auto g) { group_tile_avx2<Format, g.value, 1>(p, groups, m0, dots); });
+      } else {
+        with_count<kBlockRowsPerPass>(nrows, [&](auto r) { group_tile_avx2<Format, 1, r.value>(p, groups, m0, dots); });
+      }
       for (int64_t k = 0; k < count; ++k)
         for (int64_t r = 0; r < nrows; ++r)
           for (int64_t row = 0; row < kGroupRows; ++row) store((t + k * spacing) * kGroupRows + row, r, dots[k][r][row]);
@@ -624,17 +649,17 @@ void tile(bool avx2, const Problem<Format>& p, int64_t t, int64_t count, int64_t
     for (int64_t k = 0; k < count; ++k) {
       for (int64_t row = 0; row < kGroupRows; ++row) {
         const int64_t o = (t + k * spacing) * kGroupRows + row;
-        float dots[kRowBlock];
+        float dots[kBlockRowsPerPass];
         row_dots_portable<Format>(p, o, m0, nrows, dots);
         for (int64_t r = 0; r < nrows; ++r) store(o, r, dots[r]);
       }
     }
   } else {
-    float dots[kMaxStreams][kRowBlock];
+    float dots[kMaxStreams][kDenseRowsPerPass];
 #ifdef LLMDROP_HAVE_X86_SIMD
     if (avx2) {
-      with_count(count, [&](auto w) {
-        with_count(nrows, [&](auto r) {
+      with_count<kMaxStreams>(count, [&](auto w) {
+        with_count<kDenseRowsPerPass>(nrows, [&](auto r) {
           dense_tile_dots_avx2<Format, w.value, r.value>(p, p.weight + t * bytes, spacing * bytes, m0, dots);
         });
       });
@@ -699,14 +724,14 @@ void gemv(const Problem<Format>& p) {
     for (int64_t w = first_worker; w < last_worker; ++w) {
       for (int64_t chunk; (chunk = ranges.take(w)) >= 0;) {
         for (int64_t i = chunk * items_per_chunk; i < std::min(items, (chunk + 1) * items_per_chunk); ++i) {
-          for (int64_t m0 = 0; m0 < p.rows; m0 += kRowBlock) {
-            const int64_t nrows = std::min(kRowBlock, p.rows - m0);
+          for (int64_t m0 = 0; m0 < p.rows; m0 += rows_per_pass<Format>()) {
+            const int64_t nrows = std::min(rows_per_pass<Format>(), p.rows - m0);
             if (i < tiles) {
               const int64_t count = std::min(streams, (units - i + spacing - 1) / spacing);
               tile<Format>(avx2, p, i, count, spacing, m0, nrows);
             } else {
               const int64_t o = units * unit_rows + (i - tiles);
-              float dots[kRowBlock];
+              float dots[kBlockRowsPerPass];
               row_dots_portable<Format>(p, o, m0, nrows, dots);
               for (int64_t r = 0; r < nrows; ++r) p.y[(m0 + r) * p.out + o] = dots[r] + (p.bias ? p.bias[o] : 0.f);
             }
