@@ -23,7 +23,7 @@
 // them; / 32767 into int16 for q8_0, whose int8 weights would otherwise dominate its error less than x's);
 // the dot of a block's integer values with xq is an exact integer sum (_mm256_maddubs_epi16 / _mm256_madd_epi16),
 // scaled by d * sx into an fp32 accumulator. A group block's values are unpacked once for up to 8 activation
-// rows (kBlockRowsPerPass), which is what makes several rows cheaper per row than one. The offset of the 4-bit
+// rows (kRowsPerPass), which is what makes several rows cheaper per row than one. The offset of the 4-bit
 // formats (-8 d, or m) contributes offset * sx * (sum of xq over the block): the kernels compute W times the
 // quantised x, so the error is that of x's rounding times w, not times the 0..15 stored values the offset would
 // otherwise cancel. x is quantised once per call.
@@ -59,10 +59,7 @@
 namespace {
 
 constexpr int64_t kGemvMaxRows = 8;  // more activation rows than this: dequantised tiles + GEMM
-// Activation rows sharing one decode of the weights in the GEMV: a block format's widened group block serves
-// up to 8 of them; a dense tile's accumulators fill the registers at 4.
-constexpr int64_t kBlockRowsPerPass = 8;
-constexpr int64_t kDenseRowsPerPass = 4;
+constexpr int64_t kRowsPerPass = 8;  // activation rows sharing one pass over (and decode of) the weights
 constexpr int64_t kBlock = 32;       // input columns per quantisation block
 constexpr int64_t kGroupRows = 8;    // output rows interleaved in the block formats' layout
 constexpr int64_t kChunkBytes = 32 << 10;  // weight bytes a thread claims at a time in the GEMV
@@ -458,7 +455,7 @@ LLMDROP_AVX2 void group_dots_avx2(const Problem<Format>& p, const uint8_t* const
 // dots[g][r][k] = row k of group g . x[m0 + r].
 template <class Format, int G, int NROWS>
 LLMDROP_AVX2 void group_tile_avx2(const Problem<Format>& p, const uint8_t* const* groups, int64_t m0,
-                                  float (*dots)[kBlockRowsPerPass][kGroupRows]) {
+                                  float (*dots)[kRowsPerPass][kGroupRows]) {
   __m256 acc[G][NROWS];
   group_dots_avx2<Format, G, NROWS>(p, groups, m0, acc);
   for (int g = 0; g < G; ++g)
@@ -470,7 +467,7 @@ LLMDROP_AVX2 void group_tile_avx2(const Problem<Format>& p, const uint8_t* const
 // of each, so WROWS streams of the weight are in flight, and each load of x serves all of them.
 template <class Format, int WROWS, int NROWS>
 LLMDROP_AVX2 void dense_tile_dots_avx2(const Problem<Format>& p, const uint8_t* wrow, int64_t stride, int64_t m0,
-                                       float (*dots)[kDenseRowsPerPass]) {
+                                       float (*dots)[kRowsPerPass]) {
   constexpr int chains = chains_for(WROWS * NROWS);
   using Element = typename Format::Element;
   const float* x = p.x + m0 * p.in;
@@ -484,6 +481,9 @@ LLMDROP_AVX2 void dense_tile_dots_avx2(const Problem<Format>& p, const uint8_t* 
   for (; i + 8 * chains <= in; i += 8 * chains) {
     __m256 wv[WROWS][chains];
     for (int k = 0; k < WROWS; ++k) {
+      // Several activation rows make a tile slow enough that the hardware prefetchers fall behind one stream.
+      if constexpr (NROWS > 1)
+        _mm_prefetch(reinterpret_cast<const char*>(weights(k) + i) + kPrefetchAhead, _MM_HINT_T0);
       for (int c = 0; c < chains; ++c) wv[k][c] = load8(weights(k) + i + 8 * c);
     }
     for (int r = 0; r < NROWS; ++r) {
@@ -610,15 +610,15 @@ void with_count(int64_t count, F&& f) {
 // depend on the thread count.
 constexpr int64_t kMaxStreams = 4;
 
-// Units per tile: with several activation rows a block format's group needs every register for one stream.
+// Units per tile. With several activation rows the accumulators of one stream take most registers: a block
+// format's group always, a dense row from 5 activation rows on (up to 4 rows, two dense rows fit).
+constexpr int64_t kDenseTwoStreamRows = 4;
+
 template <class Format>
 int64_t streams_for(int64_t rows) {
   if (rows == 1) return kMaxStreams;
-  return Format::kBlocked ? 1 : 2;
+  return Format::kBlocked || rows > kDenseTwoStreamRows ? 1 : 2;
 }
-
-template <class Format>
-constexpr int64_t rows_per_pass() { return Format::kBlocked ? kBlockRowsPerPass : kDenseRowsPerPass; }
 
 // y for the units of tile t and activation rows [m0, m0 + nrows).
 template <class Format>
@@ -633,12 +633,12 @@ void tile(bool avx2, const Problem<Format>& p, int64_t t, int64_t count, int64_t
     if (avx2) {
       const uint8_t* groups[kMaxStreams];
       for (int64_t k = 0; k < count; ++k) groups[k] = p.weight + (t + k * spacing) * kGroupRows * bytes;
-      float dots[kMaxStreams][kBlockRowsPerPass][kGroupRows];
+      float dots[kMaxStreams][kRowsPerPass][kGroupRows];
       // Several streams at batch 1; one stream of up to 8 rows otherwise (streams_for).
       if (nrows == 1) {
         with_count<kMaxStreams>(count, [&](auto g) { group_tile_avx2<Format, g.value, 1>(p, groups, m0, dots); });
       } else {
-        with_count<kBlockRowsPerPass>(nrows, [&](auto r) { group_tile_avx2<Format, 1, r.value>(p, groups, m0, dots); });
+        with_count<kRowsPerPass>(nrows, [&](auto r) { group_tile_avx2<Format, 1, r.value>(p, groups, m0, dots); });
       }
       for (int64_t k = 0; k < count; ++k)
         for (int64_t r = 0; r < nrows; ++r)
@@ -649,20 +649,29 @@ void tile(bool avx2, const Problem<Format>& p, int64_t t, int64_t count, int64_t
     for (int64_t k = 0; k < count; ++k) {
       for (int64_t row = 0; row < kGroupRows; ++row) {
         const int64_t o = (t + k * spacing) * kGroupRows + row;
-        float dots[kBlockRowsPerPass];
+        float dots[kRowsPerPass];
         row_dots_portable<Format>(p, o, m0, nrows, dots);
         for (int64_t r = 0; r < nrows; ++r) store(o, r, dots[r]);
       }
     }
   } else {
-    float dots[kMaxStreams][kDenseRowsPerPass];
+    float dots[kMaxStreams][kRowsPerPass];
 #ifdef LLMDROP_HAVE_X86_SIMD
     if (avx2) {
-      with_count<kMaxStreams>(count, [&](auto w) {
-        with_count<kDenseRowsPerPass>(nrows, [&](auto r) {
-          dense_tile_dots_avx2<Format, w.value, r.value>(p, p.weight + t * bytes, spacing * bytes, m0, dots);
+      const uint8_t* first = p.weight + t * bytes;
+      if (nrows == 1) {
+        with_count<kMaxStreams>(count, [&](auto w) {
+          dense_tile_dots_avx2<Format, w.value, 1>(p, first, spacing * bytes, m0, dots);
         });
-      });
+      } else if (count == 1) {
+        with_count<kRowsPerPass>(nrows, [&](auto r) {
+          dense_tile_dots_avx2<Format, 1, r.value>(p, first, spacing * bytes, m0, dots);
+        });
+      } else {
+        with_count<kDenseTwoStreamRows>(nrows, [&](auto r) {
+          dense_tile_dots_avx2<Format, 2, r.value>(p, first, spacing * bytes, m0, dots);
+        });
+      }
     }
 #endif
     if (!avx2)
@@ -724,14 +733,14 @@ void gemv(const Problem<Format>& p) {
     for (int64_t w = first_worker; w < last_worker; ++w) {
       for (int64_t chunk; (chunk = ranges.take(w)) >= 0;) {
         for (int64_t i = chunk * items_per_chunk; i < std::min(items, (chunk + 1) * items_per_chunk); ++i) {
-          for (int64_t m0 = 0; m0 < p.rows; m0 += rows_per_pass<Format>()) {
-            const int64_t nrows = std::min(rows_per_pass<Format>(), p.rows - m0);
+          for (int64_t m0 = 0; m0 < p.rows; m0 += kRowsPerPass) {
+            const int64_t nrows = std::min(kRowsPerPass, p.rows - m0);
             if (i < tiles) {
               const int64_t count = std::min(streams, (units - i + spacing - 1) / spacing);
               tile<Format>(avx2, p, i, count, spacing, m0, nrows);
             } else {
               const int64_t o = units * unit_rows + (i - tiles);
-              float dots[kBlockRowsPerPass];
+              float dots[kRowsPerPass];
               row_dots_portable<Format>(p, o, m0, nrows, dots);
               for (int64_t r = 0; r < nrows; ++r) p.y[(m0 + r) * p.out + o] = dots[r] + (p.bias ? p.bias[o] : 0.f);
             }
