@@ -26,7 +26,7 @@ import torch
 from ..model.cache import KVCache
 from ..model.layers import Transformer
 from .generation import ContextLengthError
-from .sampling import Sampling, sample
+from .sampling import Sampling, greedy, sample
 
 
 @dataclass(eq=False)
@@ -155,7 +155,7 @@ class ContinuousBatcher:
 
     def _sample(self, logits: torch.Tensor) -> list[int]:
         if all(row.request.sampling.temperature == 0 for row in self.rows):
-            return logits.argmax(dim=-1).tolist()
+            return greedy(logits).tolist()
         return [int(sample(logits[i:i + 1], row.request.sampling, row.generator)) for i, row in enumerate(self.rows)]
 
     def _leave(self):

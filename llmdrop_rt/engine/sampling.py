@@ -23,10 +23,18 @@ class Sampling:
             object.__setattr__(self, name, value)
 
 
+def greedy(logits: torch.Tensor) -> torch.Tensor:
+    """The index of each row's largest logit (the first one on ties; a NaN counts as the largest). On the CPU
+    numpy's argmax does it: it reads fp32 about 20x faster than torch's, a few percent of a small model's step."""
+    if logits.device.type == "cpu" and logits.dtype in (torch.float32, torch.float64):
+        return torch.from_numpy(logits.detach().numpy().argmax(axis=-1))
+    return logits.argmax(dim=-1)
+
+
 def sample(logits: torch.Tensor, params: Sampling, generator: torch.Generator | None) -> torch.Tensor:
     """Next token per row from logits [B, V]."""
     if params.temperature == 0:
-        return logits.argmax(dim=-1)
+        return greedy(logits)
     logits = logits.float() / params.temperature
     if params.top_k:
         kth = torch.topk(logits, min(params.top_k, logits.shape[-1]), dim=-1).values[:, -1:]

@@ -4,7 +4,7 @@ import torch
 from helpers import VOCAB, hf_greedy, hf_model
 
 import llmdrop_rt
-from llmdrop_rt.engine import ContextLengthError, Sampling, sample
+from llmdrop_rt.engine import ContextLengthError, Sampling, greedy, sample
 
 PROMPT_LENGTHS = (5, 11, 8)
 
@@ -118,3 +118,16 @@ def test_cuda_graph_decode_equals_dynamic(tiny_checkpoints):
     dynamic = llm.engine.generate(batch, 20, Sampling())
     llm.engine.decode = "graph"
     assert llm.engine.generate(batch, 20, Sampling()) == dynamic
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_greedy_picks_first_maximum_like_torch_argmax(dtype):
+    gen = torch.Generator().manual_seed(3)
+    logits = torch.randn(5, 3, 777, generator=gen).to(dtype)
+    logits[0, -1, [11, 400]] = 50.0  # a tie: the first index wins
+    logits[1, -1, [7, 90]] = float("nan")  # NaN wins, the first one
+    logits[2, -1, :] = 0.0  # all equal
+    rows = logits[:, -1]  # a strided view, as the generation loop passes it
+    picked = greedy(rows)
+    assert picked.dtype == torch.int64 and torch.equal(picked, rows.argmax(dim=-1))
+    assert picked[:3].tolist() == [11, 7, 0]
