@@ -1,11 +1,14 @@
-// What the CPU extensions share about x86 vector code: functions compiled for AVX2 + FMA + F16C with target
-// attributes (so the build needs only the baseline ISA), the run-time check that picks them, and the horizontal sum.
+// What the CPU extensions share about x86 vector code: functions compiled for AVX2 + FMA + F16C (or AVX-512 VNNI)
+// with target attributes (so the build needs only the baseline ISA), the run-time checks that pick them, and the
+// horizontal sum.
 #pragma once
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
 #define LLMDROP_HAVE_X86_SIMD 1
 #define LLMDROP_AVX2 __attribute__((target("avx2,fma,f16c")))
+// AVX-512 (F, BW, VL) with VNNI's integer dot products, for kernels that also use the AVX2 helpers.
+#define LLMDROP_AVX512_VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")))
 
 namespace llmdrop {
 
@@ -13,6 +16,13 @@ inline bool cpu_has_avx2() {
   static const bool avx2 =
       __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
   return avx2;
+}
+
+inline bool cpu_has_avx512_vnni() {
+  static const bool avx512 = cpu_has_avx2() && __builtin_cpu_supports("avx512f") &&
+                             __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
+                             __builtin_cpu_supports("avx512vnni");
+  return avx512;
 }
 
 LLMDROP_AVX2 inline float hsum_avx2(__m256 v) {

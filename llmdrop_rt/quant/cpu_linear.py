@@ -47,11 +47,13 @@ ops = compiled_ops("_cpu_gemv", "llmdrop_cpu_gemv")
 # Quantizers: gguf.quants' reference arithmetic (float32, separately rounded operations) in torch
 # --------------------------------------------------------------------------------------------------
 def kernel_isa() -> str:
-    """Which compiled kernels the CPU weight formats run: "avx2" (AVX2 + FMA + F16C), "portable", or "torch" where
-    the extension is not built."""
+    """Which compiled kernels the CPU weight formats run: "avx2" (AVX2 + FMA + F16C), "avx2+avx512vnni" (the block
+    formats' kernels for several activation rows in AVX-512 VNNI as well), "portable", or "torch" where the
+    extension is not built."""
     if ops is None:
         return "torch"
-    return "avx2" if ops.simd_width() >= 256 else "portable"
+    width = ops.simd_width()
+    return {512: "avx2+avx512vnni", 256: "avx2"}.get(width, "portable")
 
 
 def _blocks(weight: torch.Tensor) -> torch.Tensor:
