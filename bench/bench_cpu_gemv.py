@@ -9,9 +9,11 @@ candidates alternate within every round and each reports the median (and best) o
 bytes. The floor is the read bandwidth of a 512 MiB tensor read the way the kernels read weights (the op
 torch.ops.llmdrop_cpu_gemv.read_sum: several distant stretches per thread), timed as one more candidate in the
 same rounds (so under the same machine load); /stream is a candidate's median GB/s over the floor's. `path` is what
-CpuLinear would run for such a layer.
+CpuLinear would run for such a layer. `--simd 512 256` runs each format's kernels capped at each vector width
+(AVX-512 VNNI, AVX2, 0 = portable) as candidates of the same rounds, named `<format>@<width>`.
 
     python bench/bench_cpu_gemv.py --threads 1 2 --out bench/out/cpu_gemv.json
+    python bench/bench_cpu_gemv.py --threads 1 --rows 1 8 --formats q8_0 q4_0 --simd 512 256
 """
 from __future__ import annotations
 
@@ -40,7 +42,8 @@ SHAPES = {  # model -> [(name, out_features, in_features)]
 }
 TORCH_BASELINES = ("torch_f32", "torch_bf16")
 STREAM_READ = "stream_read"
-VECTOR_EXTENSIONS = {"avx2", "fma", "f16c", "avx512f", "avx512_bf16", "avx_vnni"}
+VECTOR_EXTENSIONS = {"avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16",
+                     "avx_vnni"}
 
 
 def sample_seconds(candidates: dict[str, Callable[[], object]], rounds: int,
@@ -74,17 +77,27 @@ def cold_copies(tensor: torch.Tensor, cold_bytes: int) -> list[torch.Tensor]:
 
 
 def bench_shape(model: str, name: str, out_features: int, in_features: int, formats: list[str], rows: int,
-                threads: int, cold_bytes: int, rounds: int, sample_time: float, stream: torch.Tensor) -> list[dict]:
+                threads: int, cold_bytes: int, rounds: int, sample_time: float, stream: torch.Tensor,
+                simd_widths: list[int] | None = None) -> list[dict]:
     weight = torch.randn(out_features, in_features) / in_features ** 0.5
     x = torch.randn(rows, in_features)
     candidates, weight_bytes, paths = {}, {}, {}
     for fmt in formats:
-        stored = cold_copies(cpu_linear.interleave(cpu_linear.quantize(weight, fmt), fmt), cold_bytes)
+        held = cpu_linear.interleave(cpu_linear.quantize(weight, fmt), fmt)
         op = getattr(cpu_linear.ops, f"gemv_{fmt}")
-        next_weight = rotating(stored)
-        candidates[fmt] = lambda op=op, next_weight=next_weight: op(x, next_weight())
-        weight_bytes[fmt] = stored[0].numel() * stored[0].element_size()
-        paths[fmt] = CpuLinear(stored[0], fmt, interleaved=True).path
+        # Each width's candidate reads its own copies (one left in cache by another would flatter it) and sets its
+        # cap before every call, so all of them pay that op call alike.
+        for width in simd_widths or [None]:
+            stored = cold_copies(held, cold_bytes)
+            next_weight = rotating(stored)
+            candidate = fmt if width is None else f"{fmt}@{width}"
+            if width is None:
+                candidates[candidate] = lambda op=op, next_weight=next_weight: op(x, next_weight())
+            else:
+                candidates[candidate] = lambda op=op, next_weight=next_weight, width=width: (
+                    cpu_linear.ops.set_max_simd_bits(width), op(x, next_weight()))
+            weight_bytes[candidate] = stored[0].numel() * stored[0].element_size()
+            paths[candidate] = CpuLinear(stored[0], fmt, interleaved=True).path
     paths.update(dict.fromkeys(TORCH_BASELINES, "torch"))
     for baseline, dtype in zip(TORCH_BASELINES, (torch.float32, torch.bfloat16)):
         dense = cold_copies(weight.to(dtype), cold_bytes)
@@ -96,6 +109,8 @@ def bench_shape(model: str, name: str, out_features: int, in_features: int, form
     weight_bytes[STREAM_READ] = stream.numel() * stream.element_size()
     with torch.inference_mode():
         seconds = sample_seconds(candidates, rounds, sample_time)
+    if simd_widths:
+        cpu_linear.ops.set_max_simd_bits(max(simd_widths))
     stream_gbs = weight_bytes[STREAM_READ] / seconds[STREAM_READ][0] / 1e9
     results = []
     for candidate, (t, best) in seconds.items():
@@ -154,6 +169,9 @@ def main() -> None:
     parser.add_argument("--rows", type=int, nargs="+", default=[1])
     parser.add_argument("--formats", nargs="+", default=list(cpu_linear.FORMATS), choices=cpu_linear.FORMATS)
     parser.add_argument("--models", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    parser.add_argument("--simd", type=int, nargs="+", choices=[512, 256, 0],
+                        help="vector widths to compare, each format's kernels capped at each (default: the widest "
+                             "this CPU has, alone)")
     parser.add_argument("--cold-mib", type=int, default=128,
                         help="the copies of each weight a candidate cycles through total at least this much")
     parser.add_argument("--rounds", type=int, default=7)
@@ -164,6 +182,10 @@ def main() -> None:
     if cpu_linear.ops is None:
         raise SystemExit("llmdrop_rt._cpu_gemv is not built (python setup.py build_ext --inplace)")
 
+    widest = cpu_linear.ops.simd_width()
+    for width in args.simd or []:
+        if width > widest:
+            raise SystemExit(f"--simd {width}: this CPU's kernels are at most {widest} bits wide")
     torch.manual_seed(0)
     load_at_start = os.getloadavg()
     stream = torch.ones(512 << 18)
@@ -175,7 +197,8 @@ def main() -> None:
             for name, out_features, in_features in SHAPES[model]:
                 for rows in args.rows:
                     rows_results = bench_shape(model, name, out_features, in_features, args.formats, rows, threads,
-                                               args.cold_mib << 20, args.rounds, args.sample_time, stream)
+                                               args.cold_mib << 20, args.rounds, args.sample_time, stream,
+                                               args.simd)
                     print_table(rows_results)
                     results += rows_results
         (busy_end, own_end), wall = busy_cpu_seconds(), time.perf_counter() - wall_start
@@ -185,7 +208,7 @@ def main() -> None:
     report = {
         "command": " ".join(["python", *sys.argv]), "note": args.note,
         "machine": {**machine(), "load_average_at_start": load_at_start, "load_average_at_end": os.getloadavg()},
-        "torch": torch.__version__, "simd_width": cpu_linear.ops.simd_width(),
+        "torch": torch.__version__, "simd_width": widest, "simd_widths_compared": args.simd,
         "weights": f"cold: each candidate cycles through copies totalling >= {args.cold_mib} MiB",
         "rounds": args.rounds,
         "other_processes_cpus_busy": other_load,  # per thread count, averaged over that part of the run
