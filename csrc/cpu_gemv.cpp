@@ -30,9 +30,11 @@
 // More rows of a dense format (prefill): tiles of output rows are dequantised to fp32 and ATen's GEMM does the rest.
 // A GEMV tile reads several distant stretches of the weight in turn (kMaxStreams of them at batch 1), and each
 // thread of at::parallel_for (torch's thread pool) walks its own contiguous range of tiles (ChunkRanges), so every
-// core keeps several long sequential streams in flight: one stream per core reads well below the memory's rate. x86-64 builds carry AVX2 + FMA + F16C kernels picked at run
-// time (functions compiled with target attributes, so the build needs only the baseline ISA); portable
-// loops run elsewhere, and for the plain rows after the last full group. rows_<fmt> looks rows up as fp32 (a
+// core keeps several long sequential streams in flight: one stream per core reads well below the memory's rate.
+// x86-64 builds carry AVX2 + FMA + F16C kernels picked at run time, and AVX-512 VNNI ones for the block formats at
+// several activation rows, where integer multiply-adds rather than memory bound the GEMV (functions compiled with
+// target attributes, so the build needs only the baseline ISA); portable loops run elsewhere, and for the plain
+// rows after the last full group. rows_<fmt> looks rows up as fp32 (a
 // CpuEmbedding's table). Bindings are TORCH_LIBRARY ops
 // (torch.ops.llmdrop_cpu_gemv.*), registered when the shared object is imported as the Python module
 // llmdrop_rt._cpu_gemv.
@@ -468,12 +470,23 @@ LLMDROP_AVX2 void group_tile_avx2(const Problem<Format>& p, const uint8_t* const
 // instruction (vpdpbusd: u8 x s8, vpdpwssd: s16 x s16, each summing into int32 lanes) serves 16 output rows with
 // the same broadcast piece of x.
 // ---------------------------------------------------------------------------------------------
+// GCC 12's own AVX-512 intrinsics pass an "undefined" vector along and then warn that it is uninitialized (GCC bug
+// 105593): silenced for these kernels only.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+
 LLMDROP_AVX512_VNNI inline __m512i join_halves(__m256i low, __m256i high) {
   return _mm512_inserti64x4(_mm512_castsi256_si512(low), high, 1);
 }
 
 LLMDROP_AVX512_VNNI inline __m512 join_halves(__m256 low, __m256 high) {
-  return _mm512_castpd_ps(_mm512_insertf64x4(_mm512_castpd256_pd512(_mm256_castps_pd(low)), _mm256_castps_pd(high), 1));
+  return _mm512_castsi512_ps(join_halves(_mm256_castps_si256(low), _mm256_castps_si256(high)));
+}
+
+LLMDROP_AVX512_VNNI inline __m256 half_of(__m512 v, int half) {
+  return _mm256_castsi256_ps(half ? _mm512_extracti64x4_epi64(_mm512_castps_si512(v), 1)
+                                  : _mm512_extracti64x4_epi64(_mm512_castps_si512(v), 0));
 }
 
 LLMDROP_AVX512_VNNI inline __m512i broadcast32_zmm(const void* p) {
@@ -517,7 +530,8 @@ LLMDROP_AVX512_VNNI inline void group_pair_dots_q8(const uint8_t* const (&values
         _mm256_castsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(values[0] + 16 * k))),
         _mm_loadu_si128(reinterpret_cast<const __m128i*>(values[1] + 16 * k)), 1);
     const __m512i w = _mm512_cvtepi8_epi16(both);
-    for (int r = 0; r < NROWS; ++r) sums[r] = _mm512_dpwssd_epi32(sums[r], w, broadcast32_zmm(xq + r * kBlock + 2 * k));
+    for (int r = 0; r < NROWS; ++r)
+      sums[r] = _mm512_dpwssd_epi32(sums[r], w, broadcast32_zmm(xq + r * kBlock + 2 * k));
   }
 }
 
@@ -534,34 +548,41 @@ LLMDROP_AVX512_VNNI void group_pair_tile_avx512(const Problem<Format>& p, const 
     const int64_t x0 = b * p.rows + m0;
     const XInt* xq = xq_all + x0 * kBlock;
     const float* xscale = p.xscale + x0;
-    const uint8_t* blocks[2] = {groups[0] + b * kGroupRows * Format::kBytes, groups[1] + b * kGroupRows * Format::kBytes};
-    const uint8_t* values[2] = {blocks[0] + kGroupRows * Format::kValuesAt, blocks[1] + kGroupRows * Format::kValuesAt};
-    for (const uint8_t* block : blocks)
+    const uint8_t* blocks[2], * values[2];
+    for (int g = 0; g < 2; ++g) {
+      blocks[g] = groups[g] + b * kGroupRows * Format::kBytes;
+      values[g] = blocks[g] + kGroupRows * Format::kValuesAt;
       for (int64_t line = 0; line < kGroupRows * Format::kBytes; line += 64)
-        _mm_prefetch(reinterpret_cast<const char*>(block) + kPrefetchAhead + line, _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(blocks[g]) + kPrefetchAhead + line, _MM_HINT_T0);
+    }
     const __m256 d_low = load8_fp16(blocks[0]), d_high = load8_fp16(blocks[1]);
     const __m512 d = join_halves(d_low, d_high);
+    // acc[r] += the integer dots scaled by d and x's scale.
+    auto add_scaled = [&d, xscale](__m512& into, int r, __m512i sum) LLMDROP_AVX512_VNNI {
+      into = _mm512_fmadd_ps(_mm512_mul_ps(d, _mm512_set1_ps(xscale[r])), _mm512_cvtepi32_ps(sum), into);
+    };
     if constexpr (std::is_same_v<Format, Q8_0>) {
       __m512i sums[NROWS];
       group_pair_dots_q8<NROWS>(values, xq, sums);
-      for (int r = 0; r < NROWS; ++r) acc[r] = _mm512_fmadd_ps(_mm512_mul_ps(d, _mm512_set1_ps(xscale[r])),
-                                                               _mm512_cvtepi32_ps(sums[r]), acc[r]);
+      for (int r = 0; r < NROWS; ++r) add_scaled(acc[r], r, sums[r]);
     } else {
       const float* xsums = p.xsums + x0;
       const NibbleGroupPair nibbles(values);
-      const __m512 offsets = join_halves(group_offsets<Format>(blocks[0], d_low), group_offsets<Format>(blocks[1], d_high));
+      const __m512 offsets =
+          join_halves(group_offsets<Format>(blocks[0], d_low), group_offsets<Format>(blocks[1], d_high));
       for (int r = 0; r < NROWS; ++r) {
-        acc[r] = _mm512_fmadd_ps(_mm512_mul_ps(d, _mm512_set1_ps(xscale[r])), _mm512_cvtepi32_ps(nibbles.dot(xq + r * kBlock)),
-                                 acc[r]);
+        add_scaled(acc[r], r, nibbles.dot(xq + r * kBlock));
         acc[r] = _mm512_fmadd_ps(offsets, _mm512_set1_ps(xsums[r]), acc[r]);
       }
     }
   }
   for (int r = 0; r < NROWS; ++r) {
-    _mm256_storeu_ps(dots[0][r], _mm512_castps512_ps256(acc[r]));
-    _mm256_storeu_ps(dots[1][r], _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(acc[r]), 1)));
+    _mm256_storeu_ps(dots[0][r], half_of(acc[r], 0));
+    _mm256_storeu_ps(dots[1][r], half_of(acc[r], 1));
   }
 }
+
+#pragma GCC diagnostic pop
 
 // dots[k][r] = (weight row at wrow + k * stride bytes) . x[m0 + r] for WROWS rows of a dense weight and NROWS
 // activation rows (compile-time, so the accumulators stay in registers). The rows are read in turn, a few vectors
@@ -745,10 +766,14 @@ void tile(int simd, const Problem<Format>& p, int64_t t, int64_t count, int64_t 
       if (nrows == 1) {
         with_count<kMaxStreams>(count, [&](auto g) { group_tile_avx2<Format, g.value, 1>(p, groups, m0, dots); });
       } else if (simd >= 512 && count == 2) {
-        with_count<kRowsPerPass>(nrows, [&](auto r) { group_pair_tile_avx512<Format, r.value>(p, groups, m0, dots); });
+        with_count<kRowsPerPass>(nrows, [&](auto r) {
+          group_pair_tile_avx512<Format, r.value>(p, groups, m0, dots);
+        });
       } else {
         with_count<2>(count, [&](auto g) {
-          with_count<kRowsPerPass>(nrows, [&](auto r) { group_tile_avx2<Format, g.value, r.value>(p, groups, m0, dots); });
+          with_count<kRowsPerPass>(nrows, [&](auto r) {
+            group_tile_avx2<Format, g.value, r.value>(p, groups, m0, dots);
+          });
         });
       }
       for (int64_t k = 0; k < count; ++k)
