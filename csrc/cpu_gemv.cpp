@@ -24,9 +24,9 @@
 // the dot of a block's integer values with xq is an exact integer sum (_mm256_maddubs_epi16 / _mm256_madd_epi16),
 // scaled by d * sx into an fp32 accumulator. A group block's values are unpacked once for up to 8 activation
 // rows (kRowsPerPass), which is what makes several rows cheaper per row than one. The offset of the 4-bit
-// formats (-8 d, or m) contributes offset * sx * (sum of xq over the block): the kernels compute W times the
-// quantised x, so the error is that of x's rounding times w, not times the 0..15 stored values the offset would
-// otherwise cancel. x is quantised once per call.
+// formats contributes to the integer dot exactly for q4_0 (-8 * the sum of xq over the block, offset_sum) and as
+// m * sx * (sum of xq) for q4_1: the kernels compute W times the quantised x, so the error is that of x's rounding
+// times w, not times the 0..15 stored values the offset would otherwise cancel. x is quantised once per call.
 // More rows of a dense format (prefill): tiles of output rows are dequantised to fp32 and ATen's GEMM does the rest.
 // A GEMV tile reads several distant stretches of the weight in turn (kMaxStreams of them at batch 1), and each
 // thread of at::parallel_for (torch's thread pool) walks its own contiguous range of tiles (ChunkRanges), so every
@@ -78,7 +78,7 @@ inline float fp16_bits_to_float(const uint8_t* p) {
 // ---------------------------------------------------------------------------------------------
 // Formats. Dense ones say how to read elements. Block ones say where d, m and the values sit in a plain
 // block, how wide a lane of the interleaved layout is, what integer value element j has (from the block's
-// value bytes), the block's offset (w = d * value + offset: kOffsetPerD * d, or the fp16 m at byte 2), and
+// value bytes), the block's offset (w = d * value + offset: d * kValueOffset, or the fp16 m at byte 2), and
 // the integer type x is quantised to for them.
 // ---------------------------------------------------------------------------------------------
 struct F32 {
@@ -113,7 +113,7 @@ struct Q8_0 {
   static constexpr int64_t kBytes = 34;
   static constexpr int64_t kValuesAt = 2;  // byte offset of the values; d is at 0
   static constexpr int64_t kLaneBytes = 2;
-  static constexpr float kOffsetPerD = 0.f;
+  static constexpr int kValueOffset = 0;
   static constexpr bool kStoredOffset = false;
   template <class Bytes>
   static int value(const Bytes& byte, int j) { return static_cast<int8_t>(byte(j)); }
@@ -131,7 +131,7 @@ struct Q4_0 {
   static constexpr int64_t kBytes = 18;
   static constexpr int64_t kValuesAt = 2;
   static constexpr int64_t kLaneBytes = 4;
-  static constexpr float kOffsetPerD = -8.f;
+  static constexpr int kValueOffset = -8;
   static constexpr bool kStoredOffset = false;
   template <class Bytes>
   static int value(const Bytes& byte, int j) { return nibble(byte, j); }
@@ -145,7 +145,7 @@ struct Q4_1 {
   static constexpr int64_t kBytes = 20;
   static constexpr int64_t kValuesAt = 4;
   static constexpr int64_t kLaneBytes = 4;
-  static constexpr float kOffsetPerD = 0.f;
+  static constexpr int kValueOffset = 0;
   static constexpr bool kStoredOffset = true;
   template <class Bytes>
   static int value(const Bytes& byte, int j) { return nibble(byte, j); }
@@ -155,7 +155,7 @@ struct Q4_1 {
 template <class Format>
 constexpr bool has_offset() {
   if constexpr (Format::kBlocked) {
-    return Format::kStoredOffset || Format::kOffsetPerD != 0.f;
+    return Format::kStoredOffset || Format::kValueOffset != 0;
   } else {
     return false;
   }
@@ -187,7 +187,7 @@ struct BlockRef {
     return Format::value([this](int k) { return byte(k); }, j);
   }
   float offset(float scale) const {
-    return Format::kStoredOffset ? fp16_bits_to_float(m) : Format::kOffsetPerD * scale;
+    return Format::kStoredOffset ? fp16_bits_to_float(m) : static_cast<float>(Format::kValueOffset) * scale;
   }
 };
 
@@ -216,8 +216,18 @@ struct Problem {
   // activation rows of one block lie together:
   const void* xq;          // [in / 32, rows, 32] of the format's XInt
   const float* xscale;     // [in / 32, rows], x ~ xscale * xq per block
-  const float* xsums;      // [in / 32, rows], sums of the quantised x over each block (4-bit formats only)
+  const float* xsums;      // [in / 32, rows], sums of the quantised x over each block (4-bit formats only): times
+                           // the block's scale for q4_1, the exact integer for q4_0 (see offset_sum)
 };
+
+// The integer sum of block xb's quantised x, for formats whose offset is a whole number of d (q4_0's -8 d): it
+// joins the integer dot exactly, sum(q * xq) + kValueOffset * sum(xq) = sum((q + kValueOffset) * xq), so the
+// large opposite terms never meet in floating point. 0 for the other formats.
+template <class Format>
+inline int32_t offset_sum(const float* xsums, int64_t xb) {
+  if constexpr (Format::kValueOffset != 0) return static_cast<int32_t>(xsums[xb]);
+  return 0;
+}
 
 template <class XInt>
 struct QuantizedX {
@@ -303,11 +313,11 @@ void row_dots_portable(const Problem<Format>& p, int64_t o, int64_t m0, int64_t 
         const BlockRef<Format> block = block_ref<Format>(p.weight, p.in, p.out, o, b);
         const int64_t xb = b * p.rows + m0 + r;
         const auto* xq = xq_all + xb * kBlock;
-        int32_t block_dot = 0;
+        int32_t block_dot = Format::kValueOffset * offset_sum<Format>(p.xsums, xb);
         for (int j = 0; j < kBlock; ++j) block_dot += block.value(j) * xq[j];
         const float d = fp16_bits_to_float(block.d);
         total += static_cast<float>(block_dot) * (d * p.xscale[xb]);
-        if constexpr (has_offset<Format>()) total += block.offset(d) * p.xsums[xb];
+        if constexpr (Format::kStoredOffset) total += block.offset(d) * p.xsums[xb];
       }
     } else {
       const auto* w = reinterpret_cast<const typename Format::Element*>(p.weight + o * row_bytes<Format>(p.in));
@@ -401,20 +411,23 @@ LLMDROP_AVX2 inline void group_block_dots_q8(const uint8_t* values, const int16_
   }
 }
 
-// acc += one group block's contribution for one activation row: the integer dots `sum` of its 8 rows scaled by
-// d and x's scale, and (4-bit formats) the rows' offsets (m, or -8 d) times the sum of x over the block.
+// acc += one group block's contribution for one activation row (block xb of QuantizedX): the integer dots `sum`
+// of its 8 rows (q4_0's offset joined in, offset_sum) scaled by d and x's scale, and for q4_1 the rows' m times
+// the sum of x over the block.
 template <class Format>
-LLMDROP_AVX2 inline void accumulate_block(__m256& acc, __m256 d, __m256 offset, __m256i sum, float xscale,
-                                          float xsum) {
-  acc = _mm256_fmadd_ps(_mm256_mul_ps(d, _mm256_set1_ps(xscale)), _mm256_cvtepi32_ps(sum), acc);
-  if constexpr (has_offset<Format>()) acc = _mm256_fmadd_ps(offset, _mm256_set1_ps(xsum), acc);
+LLMDROP_AVX2 inline void accumulate_block(__m256& acc, __m256 d, __m256 m, __m256i sum, const Problem<Format>& p,
+                                          int64_t xb) {
+  if constexpr (Format::kValueOffset != 0)
+    sum = _mm256_add_epi32(sum, _mm256_set1_epi32(Format::kValueOffset * offset_sum<Format>(p.xsums, xb)));
+  acc = _mm256_fmadd_ps(_mm256_mul_ps(d, _mm256_set1_ps(p.xscale[xb])), _mm256_cvtepi32_ps(sum), acc);
+  if constexpr (Format::kStoredOffset) acc = _mm256_fmadd_ps(m, _mm256_set1_ps(p.xsums[xb]), acc);
 }
 
-// The 8 rows' offsets in a group block of a 4-bit format.
+// The 8 rows' m in a group block of q4_1 (zeros for the other formats, which do not read them).
 template <class Format>
-LLMDROP_AVX2 inline __m256 group_offsets(const uint8_t* block, __m256 d) {
+LLMDROP_AVX2 inline __m256 group_mins(const uint8_t* block) {
   if constexpr (Format::kStoredOffset) return load8_fp16(block + 2 * kGroupRows);
-  return _mm256_mul_ps(d, _mm256_set1_ps(Format::kOffsetPerD));
+  return _mm256_setzero_ps();
 }
 
 // acc[g][r] lane k += W[row k of group g] . x[m0 + r] for G groups of 8 rows (starting at groups[g]) and NROWS
@@ -431,24 +444,20 @@ LLMDROP_AVX2 void group_dots_avx2(const Problem<Format>& p, const uint8_t* const
   for (int64_t b = 0; b < p.in / kBlock; ++b) {
     const int64_t x0 = b * p.rows + m0;  // QuantizedX index of (block b, row m0)
     const XInt* xq = xq_all + x0 * kBlock;
-    const float* xscale = p.xscale + x0;
-    const float* xsums = has_offset<Format>() ? p.xsums + x0 : nullptr;
     for (int g = 0; g < G; ++g) {
       const uint8_t* block = groups[g] + b * kGroupRows * Format::kBytes;
       for (int64_t line = 0; line < kGroupRows * Format::kBytes; line += 64)
         _mm_prefetch(reinterpret_cast<const char*>(block) + kPrefetchAhead + line, _MM_HINT_T0);
       const uint8_t* values = block + kGroupRows * Format::kValuesAt;
-      const __m256 d = load8_fp16(block);
+      const __m256 d = load8_fp16(block), m = group_mins<Format>(block);
       if constexpr (std::is_same_v<Format, Q8_0>) {
         __m256i sums[NROWS];
         group_block_dots_q8<NROWS>(values, xq, kBlock, sums);
-        for (int r = 0; r < NROWS; ++r)
-          accumulate_block<Format>(acc[g][r], d, _mm256_setzero_ps(), sums[r], xscale[r], 0.f);
+        for (int r = 0; r < NROWS; ++r) accumulate_block<Format>(acc[g][r], d, m, sums[r], p, x0 + r);
       } else {
         const NibbleGroup nibbles(values);
-        const __m256 offsets = group_offsets<Format>(block, d);
         for (int r = 0; r < NROWS; ++r)
-          accumulate_block<Format>(acc[g][r], d, offsets, nibbles.dot(xq + r * kBlock), xscale[r], xsums[r]);
+          accumulate_block<Format>(acc[g][r], d, m, nibbles.dot(xq + r * kBlock), p, x0 + r);
       }
     }
   }
@@ -547,7 +556,6 @@ LLMDROP_AVX512_VNNI void group_pair_tile_avx512(const Problem<Format>& p, const 
   for (int64_t b = 0; b < p.in / kBlock; ++b) {
     const int64_t x0 = b * p.rows + m0;
     const XInt* xq = xq_all + x0 * kBlock;
-    const float* xscale = p.xscale + x0;
     const uint8_t* blocks[2], * values[2];
     for (int g = 0; g < 2; ++g) {
       blocks[g] = groups[g] + b * kGroupRows * Format::kBytes;
@@ -555,25 +563,22 @@ LLMDROP_AVX512_VNNI void group_pair_tile_avx512(const Problem<Format>& p, const 
       for (int64_t line = 0; line < kGroupRows * Format::kBytes; line += 64)
         _mm_prefetch(reinterpret_cast<const char*>(blocks[g]) + kPrefetchAhead + line, _MM_HINT_T0);
     }
-    const __m256 d_low = load8_fp16(blocks[0]), d_high = load8_fp16(blocks[1]);
-    const __m512 d = join_halves(d_low, d_high);
-    // acc[r] += the integer dots scaled by d and x's scale.
-    auto add_scaled = [&d, xscale](__m512& into, int r, __m512i sum) LLMDROP_AVX512_VNNI {
-      into = _mm512_fmadd_ps(_mm512_mul_ps(d, _mm512_set1_ps(xscale[r])), _mm512_cvtepi32_ps(sum), into);
+    const __m512 d = join_halves(load8_fp16(blocks[0]), load8_fp16(blocks[1]));
+    const __m512 m = join_halves(group_mins<Format>(blocks[0]), group_mins<Format>(blocks[1]));
+    // accumulate_block's sums, 16 output rows at a time.
+    auto accumulate = [&](__m512& into, __m512i sum, int64_t xb) LLMDROP_AVX512_VNNI {
+      if constexpr (Format::kValueOffset != 0)
+        sum = _mm512_add_epi32(sum, _mm512_set1_epi32(Format::kValueOffset * offset_sum<Format>(p.xsums, xb)));
+      into = _mm512_fmadd_ps(_mm512_mul_ps(d, _mm512_set1_ps(p.xscale[xb])), _mm512_cvtepi32_ps(sum), into);
+      if constexpr (Format::kStoredOffset) into = _mm512_fmadd_ps(m, _mm512_set1_ps(p.xsums[xb]), into);
     };
     if constexpr (std::is_same_v<Format, Q8_0>) {
       __m512i sums[NROWS];
       group_pair_dots_q8<NROWS>(values, xq, sums);
-      for (int r = 0; r < NROWS; ++r) add_scaled(acc[r], r, sums[r]);
+      for (int r = 0; r < NROWS; ++r) accumulate(acc[r], sums[r], x0 + r);
     } else {
-      const float* xsums = p.xsums + x0;
       const NibbleGroupPair nibbles(values);
-      const __m512 offsets =
-          join_halves(group_offsets<Format>(blocks[0], d_low), group_offsets<Format>(blocks[1], d_high));
-      for (int r = 0; r < NROWS; ++r) {
-        add_scaled(acc[r], r, nibbles.dot(xq + r * kBlock));
-        acc[r] = _mm512_fmadd_ps(offsets, _mm512_set1_ps(xsums[r]), acc[r]);
-      }
+      for (int r = 0; r < NROWS; ++r) accumulate(acc[r], nibbles.dot(xq + r * kBlock), x0 + r);
     }
   }
   for (int r = 0; r < NROWS; ++r) {
@@ -659,7 +664,8 @@ LLMDROP_AVX2 inline void dequant_plain_block_avx2(const uint8_t* block, float* w
     q[1] = _mm256_srli_epi16(wide, 4);
   }
   const float d_scalar = fp16_bits_to_float(block);
-  const float offset_scalar = Format::kStoredOffset ? fp16_bits_to_float(block + 2) : Format::kOffsetPerD * d_scalar;
+  const float offset_scalar =
+      Format::kStoredOffset ? fp16_bits_to_float(block + 2) : static_cast<float>(Format::kValueOffset) * d_scalar;
   const __m256 d = _mm256_set1_ps(d_scalar), offset = _mm256_set1_ps(offset_scalar);
   for (int k = 0; k < 4; ++k) {
     const __m128i eight = k % 2 ? _mm256_extracti128_si256(q[k / 2], 1) : _mm256_castsi256_si128(q[k / 2]);
@@ -712,7 +718,9 @@ void quantize_x(const float* x, int64_t rows, int64_t in, QuantizedX<typename Fo
         scale = quantize_block_portable<Format>(xb, values, &sum);
       }
       q.scales[b * rows + m] = scale;
-      if constexpr (has_offset<Format>()) q.sums[b * rows + m] = scale * static_cast<float>(sum);
+      // q4_1's offset m multiplies the sum of x, q4_0's joins the integer dot (offset_sum).
+      if constexpr (has_offset<Format>())
+        q.sums[b * rows + m] = Format::kStoredOffset ? scale * static_cast<float>(sum) : static_cast<float>(sum);
     }
   }
 }
