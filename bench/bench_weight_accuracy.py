@@ -88,8 +88,9 @@ def main():
                 result = llama_cpp.perplexity(gguf_path, text_file, args.ctx, args.threads)
                 rows.append({"impl": "llama.cpp", "weights": llama_cpp.PEER_TYPES[weights],
                              "perplexity": result.perplexity, "chunks": result.chunks,
-                             "weight_bytes": gguf_path.stat().st_size})
-                print(f"llama.cpp {llama_cpp.PEER_TYPES[weights]:5s} ppl {result.perplexity:.4f}", flush=True)
+                             "weight_bytes": gguf_path.stat().st_size, "repack": result.repack})
+                plain = "" if result.repack else " (with --no-repack: its repacked layouts crashed)"
+                print(f"llama.cpp {llama_cpp.PEER_TYPES[weights]:5s} ppl {result.perplexity:.4f}{plain}", flush=True)
     except llama_cpp.LlamaCppNotBuilt as e:
         print(f"llama.cpp rows left out: {e}")
     base = rows[0]["perplexity"]

@@ -55,6 +55,7 @@ class PeerPerplexity:
     mean_nll: float  # natural log, per scored token
     chunks: int
     ctx: int
+    repack: bool = True  # llama.cpp ran its repacked layouts (see run_with_plain_layouts_fallback)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -107,6 +108,19 @@ def _run(command: list, timeout: float = DEFAULT_TIMEOUT_S) -> str:
     return done.stdout
 
 
+def run_with_plain_layouts_fallback(command: list, plain_layouts: list, timeout: float) -> tuple[str, bool]:
+    """A tool's stdout, and whether it ran llama.cpp's repacked tensor layouts. Those are CPU-specific code (AMX on
+    recent Xeons) that can crash where its plain layouts run: a failed run is repeated with `plain_layouts` (the
+    tool's option that turns repacking off)."""
+    try:
+        return _run(command, timeout), True
+    except RuntimeError as failure:
+        try:
+            return _run(command + plain_layouts, timeout), False
+        except RuntimeError as second:
+            raise RuntimeError(f"{failure}; with {' '.join(plain_layouts)}: {second}") from None
+
+
 # ----------------------------------------------------------------------------------------------------------
 # The tools
 # ----------------------------------------------------------------------------------------------------------
@@ -117,18 +131,12 @@ def run_llama_bench(gguf_path: str | os.PathLike, threads=(1,), n_prompt: int = 
     """llama-bench's JSON records (one per test and thread count): prompt processing of `n_prompt` tokens
     (n_gen 0) and generation of `n_gen` tokens (n_prompt 0), with avg_ts / stddev_ts in tokens per second.
 
-    llama.cpp's repacked tensor layouts are CPU-specific code (AMX on recent Xeons) that can crash where its plain
-    layouts run: a failed run is repeated with `--repack 0`, and its records say `"repack": false`."""
+    A run that crashes in llama.cpp's repacked layouts is repeated with `--repack 0`
+    (run_with_plain_layouts_fallback), and its records say `"repack": false`."""
     threads = [threads] if isinstance(threads, int) else list(threads)
     command = [binary("llama-bench"), "-m", gguf_path, "-t", ",".join(map(str, threads)), "-p", n_prompt,
                "-n", n_gen, "-r", repetitions, "-o", "json"]
-    try:
-        return json.loads(_run(command, timeout))
-    except RuntimeError as failure:
-        try:
-            return json.loads(_run(command + ["--repack", "0"], timeout))
-        except RuntimeError as second:
-            raise RuntimeError(f"{failure}; with --repack 0: {second}") from None
+    return json.loads(run_with_plain_layouts_fallback(command, ["--repack", "0"], timeout)[0])
 
 
 def bench_summary(records: list[dict]) -> list[dict]:
@@ -150,19 +158,20 @@ def perplexity(gguf_path: str | os.PathLike, text_file: str | os.PathLike, ctx: 
     llama-perplexity drops one trailing newline of the file, tokenizes it whole, cuts it into len // ctx
     chunks (the last partial one is not used; it needs at least 2 chunks), puts BOS first in each chunk when the
     vocabulary adds BOS, and scores the second half of each chunk. The KV cache is kept in `kv_type` (F32 by
-    default, so an F32 model runs in F32 throughout).
+    default, so an F32 model runs in F32 throughout). A run that crashes in llama.cpp's repacked layouts is
+    repeated with `--no-repack` (the result's `repack` says which ran).
     """
     command = [binary("llama-perplexity"), "-m", gguf_path, "-f", text_file, "-c", ctx, "-b", ctx,
                "-ctk", kv_type, "-ctv", kv_type, "--ppl-output-type", 1]
     if threads:
         command += ["-t", threads]
-    output = _run(command, timeout)
+    output, repack = run_with_plain_layouts_fallback(command, ["--no-repack"], timeout)
     # --ppl-output-type 1 prints one line per chunk: first token index, running PPL, mean NLL, its stderr.
     rows = re.findall(r"^\s*(\d+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s*$", output, flags=re.MULTILINE)
     if not rows:
         raise RuntimeError(f"llama-perplexity printed no per-chunk results for {gguf_path}")
     mean_nll = float(rows[-1][2])
-    return PeerPerplexity(math.exp(mean_nll), mean_nll, len(rows), ctx)
+    return PeerPerplexity(math.exp(mean_nll), mean_nll, len(rows), ctx, repack)
 
 
 def greedy(gguf_path: str | os.PathLike, prompt: str, n: int, threads: int | None = None, kv_type: str = "f32",
