@@ -7,7 +7,8 @@
 //              v at cache index `start`; softmax(q k^T / sqrt(d)) v over keys 0..start under the mask; o_proj.
 //   MLP:       x += pending; h = rms_norm(x) * mlp_norm; g|u = gate_up(h); down(silu(g) * u).
 // The projections run the GEMV ops of llmdrop_rt._cpu_gemv (torch.ops.llmdrop_cpu_gemv.gemv_<fmt>), looked up
-// once through the dispatcher. Caches are [B, Hkv, S, D] slots (llmdrop_rt/model/cache.py).
+// once through the dispatcher. Caches are [B, Hkv, S, D] slots (llmdrop_rt/model/cache.py) of fp32, fp16 or bf16,
+// read as fp32.
 #include <Python.h>
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -32,16 +33,19 @@ namespace {
 // independent partial sums elsewhere.
 // ---------------------------------------------------------------------------------------------
 #ifdef LLMDROP_HAVE_X86_SIMD
-LLMDROP_AVX2 float dot_avx2(const float* a, const float* b, int64_t n) {
+using llmdrop::load8;
+
+template <typename T>
+LLMDROP_AVX2 float dot_avx2(const float* a, const T* b, int64_t n) {
   __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
   int64_t i = 0;
   for (; i + 16 <= n; i += 16) {
-    acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc0);
-    acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), acc1);
+    acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), load8(b + i), acc0);
+    acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), load8(b + i + 8), acc1);
   }
-  for (; i + 8 <= n; i += 8) acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc0);
+  for (; i + 8 <= n; i += 8) acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), load8(b + i), acc0);
   float total = llmdrop::hsum_avx2(_mm256_add_ps(acc0, acc1));
-  for (; i < n; ++i) total += a[i] * b[i];
+  for (; i < n; ++i) total += a[i] * static_cast<float>(b[i]);
   return total;
 }
 
@@ -103,7 +107,8 @@ LLMDROP_AVX2 inline __m256 hsum8_avx2(const __m256 (&v)[8]) {
 
 // scores[j] = scale * q . k[j] for every key: eight keys at a time, each vector of q loaded once for the eight,
 // their sums reduced together.
-LLMDROP_AVX2 void attention_scores_avx2(const float* q, const float* k, int64_t keys, int64_t d, float scale,
+template <typename T>
+LLMDROP_AVX2 void attention_scores_avx2(const float* q, const T* k, int64_t keys, int64_t d, float scale,
                                         float* scores) {
   const int64_t whole = d / 8 * 8;
   int64_t j = 0;
@@ -112,12 +117,12 @@ LLMDROP_AVX2 void attention_scores_avx2(const float* q, const float* k, int64_t 
     for (auto& a : acc) a = _mm256_setzero_ps();
     for (int64_t i = 0; i < whole; i += 8) {
       const __m256 qv = _mm256_loadu_ps(q + i);
-      for (int t = 0; t < 8; ++t) acc[t] = _mm256_fmadd_ps(_mm256_loadu_ps(k + (j + t) * d + i), qv, acc[t]);
+      for (int t = 0; t < 8; ++t) acc[t] = _mm256_fmadd_ps(load8(k + (j + t) * d + i), qv, acc[t]);
     }
     alignas(32) float dots[8];
     _mm256_store_ps(dots, hsum8_avx2(acc));
     for (int t = 0; t < 8; ++t) {
-      for (int64_t i = whole; i < d; ++i) dots[t] += q[i] * k[(j + t) * d + i];
+      for (int64_t i = whole; i < d; ++i) dots[t] += q[i] * static_cast<float>(k[(j + t) * d + i]);
       scores[j + t] = dots[t] * scale;
     }
   }
@@ -125,27 +130,28 @@ LLMDROP_AVX2 void attention_scores_avx2(const float* q, const float* k, int64_t 
 }
 
 // o[c .. c + 8 * N) += sum_j p[j] v[j][c .. c + 8 * N) over keys with p[j] != 0, in N registers.
-template <int N>
-LLMDROP_AVX2 inline void weighted_values_avx2(const float* p, const float* v, int64_t keys, int64_t d, int64_t c,
+template <int N, typename T>
+LLMDROP_AVX2 inline void weighted_values_avx2(const float* p, const T* v, int64_t keys, int64_t d, int64_t c,
                                               float* o) {
   __m256 acc[N];
   for (int t = 0; t < N; ++t) acc[t] = _mm256_loadu_ps(o + c + 8 * t);
   for (int64_t j = 0; j < keys; ++j) {
     if (p[j] == 0.f) continue;  // masked keys: their cache slots may hold anything
     const __m256 pj = _mm256_set1_ps(p[j]);
-    for (int t = 0; t < N; ++t) acc[t] = _mm256_fmadd_ps(pj, _mm256_loadu_ps(v + j * d + c + 8 * t), acc[t]);
+    for (int t = 0; t < N; ++t) acc[t] = _mm256_fmadd_ps(pj, load8(v + j * d + c + 8 * t), acc[t]);
   }
   for (int t = 0; t < N; ++t) _mm256_storeu_ps(o + c + 8 * t, acc[t]);
 }
 
 // o = sum_j p[j] v[j] (o zeroed by the caller): 64 columns at a time held in registers across all keys.
-LLMDROP_AVX2 void attention_values_avx2(const float* p, const float* v, int64_t keys, int64_t d, float* o) {
+template <typename T>
+LLMDROP_AVX2 void attention_values_avx2(const float* p, const T* v, int64_t keys, int64_t d, float* o) {
   int64_t c = 0;
   for (; c + 64 <= d; c += 64) weighted_values_avx2<8>(p, v, keys, d, c, o);
   for (; c + 8 <= d; c += 8) weighted_values_avx2<1>(p, v, keys, d, c, o);
   for (int64_t j = 0; j < keys; ++j)
     if (p[j] != 0.f)
-      for (int64_t i = c; i < d; ++i) o[i] += p[j] * v[j * d + i];
+      for (int64_t i = c; i < d; ++i) o[i] += p[j] * static_cast<float>(v[j * d + i]);
 }
 
 LLMDROP_AVX2 void silu_mul_avx2(const float* gate, const float* up, float* out, int64_t n) {
@@ -180,17 +186,18 @@ int64_t set_max_simd_bits(int64_t bits) {
 }
 
 // sum a[i] * b[i]: eight partial sums, so the additions do not wait on each other.
-float dot(const float* a, const float* b, int64_t n) {
+template <typename T>
+float dot(const float* a, const T* b, int64_t n) {
 #ifdef LLMDROP_HAVE_X86_SIMD
   if (use_avx2()) return dot_avx2(a, b, n);
 #endif
   float partial[8] = {0.f};
   int64_t i = 0;
   for (; i + 8 <= n; i += 8)
-    for (int k = 0; k < 8; ++k) partial[k] += a[i + k] * b[i + k];
+    for (int k = 0; k < 8; ++k) partial[k] += a[i + k] * static_cast<float>(b[i + k]);
   float total = 0.f;
   for (float p : partial) total += p;
-  for (; i < n; ++i) total += a[i] * b[i];
+  for (; i < n; ++i) total += a[i] * static_cast<float>(b[i]);
   return total;
 }
 
@@ -215,7 +222,8 @@ void silu_mul(const float* gate, const float* up, float* out, int64_t n) {
 }
 
 // scores[j] = scale * q . k[j] for keys 0 .. keys - 1 (rows d apart).
-void attention_scores(const float* q, const float* k, int64_t keys, int64_t d, float scale, float* scores) {
+template <typename T>
+void attention_scores(const float* q, const T* k, int64_t keys, int64_t d, float scale, float* scores) {
 #ifdef LLMDROP_HAVE_X86_SIMD
   if (use_avx2()) return attention_scores_avx2(q, k, keys, d, scale, scores);
 #endif
@@ -223,13 +231,14 @@ void attention_scores(const float* q, const float* k, int64_t keys, int64_t d, f
 }
 
 // o = sum_j p[j] v[j] over the keys with p[j] != 0 (o zeroed by the caller).
-void attention_values(const float* p, const float* v, int64_t keys, int64_t d, float* o) {
+template <typename T>
+void attention_values(const float* p, const T* v, int64_t keys, int64_t d, float* o) {
 #ifdef LLMDROP_HAVE_X86_SIMD
   if (use_avx2()) return attention_values_avx2(p, v, keys, d, o);
 #endif
   for (int64_t j = 0; j < keys; ++j)
     if (p[j] != 0.f)
-      for (int64_t i = 0; i < d; ++i) o[i] += p[j] * v[j * d + i];
+      for (int64_t i = 0; i < d; ++i) o[i] += p[j] * static_cast<float>(v[j * d + i]);
 }
 
 // Multiply-adds of a step's attention (rows x heads x keys x head size) above which heads are spread over threads.
@@ -281,40 +290,27 @@ void rotate(float* v, int64_t heads, int64_t d, const float* cos, const float* s
   }
 }
 
-at::Tensor attention_block(at::Tensor& x, const at::Tensor& normed, const at::Tensor& qkv_weight,
-                           const std::string& qkv_fmt, const std::optional<at::Tensor>& qkv_bias,
-                           const at::Tensor& o_weight, const std::string& o_fmt,
-                           const std::optional<at::Tensor>& o_bias, at::Tensor& k_cache, at::Tensor& v_cache,
-                           int64_t start, const at::Tensor& cos, const at::Tensor& sin,
-                           const std::optional<at::Tensor>& mask, int64_t heads, int64_t kv_heads, int64_t d) {
-  const int64_t rows = x.size(0), keys = start + 1, max_len = k_cache.size(2);
-  TORCH_CHECK(start >= 0 && start < max_len, "decode_layer: start ", start, " outside the cache of ", max_len);
-  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() && k_cache.size(0) == rows &&
-                  k_cache.size(1) == kv_heads && k_cache.size(3) == d && k_cache.scalar_type() == at::kFloat,
-              "decode_layer: caches must be contiguous fp32 [B, Hkv, S, D] slots");
-  at::Tensor qkv = project(normed, qkv_weight, qkv_fmt, qkv_bias).contiguous();
-  const int64_t width = (heads + 2 * kv_heads) * d;
-  TORCH_CHECK(qkv.size(1) == width, "decode_layer: qkv gives ", qkv.size(1), " features, expected ", width);
-  float* qkv_data = qkv.data_ptr<float>();
-  const float* cos_data = cos.data_ptr<float>();
-  const float* sin_data = sin.data_ptr<float>();
-  float* k_data = k_cache.data_ptr<float>();
-  float* v_data = v_cache.data_ptr<float>();
+// Rotate each row's q and k heads at its position and store k, v at cache index `start` in the cache's type (the
+// rounding torch's conversion to it does, so prefill's and decode's cached keys agree); `out` [rows, heads * d] =
+// softmax(q k^T / sqrt(d)) v over keys 0 .. start under the mask.
+template <typename T>
+void rotate_store_attend(float* qkv_data, int64_t width, const float* cos_data, const float* sin_data, T* k_data,
+                         T* v_data, int64_t max_len, int64_t start, const bool* mask_data, int64_t mask_stride,
+                         int64_t rows, int64_t heads, int64_t kv_heads, int64_t d, float* out_data) {
+  const int64_t keys = start + 1;
   for (int64_t b = 0; b < rows; ++b) {
     float* row = qkv_data + b * width;
     rotate(row, heads + kv_heads, d, cos_data + b * (d / 2), sin_data + b * (d / 2));  // q and k are adjacent
     for (int64_t g = 0; g < kv_heads; ++g) {
       const int64_t slot = ((b * kv_heads + g) * max_len + start) * d;
-      std::copy(row + (heads + g) * d, row + (heads + g + 1) * d, k_data + slot);
-      std::copy(row + (heads + kv_heads + g) * d, row + (heads + kv_heads + g + 1) * d, v_data + slot);
+      const float* k_new = row + (heads + g) * d;
+      const float* v_new = row + (heads + kv_heads + g) * d;
+      for (int64_t i = 0; i < d; ++i) {
+        k_data[slot + i] = static_cast<T>(k_new[i]);
+        v_data[slot + i] = static_cast<T>(v_new[i]);
+      }
     }
   }
-  const bool* mask_data = mask.has_value() ? mask->data_ptr<bool>() : nullptr;
-  const int64_t mask_stride = mask.has_value() ? mask->size(1) : 0;
-  TORCH_CHECK(!mask.has_value() || (mask->size(0) == rows && mask_stride >= keys),
-              "decode_layer: mask must be [B, >= start + 1]");
-  at::Tensor out = at::empty({rows, heads * d}, x.options());
-  float* out_data = out.data_ptr<float>();
   const float scale = 1.f / std::sqrt(static_cast<float>(d));
   const int64_t group = heads / kv_heads;  // query heads g * group .. g * group + group - 1 read KV head g
   // One task per (row, query head); a thread's consecutive tasks share KV heads, so their cached keys and values
@@ -326,8 +322,8 @@ at::Tensor attention_block(at::Tensor& x, const at::Tensor& normed, const at::Te
     std::vector<float> scores(keys);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / heads, h = task % heads, g = h / group;
-      const float* k = k_data + (b * kv_heads + g) * max_len * d;
-      const float* v = v_data + (b * kv_heads + g) * max_len * d;
+      const T* k = k_data + (b * kv_heads + g) * max_len * d;
+      const T* v = v_data + (b * kv_heads + g) * max_len * d;
       attention_scores(qkv_data + b * width + h * d, k, keys, d, scale, scores.data());
       if (mask_data)
         for (int64_t j = 0; j < keys; ++j)
@@ -338,6 +334,40 @@ at::Tensor attention_block(at::Tensor& x, const at::Tensor& normed, const at::Te
       attention_values(scores.data(), v, keys, d, o);
     }
   });
+}
+
+at::Tensor attention_block(at::Tensor& x, const at::Tensor& normed, const at::Tensor& qkv_weight,
+                           const std::string& qkv_fmt, const std::optional<at::Tensor>& qkv_bias,
+                           const at::Tensor& o_weight, const std::string& o_fmt,
+                           const std::optional<at::Tensor>& o_bias, at::Tensor& k_cache, at::Tensor& v_cache,
+                           int64_t start, const at::Tensor& cos, const at::Tensor& sin,
+                           const std::optional<at::Tensor>& mask, int64_t heads, int64_t kv_heads, int64_t d) {
+  const int64_t rows = x.size(0), keys = start + 1, max_len = k_cache.size(2);
+  const auto cache_type = k_cache.scalar_type();
+  TORCH_CHECK(start >= 0 && start < max_len, "decode_layer: start ", start, " outside the cache of ", max_len);
+  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() && k_cache.size(0) == rows &&
+                  k_cache.size(1) == kv_heads && k_cache.size(3) == d && v_cache.sizes() == k_cache.sizes() &&
+                  v_cache.scalar_type() == cache_type &&
+                  (cache_type == at::kFloat || cache_type == at::kHalf || cache_type == at::kBFloat16),
+              "decode_layer: caches must be contiguous fp32, fp16 or bf16 [B, Hkv, S, D] slots of one dtype");
+  at::Tensor qkv = project(normed, qkv_weight, qkv_fmt, qkv_bias).contiguous();
+  const int64_t width = (heads + 2 * kv_heads) * d;
+  TORCH_CHECK(qkv.size(1) == width, "decode_layer: qkv gives ", qkv.size(1), " features, expected ", width);
+  const bool* mask_data = mask.has_value() ? mask->data_ptr<bool>() : nullptr;
+  const int64_t mask_stride = mask.has_value() ? mask->size(1) : 0;
+  TORCH_CHECK(!mask.has_value() || (mask->size(0) == rows && mask_stride >= keys),
+              "decode_layer: mask must be [B, >= start + 1]");
+  at::Tensor out = at::empty({rows, heads * d}, x.options());
+  auto run = [&](auto* k_data, auto* v_data) {
+    rotate_store_attend(qkv.data_ptr<float>(), width, cos.data_ptr<float>(), sin.data_ptr<float>(), k_data, v_data,
+                        max_len, start, mask_data, mask_stride, rows, heads, kv_heads, d, out.data_ptr<float>());
+  };
+  if (cache_type == at::kHalf)
+    run(k_cache.data_ptr<at::Half>(), v_cache.data_ptr<at::Half>());
+  else if (cache_type == at::kBFloat16)
+    run(k_cache.data_ptr<at::BFloat16>(), v_cache.data_ptr<at::BFloat16>());
+  else
+    run(k_cache.data_ptr<float>(), v_cache.data_ptr<float>());
   return project(out, o_weight, o_fmt, o_bias);
 }
 

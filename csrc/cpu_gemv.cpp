@@ -349,15 +349,7 @@ void dequant_row_portable(const Problem<Format>& p, int64_t o, float* w) {
 // ---------------------------------------------------------------------------------------------
 using llmdrop::hsum_avx2;
 
-// Eight consecutive dense weights as fp32.
-LLMDROP_AVX2 inline __m256 load8(const float* w) { return _mm256_loadu_ps(w); }
-LLMDROP_AVX2 inline __m256 load8(const at::Half* w) {
-  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w)));
-}
-LLMDROP_AVX2 inline __m256 load8(const at::BFloat16* w) {  // bf16 is the top half of an fp32
-  const __m256i halves = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w)));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(halves, 16));
-}
+using llmdrop::load8;
 
 // Eight fp16 values (the 8 rows' d or m of a group block) as fp32.
 LLMDROP_AVX2 inline __m256 load8_fp16(const uint8_t* p) {

@@ -1,7 +1,10 @@
 // What the CPU extensions share about x86 vector code: functions compiled for AVX2 + FMA + F16C (or AVX-512 VNNI)
 // with target attributes (so the build needs only the baseline ISA), the run-time checks that pick them, and the
-// horizontal sum.
+// horizontal sum, and eight fp32 / fp16 / bf16 values loaded as fp32.
 #pragma once
+
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
@@ -30,6 +33,16 @@ LLMDROP_AVX2 inline float hsum_avx2(__m256 v) {
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
   s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
   return _mm_cvtss_f32(s);
+}
+
+// Eight consecutive values as fp32.
+LLMDROP_AVX2 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+LLMDROP_AVX2 inline __m256 load8(const c10::Half* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+LLMDROP_AVX2 inline __m256 load8(const c10::BFloat16* p) {  // bf16 is the top half of an fp32
+  const __m256i halves = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(halves, 16));
 }
 
 }  // namespace llmdrop

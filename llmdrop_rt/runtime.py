@@ -16,6 +16,7 @@ from .io.checkpoint import CheckpointReader
 from .io.tokenizer import Tokenizer
 from .model import KVCache, ModelBuilder, Transformer, select_ops
 from .model.attention import BACKENDS, default_backend, flash_attn_with_kvcache
+from .model.cache import resolve_kv_dtype
 from .validation import TOKEN_IDS, check_in_vocabulary
 
 
@@ -121,7 +122,7 @@ class LLM:
     def kv_cache_bytes(self, batch_size: int = 1, max_len: int | None = None) -> int:
         """Bytes of the KV cache for this batch and length (default: the full context), kept layers only."""
         return KVCache.bytes_for(self.cfg, self.plan, batch_size, max_len or self.cfg.max_position_embeddings,
-                                 self.dtype)
+                                 self.model.kv_dtype)
 
     def param_bytes(self) -> int:
         """Bytes of the weights actually held (a tied embedding counted once; folded kernel weights included)."""
@@ -156,7 +157,7 @@ def _cut_at_stop(text: str, stop: list[str]) -> str:
 
 def load(path: str | Path | None = None, drop_attn=None, drop_mlp=None, dtype=None, device=None,
          attn_backend: str | None = None, kernels: str | None = None, decode: str = "auto",
-         weights: str | None = "auto", strict: bool = True) -> LLM:
+         weights: str | None = "auto", kv_cache: str = "auto", strict: bool = True) -> LLM:
     """Load a Llama/Mistral/Qwen2/Qwen3/Gemma2 checkpoint folder or llama GGUF file (default: the embedded
     SmolLM2-135M-Instruct).
 
@@ -167,6 +168,10 @@ def load(path: str | Path | None = None, drop_attn=None, drop_mlp=None, dtype=No
     head included, and run our CPU kernels (activations fp32; see llmdrop_rt.model.builder). A GGUF source's
     q8_0 / q4_0 / q4_1 tensors load as stored for int8 / int4. "auto" (default): fp32 kernels for an fp32 model on
     the CPU, plain torch modules in `dtype` everywhere else; None: always torch modules.
+    kv_cache: "auto" (default: the activations' dtype, fp32 on CPU) | "fp32" | "fp16" | "bf16": the dtype K/V are
+    cached in. fp16 (llama.cpp's default) halves the cache and the bytes each decode step reads from it; keys and
+    values are rounded to it when written. The CPU decode step reads fp16 / bf16 caches directly; other paths
+    convert the keys they attend over.
     attn_backend: "flash" (default on CUDA when flash-attn is installed), "sdpa" (default otherwise) or "reference".
     kernels: "auto" (Triton on CUDA, torch elsewhere), "triton" or "torch", for this model only (see
     llmdrop_rt.model.ops); default: $LLMDROP_RT_KERNELS, else "auto".
@@ -199,11 +204,19 @@ def load(path: str | Path | None = None, drop_attn=None, drop_mlp=None, dtype=No
             raise ValueError(f"attn_backend='flash' does not soft-cap attention logits, which {cfg.architecture} "
                              "needs (attn_logit_softcapping); choose 'sdpa'")
         backend = "sdpa"
+    activations = resolve_dtype(dtype, device)
+    kv_dtype = resolve_kv_dtype(kv_cache, activations)
+    if backend == "flash" and kv_dtype != activations:
+        if attn_backend == "flash":
+            raise ValueError(f"attn_backend='flash' caches K/V in the model's dtype, not kv_cache={kv_cache!r}; "
+                             "choose 'sdpa'")
+        backend = "sdpa"
     ops = select_ops(kernels, device)
     tokenizer = Tokenizer(folder)
     native_blocks = gguf_file is not None and weights in ("int8", "int4")
     reader = gguf_import.GGUFWeights(gguf_file) if native_blocks else CheckpointReader(folder)
-    model = ModelBuilder(cfg, plan, reader, resolve_dtype(dtype, device), device, ops, weights).build()
+    model = ModelBuilder(cfg, plan, reader, activations, device, ops, weights).build()
+    model.kv_dtype = kv_dtype
     if strict:
         check_all_used(reader, cfg, plan)
     return LLM(folder, cfg, plan, model, tokenizer, backend, decode)

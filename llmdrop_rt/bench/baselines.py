@@ -100,7 +100,8 @@ class OursTimer:
         from .synthetic import load_synthetic
 
         kwargs = dict(drop_attn=job["drop_attn"], drop_mlp=[], dtype=job["dtype"], device=job["device"],
-                      kernels=job.get("kernels"), decode=job.get("decode", "auto"))
+                      kernels=job.get("kernels"), decode=job.get("decode", "auto"),
+                      kv_cache=job.get("kv_cache", "auto"))
         if job.get("weights"):
             kwargs["weights"] = job["weights"]
         self.llm = load_synthetic(job["synthetic"], **kwargs) if job.get("synthetic") else load(job["model"], **kwargs)

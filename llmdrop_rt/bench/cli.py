@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 
 from ..devices import dtype_name, resolve_device, resolve_dtype
+from ..model.cache import KV_CACHE_DTYPES
 from . import quick, sweeps
 
 DEFAULT_OUT = Path("bench/out/bench.json")
@@ -23,6 +24,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--weights", default=",".join(quick.CPU_WEIGHTS),
                         help="CPU weight formats of our rows, comma-separated (default: all of "
                              f"{','.join(quick.CPU_WEIGHTS)}; see load(weights=))")
+    parser.add_argument("--kv-cache", choices=["auto", *KV_CACHE_DTYPES], default="auto",
+                        help="KV cache dtype of our rows (see load(kv_cache=)); llama.cpp's rows cache K/V in the "
+                             "same type (-ctk/-ctv) (default: auto, the activations' dtype: fp32 on CPU)")
     parser.add_argument("--drop", default="0,0.5",
                         help="fractions of attention layers to drop, comma-separated (default: 0,0.5)")
     parser.add_argument("--batch-sizes", default="1", help="decode batch sizes, e.g. 1,8 (default: 1)")

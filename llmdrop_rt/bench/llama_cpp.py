@@ -23,6 +23,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from ..io.user_cache import cache_dir
 
 __all__ = [
@@ -127,15 +129,16 @@ def run_with_plain_layouts_fallback(command: list, plain_layouts: list, timeout:
 
 
 def run_llama_bench(gguf_path: str | os.PathLike, threads=(1,), n_prompt: int = 128, n_gen: int = 32,
-                    repetitions: int = 5, timeout: float = DEFAULT_TIMEOUT_S) -> list[dict]:
+                    repetitions: int = 5, kv_type: str = "f16", timeout: float = DEFAULT_TIMEOUT_S) -> list[dict]:
     """llama-bench's JSON records (one per test and thread count): prompt processing of `n_prompt` tokens
-    (n_gen 0) and generation of `n_gen` tokens (n_prompt 0), with avg_ts / stddev_ts in tokens per second.
+    (n_gen 0) and generation of `n_gen` tokens (n_prompt 0), with avg_ts / stddev_ts in tokens per second; the KV
+    cache in `kv_type` (llama.cpp's default f16).
 
     A run that crashes in llama.cpp's repacked layouts is repeated with `--repack 0`
     (run_with_plain_layouts_fallback), and its records say `"repack": false`."""
     threads = [threads] if isinstance(threads, int) else list(threads)
     command = [binary("llama-bench"), "-m", gguf_path, "-t", ",".join(map(str, threads)), "-p", n_prompt,
-               "-n", n_gen, "-r", repetitions, "-o", "json"]
+               "-n", n_gen, "-r", repetitions, "-ctk", kv_type, "-ctv", kv_type, "-o", "json"]
     return json.loads(run_with_plain_layouts_fallback(command, ["--repack", "0"], timeout)[0])
 
 
@@ -227,6 +230,8 @@ def chunked_perplexity(llm, tokens: list[int], ctx: int, bos_token_id: int | Non
 
 # Our weight format -> the GGUF type holding the same weights (our exporter rounds them as our loader does).
 PEER_TYPES = {"fp32": "f32", "fp16": "f16", "int8": "q8_0", "int4": "q4_0"}
+# Our KV cache dtype -> llama.cpp's cache type of the same precision (-ctk / -ctv).
+GGUF_KV_TYPES = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}
 
 
 def peer_gguf(folder: str | os.PathLike, plan, gguf_type: str) -> Path:
@@ -246,6 +251,8 @@ def peer_gguf(folder: str | os.PathLike, plan, gguf_type: str) -> Path:
 def plan_peer_jobs(args, cfg) -> list[dict]:
     """llama-bench runs matching the bench's rows of ours, when llama.cpp is built and asked for (`--peers`)."""
     from ..config import DropPlan
+    from ..devices import resolve_dtype
+    from ..model.cache import resolve_kv_dtype
     from .baselines import attention_layers_to_drop
 
     if args.peers == "none":
@@ -257,6 +264,7 @@ def plan_peer_jobs(args, cfg) -> list[dict]:
             raise
         print(f"llama.cpp rows left out: {e}", file=sys.stderr)
         return []
+    kv_dtype = resolve_kv_dtype(args.kv_cache, resolve_dtype(args.dtype, torch.device("cpu")))
     jobs = []
     for threads in args.thread_counts:
         for weights in (w.strip() for w in args.weights.split(",")):
@@ -268,6 +276,7 @@ def plan_peer_jobs(args, cfg) -> list[dict]:
                              "model": args.model, "gguf_type": PEER_TYPES[weights], "num_layers": cfg.num_layers,
                              "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
                              "repeats": args.repeats, "batch_sizes": [int(b) for b in args.batch_sizes.split(",")],
+                             "kv_type": GGUF_KV_TYPES[kv_dtype],
                              "label": f"llama.cpp {PEER_TYPES[weights]} attn-{len(drop)} t{threads}",
                              "plan": DropPlan.create(cfg.num_layers, drop)})
     return jobs
@@ -278,7 +287,7 @@ def measure(job: dict) -> dict:
     A row that ran with `--repack 0` (see run_llama_bench) says so in `peer_note`."""
     gguf_path = peer_gguf(job["model"], job["plan"], job["gguf_type"])
     records = bench_summary(run_llama_bench(gguf_path, job["threads"], job["prompt_len"], job["new_tokens"],
-                                            max(2, job["repeats"])))
+                                            max(2, job["repeats"]), job["kv_type"]))
     speed = {row["test"][:2]: row["tok_s"] for row in records}
     row = {"prefill_tok_s": speed["pp"], "weight_bytes": gguf_path.stat().st_size}
     if not all(record["repack"] for record in records):

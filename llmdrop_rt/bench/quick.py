@@ -80,7 +80,7 @@ def plan_jobs(args, cfg) -> list[dict]:
     cpu = args.device == "cpu"
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     common = dict(model=args.model, dtype=args.dtype, device=args.device, prompt_len=args.prompt_len,
-                  new_tokens=args.new_tokens, repeats=args.repeats, batch_sizes=batch_sizes)
+                  new_tokens=args.new_tokens, repeats=args.repeats, batch_sizes=batch_sizes, kv_cache=args.kv_cache)
     formats = [w.strip() for w in args.weights.split(",")] if cpu else [None]
     jobs = []
     for threads in args.thread_counts:
@@ -228,7 +228,8 @@ def run(args, argv) -> None:
             for job in jobs + peers if results[job["label"]]]
     tables = format_tables(rows, batch_sizes, cfg.num_layers, bandwidth)
     if args.device == "cpu":
-        tables = f"our CPU kernels: {cpu_linear.kernel_isa()}\n" + tables
+        peer_kv = f" (llama.cpp: {peers[0]['kv_type']})" if peers else ""
+        tables = f"our CPU kernels: {cpu_linear.kernel_isa()}; KV cache: {args.kv_cache}{peer_kv}\n" + tables
     print(tables)
     report = {"command": "python -m llmdrop_rt.bench " + " ".join(argv if argv is not None else sys.argv[1:]),
               "environment": environment(args.device, args.thread_counts), "model": args.model,

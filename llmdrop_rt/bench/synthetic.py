@@ -19,6 +19,7 @@ import torch
 
 from ..config import DropPlan, ModelConfig
 from ..devices import resolve_device, resolve_dtype
+from ..model.cache import resolve_kv_dtype
 from ..model.standins import skip_attention
 
 _LLAMA = {"architectures": ["LlamaForCausalLM"], "hidden_act": "silu", "rms_norm_eps": 1e-5,
@@ -100,7 +101,8 @@ class NoTokenizer:
 
 
 def load_synthetic(name_or_config: str | dict, drop_attn=None, drop_mlp=None, dtype=None, device=None,
-                   attn_backend: str | None = None, kernels: str | None = None, decode: str = "auto", seed: int = 0):
+                   attn_backend: str | None = None, kernels: str | None = None, decode: str = "auto", seed: int = 0,
+                   kv_cache: str = "auto"):
     """An `LLM` of the named shape with SYNTHETIC random weights (see module docstring); arguments as `load`."""
     from ..model import ModelBuilder, select_ops
     from ..model.attention import default_backend
@@ -112,6 +114,7 @@ def load_synthetic(name_or_config: str | dict, drop_attn=None, drop_mlp=None, dt
     torch_dtype = resolve_dtype(dtype, device)
     model = ModelBuilder(cfg, plan, SyntheticReader(torch_dtype, device, seed), torch_dtype, device,
                          select_ops(kernels, device)).build()
+    model.kv_dtype = resolve_kv_dtype(kv_cache, torch_dtype)
     label = name_or_config if isinstance(name_or_config, str) else "custom"
     llm = LLM(Path(f"<synthetic {label}>"), cfg, plan, model, NoTokenizer(), attn_backend or default_backend(device),
               decode)

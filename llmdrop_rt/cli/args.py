@@ -9,6 +9,7 @@ from pathlib import Path
 from ..arguments import ArgumentError, parse_layer_list
 from ..drop.calibration import DEFAULT_N_SAMPLES, DEFAULT_SEQ_LEN
 from ..model.builder import WEIGHT_FORMATS
+from ..model.cache import KV_CACHE_DTYPES
 
 # Attributes that name inputs of a command; no output may be one of them or lie inside one.
 INPUT_ARGUMENTS = ("model", "calib", "text", "eval", "scores")
@@ -70,6 +71,9 @@ def add_model_arguments(parser: argparse.ArgumentParser, runtime: bool = True):
                             help="CPU weight format: our kernels on fp32/fp16/bf16 weights, int8 (q8_0 blocks) or int4 "
                                  "(q4_0; a GGUF's q4_0/q4_1 as stored) (default: fp32 kernels for an fp32 model on "
                                  "the CPU, torch modules in --dtype elsewhere)")
+        parser.add_argument("--kv-cache", choices=["auto", *KV_CACHE_DTYPES], default="auto",
+                            help="dtype of the KV cache (default: auto, the activations' dtype; fp16 halves what "
+                                 "each decode step reads from it, as llama.cpp's default cache does)")
         parser.add_argument("--no-strict", dest="strict", action="store_false",
                             help="load even when the checkpoint holds tensors the config does not account for "
                                  "(default: refuse them, naming them)")
@@ -79,7 +83,7 @@ def load_from_args(args):
     from ..runtime import load
 
     return load(args.model, drop_attn=args.drop_attn, drop_mlp=args.drop_mlp, dtype=args.dtype, device=args.device,
-                weights=args.weights, strict=args.strict)
+                weights=args.weights, kv_cache=args.kv_cache, strict=args.strict)
 
 
 def model_folder(args) -> Path:

@@ -77,7 +77,7 @@ class ContinuousBatcher:
                              "(max_position_embeddings)")
         self.model, self.attn_backend = model, attn_backend
         self.max_batch, self.max_len = max_batch, max_len
-        self.pool = KVCache(model.cfg, model.plan, max_batch, max_len, model.dtype, model.device)
+        self.pool = KVCache(model.cfg, model.plan, max_batch, max_len, model.kv_dtype, model.device)
         self.rows: list[_Row] = []
         self.clock = 0  # the pool column the next decode step writes
 
@@ -104,7 +104,7 @@ class ContinuousBatcher:
         if not self.free_rows:
             raise RuntimeError("no free row in the batch")
         model, device, length = self.model, self.model.device, len(request.prompt)
-        scratch = KVCache(model.cfg, model.plan, 1, length, model.dtype, device)
+        scratch = KVCache(model.cfg, model.plan, 1, length, model.kv_dtype, device)
         tokens = torch.tensor([request.prompt], device=device)
         positions = torch.arange(length, device=device)[None]
         logits = model(tokens, positions, scratch, 0, None, self.attn_backend, last_only=True)[:, -1]

@@ -77,7 +77,7 @@ class Engine:
                 f"context of {self.context_limit()} tokens (max_position_embeddings)"
             )
         model, device, batch = self.model, self.device, len(prompts)
-        cache = KVCache(model.cfg, model.plan, batch, total, model.dtype, device)
+        cache = KVCache(model.cfg, model.plan, batch, total, model.kv_dtype, device)
         pads = torch.tensor([longest - len(p) for p in prompts], device=device)
         tokens = torch.tensor([[self.pad_token_id] * (longest - len(p)) + list(p) for p in prompts], device=device)
         key_valid = None

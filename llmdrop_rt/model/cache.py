@@ -1,7 +1,9 @@
 """Static, preallocated KV cache with one slot per *kept* attention layer.
 
 A layer whose attention is dropped has no slot at all (LLM-Drop's `kv_cache_idx`): the cache's size is
-exactly (kept attention layers / all layers) of a full model's. Layout per slot: [B, Hkv, S, D].
+exactly (kept attention layers / all layers) of a full model's. Layout per slot: [B, Hkv, S, D], in the cache's own
+dtype (`load(kv_cache=...)`), which may be narrower than the activations': keys and values are rounded to it once,
+when written, and every later read sees the rounded values.
 """
 from __future__ import annotations
 
@@ -10,6 +12,17 @@ import copy
 import torch
 
 from ..config import DropPlan, ModelConfig
+
+# load(kv_cache=...)'s names; "auto" keeps the activations' dtype.
+KV_CACHE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def resolve_kv_dtype(kv_cache: str, activations: torch.dtype) -> torch.dtype:
+    if kv_cache == "auto":
+        return activations
+    if kv_cache not in KV_CACHE_DTYPES:
+        raise ValueError(f"kv_cache={kv_cache!r} is not one of {['auto', *KV_CACHE_DTYPES]}")
+    return KV_CACHE_DTYPES[kv_cache]
 
 
 class KVCache:
@@ -28,6 +41,10 @@ class KVCache:
         view.batch_size, view.k, view.v = rows, self.k[:, :rows], self.v[:, :rows]
         return view
 
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.k.dtype
+
     def layer(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         slot = self.slot_of[layer]
         return self.k[slot], self.v[slot]
@@ -40,6 +57,7 @@ class KVCache:
         positions not yet written.
         """
         k_cache, v_cache = self.layer(layer)
+        k, v = k.to(k_cache.dtype), v.to(v_cache.dtype)
         if isinstance(start, torch.Tensor):
             index = start + torch.arange(k.shape[2], device=k.device)
             k_cache.index_copy_(2, index, k)

@@ -129,6 +129,7 @@ class Attention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if ctx.cache is not None:
             k, v = ctx.cache.write(self.layer, k, v, ctx.start)
+            k, v = k.to(q.dtype), v.to(q.dtype)  # a narrower cache is read as the activations' dtype
         mask = ctx.sliding_mask if self.sliding else ctx.mask
         backend = "reference" if ctx.attn_backend == "reference" else "sdpa"
         out = attention(q, k, v, mask, self.scale, backend, self.softcap)
@@ -261,6 +262,7 @@ class Transformer(nn.Module):
         self.register_buffer("inv_freq", cfg.rope.inverse_frequencies(cfg.head_dim), persistent=False)
         self.ranges = NO_STACK_RANGES  # see DecoderLayer.ranges
         self.decode_calls = cpu_decode.layer_calls(self)  # one C++ call per layer for CPU decode steps, or None
+        self.kv_dtype = self.dtype  # the KV cache's dtype (load's kv_cache)
 
     @property
     def device(self) -> torch.device:

@@ -38,12 +38,13 @@ def solo(llm, request):
     return llm.engine.generate([request.prompt], request.max_new_tokens, request.sampling)[0]
 
 
-@pytest.mark.parametrize("name", ["llama3", "mistral"])
-def test_staggered_joins_equal_solo_runs_token_for_token(tiny_checkpoints, name):
+@pytest.mark.parametrize("name, kv_cache", [("llama3", "auto"), ("mistral", "auto"), ("llama3", "fp16")])
+def test_staggered_joins_equal_solo_runs_token_for_token(tiny_checkpoints, name, kv_cache):
     """Rows join mid-batch, leave at different steps and their rows are reused; the small pool forces the live
     columns to move back to its start several times (mistral's sliding window of 7 crosses those moves)."""
-    llm = llmdrop_rt.load(tiny_checkpoints[name])
+    llm = llmdrop_rt.load(tiny_checkpoints[name], kv_cache=kv_cache)
     batcher = ContinuousBatcher(llm.model, max_batch=4, max_len=32, attn_backend=llm.engine.attn_backend)
+    assert batcher.pool.dtype == llm.model.kv_dtype
     requests = random_requests(11, seed=1)
     assert run_staggered(batcher, requests) == 4
     for request in requests:

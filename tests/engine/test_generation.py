@@ -4,7 +4,7 @@ import torch
 from helpers import VOCAB, hf_greedy, hf_model
 
 import llmdrop_rt
-from llmdrop_rt.engine import ContextLengthError, Sampling, greedy, sample
+from llmdrop_rt.engine import ContextLengthError, Sampling, generation, greedy, sample
 
 PROMPT_LENGTHS = (5, 11, 8)
 
@@ -99,15 +99,62 @@ def test_too_long_prompt_is_a_clear_error(tiny_checkpoints):
         llm.logits([[5] * 300])
 
 
-@pytest.mark.parametrize("name", ["mistral", "llama3"])
-def test_static_shape_decode_equals_dynamic(tiny_checkpoints, name):
+@pytest.mark.parametrize("name, kv_cache", [("mistral", "auto"), ("llama3", "auto"), ("mistral", "fp16")])
+def test_static_shape_decode_equals_dynamic(tiny_checkpoints, name, kv_cache):
     """The CUDA-graph step's static path (run eagerly here) decodes exactly like the ordinary path,
-    padding and sliding window included."""
-    llm = llmdrop_rt.load(tiny_checkpoints[name], drop_attn=[1])
+    padding, sliding window and a narrower KV cache included."""
+    llm = llmdrop_rt.load(tiny_checkpoints[name], drop_attn=[1], weights=None, kv_cache=kv_cache)
     batch = prompts(seed=4)
     dynamic = llm.engine.generate(batch, 20, Sampling())
     llm.engine.decode = "static"
     assert llm.engine.generate(batch, 20, Sampling()) == dynamic
+
+
+def recorded_logits(llm, batch, new_tokens):
+    """The logits of every forward step (prefill's last position, then each decode step) of greedy generation."""
+    seen, original = [], llm.model.run
+
+    def recording_run(tokens, ctx, last_only=False):
+        logits = original(tokens, ctx, last_only)
+        seen.append(logits[:, -1].clone())
+        return logits
+
+    llm.model.run = recording_run
+    try:
+        ids = llm.generate_ids(batch, new_tokens)
+    finally:
+        llm.model.run = original
+    return ids, torch.stack(seen)
+
+
+@pytest.mark.parametrize("kv_cache, dtype", [("fp16", torch.float16), ("bf16", torch.bfloat16)])
+def test_a_narrow_kv_cache_is_an_fp32_cache_of_rounded_keys_and_values(tiny_checkpoints, monkeypatch, kv_cache,
+                                                                       dtype):
+    """Prefill and decode (torch modules, padded rows) attend over K/V rounded once to the cache's dtype: exactly
+    what an fp32 cache holding those rounded values gives, and not what the plain fp32 cache gives."""
+    folder = tiny_checkpoints["llama3"]
+    narrow = llmdrop_rt.load(folder, weights=None, kv_cache=kv_cache)
+    exact = llmdrop_rt.load(folder, weights=None)
+    assert narrow.model.kv_dtype == dtype and exact.model.kv_dtype == torch.float32
+    assert narrow.kv_cache_bytes(2, 10) * 2 == exact.kv_cache_bytes(2, 10)
+    batch = prompts(seed=6)
+    ids, logits = recorded_logits(narrow, batch, 12)
+    _, plain_logits = recorded_logits(exact, batch, 12)
+
+    class RoundingCache(generation.KVCache):
+        def write(self, layer, k, v, start):
+            return super().write(layer, k.to(dtype).float(), v.to(dtype).float(), start)
+
+    monkeypatch.setattr(generation, "KVCache", RoundingCache)
+    reference_ids, reference_logits = recorded_logits(exact, batch, 12)
+    assert ids == reference_ids
+    torch.testing.assert_close(logits, reference_logits, rtol=1e-5, atol=1e-5)
+    assert (logits - plain_logits).abs().max() > 1e-4
+
+
+def test_kv_cache_names_are_checked(tiny_checkpoints):
+    with pytest.raises(ValueError, match=r"kv_cache='int8' is not one of \['auto', 'fp32', 'fp16', 'bf16'\]"):
+        llmdrop_rt.load(tiny_checkpoints["llama3"], kv_cache="int8")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")

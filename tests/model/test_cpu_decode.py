@@ -1,5 +1,5 @@
 """The one-call-per-layer CPU decode step (csrc/cpu_decode.cpp) against the model's own modules on the same
-weights: same tokens, same logits, with padding, GQA, a sliding window and dropped modules."""
+weights: same tokens, same logits, with padding, GQA, a sliding window, dropped modules and fp16 / bf16 KV caches."""
 import pytest
 import torch
 
@@ -29,16 +29,19 @@ def stepwise_logits(llm, prompts, new_tokens):
     return ids, torch.stack(seen)
 
 
-@pytest.mark.parametrize("name, weights, drop_attn, drop_mlp", [
-    ("mistral", "fp32", [], []),        # sliding window 7 < the 20+ positions decoded; 4 query heads per KV head
-    ("mistral", "fp16", [1], [2]),
-    ("llama3", "int8", [0, 5], [3]),
-    ("llama3", "bf16", [], [5]),
+@pytest.mark.parametrize("name, weights, drop_attn, drop_mlp, kv_cache", [
+    ("mistral", "fp32", [], [], "auto"),  # sliding window 7 < the 20+ positions decoded; 4 query heads per KV head
+    ("mistral", "fp16", [1], [2], "auto"),
+    ("llama3", "int8", [0, 5], [3], "auto"),
+    ("llama3", "bf16", [], [5], "auto"),
+    ("llama3", "int8", [], [], "fp16"),  # the modules write and read the cache through torch's conversions
+    ("mistral", "fp32", [2], [], "bf16"),
 ])
-def test_cpp_decode_step_equals_the_modules(tiny_checkpoints, name, weights, drop_attn, drop_mlp):
+def test_cpp_decode_step_equals_the_modules(tiny_checkpoints, name, weights, drop_attn, drop_mlp, kv_cache):
     gen = torch.Generator().manual_seed(len(name) + len(weights))
     prompts = [torch.randint(2, 300, (n,), generator=gen).tolist() for n in (9, 4, 13)]
-    llm = llmdrop_rt.load(tiny_checkpoints[name], drop_attn=drop_attn, drop_mlp=drop_mlp, weights=weights)
+    llm = llmdrop_rt.load(tiny_checkpoints[name], drop_attn=drop_attn, drop_mlp=drop_mlp, weights=weights,
+                          kv_cache=kv_cache)
     assert llm.model.decode_calls is not None
     ids, logits = stepwise_logits(llm, prompts, 16)
     calls, llm.model.decode_calls = llm.model.decode_calls, None
@@ -75,15 +78,17 @@ def rotate_half(v, cos, sin):
 
 def reference_attention(x, pending, norm, qkv_weight, o_weight, k_cache, v_cache, start, cos, sin, mask, eps,
                         heads, kv_heads, d):
-    """decode_layer's attention sub-block in float64 torch: (new residual, o_proj output, k and v caches)."""
+    """decode_layer's attention sub-block in float64 torch: (new residual, o_proj output, k and v caches). The new
+    key and value are rounded to the caches' dtype before attention reads them, as the cache stores them."""
+    rounded = k_cache.dtype
     x, k_cache, v_cache = x.double() + pending.double(), k_cache.double().clone(), v_cache.double().clone()
     normed = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * norm.double()
     q, k, v = (normed @ qkv_weight.double().T).split([heads * d, kv_heads * d, kv_heads * d], dim=-1)
     rows = x.shape[0]
     cos, sin = cos.double()[:, None], sin.double()[:, None]
     q = rotate_half(q.view(rows, heads, d), cos, sin)
-    k_cache[:, :, start] = rotate_half(k.view(rows, kv_heads, d), cos, sin)
-    v_cache[:, :, start] = v.view(rows, kv_heads, d)
+    k_cache[:, :, start] = rotate_half(k.view(rows, kv_heads, d), cos, sin).to(rounded).double()
+    v_cache[:, :, start] = v.view(rows, kv_heads, d).to(rounded).double()
     keys = k_cache[:, :, :start + 1].repeat_interleave(heads // kv_heads, dim=1)
     values = v_cache[:, :, :start + 1].repeat_interleave(heads // kv_heads, dim=1)
     scores = torch.einsum("bhd,bhjd->bhj", q, keys) / d ** 0.5
@@ -92,21 +97,27 @@ def reference_attention(x, pending, norm, qkv_weight, o_weight, k_cache, v_cache
     return x, out.reshape(rows, heads * d) @ o_weight.double().T, k_cache, v_cache
 
 
+# The cache's dtype: how far a stored value may sit from float64's rounding of it (one unit in the last place), and
+# how far the layer's output may then move.
+CACHE_DTYPES = {torch.float32: (1e-4, 1e-4), torch.float16: (2e-3, 1e-3), torch.bfloat16: (8e-3, 2e-3)}
+
+
+@pytest.mark.parametrize("cache_dtype", CACHE_DTYPES, ids=lambda dtype: str(dtype).removeprefix("torch."))
 @pytest.mark.parametrize("heads, kv_heads, d, start", [
     (9, 3, 64, 36),     # SmolLM2's heads, keys not a multiple of 8
     (4, 2, 136, 300),   # two 64-column chunks and one vector of values per head
     (6, 6, 20, 8),      # columns after the last whole vector, no grouping
     (8, 2, 24, 1100),   # enough work per head to spread heads over threads
 ])
-def test_decode_layer_attention_equals_float64(decode_simd, heads, kv_heads, d, start):
+def test_decode_layer_attention_equals_float64(decode_simd, heads, kv_heads, d, start, cache_dtype):
     gen = torch.Generator().manual_seed(heads * 1000 + d + start)
     rows, hidden, slots = 2, 48, start + 5
     x, pending = torch.randn(rows, hidden, generator=gen), torch.randn(rows, hidden, generator=gen)
     norm = torch.rand(hidden, generator=gen) + 0.5
     qkv_weight = torch.randn((heads + 2 * kv_heads) * d, hidden, generator=gen) / hidden ** 0.5
     o_weight = torch.randn(hidden, heads * d, generator=gen) / (heads * d) ** 0.5
-    k_cache = torch.randn(rows, kv_heads, slots, d, generator=gen)
-    v_cache = torch.randn(rows, kv_heads, slots, d, generator=gen)
+    k_cache = torch.randn(rows, kv_heads, slots, d, generator=gen).to(cache_dtype)
+    v_cache = torch.randn(rows, kv_heads, slots, d, generator=gen).to(cache_dtype)
     mask = torch.rand(rows, slots, generator=gen) > 0.3
     mask[:, start] = True
     # Slots past the new key and masked slots are never read: poisoned, they must not reach the output.
@@ -120,7 +131,34 @@ def test_decode_layer_attention_equals_float64(decode_simd, heads, kv_heads, d, 
     out = cpu_decode.ops.decode_layer(x, pending, norm, qkv_weight, "f32", None, o_weight, "f32", None, k_cache,
                                       v_cache, start, cos, sin, mask, None, None, "", None, None, "", None, 1e-5,
                                       heads, kv_heads, d)
-    for got, want in zip((x, out, k_cache[:, :, start], v_cache[:, :, start]),
-                         (expected[0], expected[1], expected[2][:, :, start], expected[3][:, :, start])):
-        torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4)
+    stored, output = CACHE_DTYPES[cache_dtype]
+    for got, want, tolerance in zip((x, out, k_cache[:, :, start], v_cache[:, :, start]),
+                                    (expected[0], expected[1], expected[2][:, :, start], expected[3][:, :, start]),
+                                    (1e-4, output, stored, stored)):
+        torch.testing.assert_close(got.double(), want, rtol=tolerance, atol=tolerance)
     assert k_cache[:, :, start + 1:].isnan().all()  # nothing written past the new key
+
+
+@pytest.mark.parametrize("cache_dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
+def test_new_keys_and_values_are_rounded_as_torch_converts_them(decode_simd, cache_dtype):
+    """What decode stores in a narrow cache is bit for bit torch's conversion of the fp32 key and value (prefill
+    writes through torch), including values that overflow fp16 and that sit below its normal range."""
+    gen = torch.Generator().manual_seed(7)
+    rows, heads, kv_heads, d, start, hidden = 3, 4, 2, 40, 5, 32
+    x, pending = torch.randn(rows, hidden, generator=gen), torch.randn(rows, hidden, generator=gen)
+    norm = torch.ones(hidden)
+    qkv_weight = torch.randn((heads + 2 * kv_heads) * d, hidden, generator=gen)
+    qkv_weight[-kv_heads * d:] *= torch.logspace(-8, 5, kv_heads * d)[:, None]  # v spans subnormals to overflow
+    o_weight = torch.randn(hidden, heads * d, generator=gen)
+    angles = torch.rand(rows, d // 2, generator=gen) * 6
+    cos, sin = angles.cos(), angles.sin()
+    stored = {}
+    for dtype in (torch.float32, cache_dtype):
+        k_cache = torch.zeros(rows, kv_heads, start + 3, d, dtype=dtype)
+        v_cache = torch.zeros_like(k_cache)
+        cpu_decode.ops.decode_layer(x.clone(), pending, norm, qkv_weight, "f32", None, o_weight, "f32", None,
+                                    k_cache, v_cache, start, cos, sin, None, None, None, "", None, None, "", None,
+                                    1e-5, heads, kv_heads, d)
+        stored[dtype] = k_cache[:, :, start], v_cache[:, :, start]
+    for exact, narrow in zip(stored[torch.float32], stored[cache_dtype]):
+        assert torch.equal(exact.to(cache_dtype), narrow)
