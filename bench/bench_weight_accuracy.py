@@ -13,12 +13,16 @@ of 32: to int8 for the 4-bit formats, as llama.cpp does for Q4_0, and to int16 f
 Caveat: the embedded SmolLM2-135M-Instruct ships as Q4_1, so its weights already sit on a 4-bit grid. That
 flatters every 4-bit result (int4 here rounds weights that were 4-bit to begin with).
 
+`--kv-cache fp16` scores with keys and values rounded to an fp16 cache on both sides (ours through
+`load(kv_cache=...)`, llama-perplexity's -ctk/-ctv); the default keeps both in fp32.
+
     python bench/bench_weight_accuracy.py [--text tests/data/eval.txt] [--ctx 512] [--out bench/results/F.json]
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import sys
 import tempfile
 from pathlib import Path
 
@@ -28,6 +32,7 @@ import llmdrop_rt
 from llmdrop_rt.bench import llama_cpp
 from llmdrop_rt.io.publish import write_json
 from llmdrop_rt.model.builder import WEIGHT_FORMATS
+from llmdrop_rt.model.cache import KV_CACHE_DTYPES, resolve_kv_dtype
 from llmdrop_rt.quant import cpu_linear
 
 
@@ -55,6 +60,11 @@ def main():
     parser.add_argument("--max-chars", type=int, default=None, help="score only the start of the text")
     parser.add_argument("--paths", default="prefill,decode",
                         help="our arithmetic to score: prefill, decode or both (default: prefill,decode)")
+    parser.add_argument("--weights", default=",".join(WEIGHT_FORMATS),
+                        help=f"our weight formats to score (default: {','.join(WEIGHT_FORMATS)}); llama.cpp scores "
+                             "the ones it has a type for")
+    parser.add_argument("--kv-cache", choices=["auto", *KV_CACHE_DTYPES], default="auto",
+                        help="KV cache dtype on both sides (default: auto, fp32)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--out", help="write the rows as JSON here")
     args = parser.parse_args()
@@ -69,9 +79,14 @@ def main():
     paths = [p.strip() for p in args.paths.split(",")]
     if not paths or not set(paths) <= {"prefill", "decode"}:
         parser.error(f"--paths {args.paths!r}: expected prefill, decode or both")
+    formats = [w.strip() for w in args.weights.split(",")]
+    if not formats or not set(formats) <= set(WEIGHT_FORMATS):
+        parser.error(f"--weights {args.weights!r}: expected some of {','.join(WEIGHT_FORMATS)}")
+    kv_type = llama_cpp.GGUF_KV_TYPES[resolve_kv_dtype(args.kv_cache, reference.dtype)]
     for path in paths:
-        for weights in WEIGHT_FORMATS:
-            llm = llmdrop_rt.load(folder, weights=weights)  # the folder: float weights, rounded at load as asked
+        for weights in formats:
+            # The folder: float weights, rounded at load as asked.
+            llm = llmdrop_rt.load(folder, weights=weights, kv_cache=args.kv_cache)
             with decode_arithmetic() if path == "decode" else contextlib.nullcontext():
                 result = llama_cpp.chunked_perplexity(llm, tokens, args.ctx)
             rows.append({"impl": "llmdrop_rt", "path": path, "weights": weights, "perplexity": result.perplexity,
@@ -83,9 +98,9 @@ def main():
         with tempfile.TemporaryDirectory() as scratch:
             text_file = Path(scratch) / "text.txt"
             text_file.write_text(text + "\n")
-            for weights in ("fp32", "int8", "int4"):
+            for weights in (w for w in ("fp32", "int8", "int4") if w in formats):
                 gguf_path = llama_cpp.peer_gguf(folder, reference.plan, llama_cpp.PEER_TYPES[weights])
-                result = llama_cpp.perplexity(gguf_path, text_file, args.ctx, args.threads)
+                result = llama_cpp.perplexity(gguf_path, text_file, args.ctx, args.threads, kv_type)
                 rows.append({"impl": "llama.cpp", "weights": llama_cpp.PEER_TYPES[weights],
                              "perplexity": result.perplexity, "chunks": result.chunks,
                              "weight_bytes": gguf_path.stat().st_size, "repack": result.repack})
@@ -93,14 +108,17 @@ def main():
                 print(f"llama.cpp {llama_cpp.PEER_TYPES[weights]:5s} ppl {result.perplexity:.4f}{plain}", flush=True)
     except llama_cpp.LlamaCppNotBuilt as e:
         print(f"llama.cpp rows left out: {e}")
-    base = rows[0]["perplexity"]
-    print("\n| impl | arithmetic | weights | perplexity | vs ours fp32 | weights MB |\n|---|---|---|---|---|---|")
+    base = rows[0]  # ours, the first format asked for
+    relative = f"vs_{base['weights']}"
+    print(f"\n| impl | arithmetic | weights | perplexity | vs ours {base['weights']} | weights MB |\n"
+          "|---|---|---|---|---|---|")
     for row in rows:
-        row["vs_fp32"] = row["perplexity"] / base - 1
+        row[relative] = row["perplexity"] / base["perplexity"] - 1
         print(f"| {row['impl']} | {row.get('path', '')} | {row['weights']} | {row['perplexity']:.4f} | "
-              f"{row['vs_fp32']:+.2%} | {row['weight_bytes'] / 1e6:.0f} |")
+              f"{row[relative]:+.2%} | {row['weight_bytes'] / 1e6:.0f} |")
     if args.out:
-        write_json(args.out, {"command": "python bench/bench_weight_accuracy.py", "text": args.text, "ctx": args.ctx,
+        write_json(args.out, {"command": "python bench/bench_weight_accuracy.py " + " ".join(sys.argv[1:]),
+                              "text": args.text, "ctx": args.ctx, "kv_cache": kv_type,
                               "cpu_kernels": cpu_linear.kernel_isa(), "tokens": len(tokens), "rows": rows})
 
 

@@ -103,7 +103,9 @@ class LLM:
     # -- numbers ------------------------------------------------------------------------------------------------
     @torch.inference_mode()
     def logits(self, tokens) -> torch.Tensor:
-        """fp32 logits [B, T, V] for token ids [B, T] (or [T]), no cache, causal."""
+        """fp32 logits [B, T, V] for token ids [B, T] (or [T]), one causal pass. With a KV cache narrower than the
+        activations (`load(kv_cache=...)`) the pass attends over keys and values rounded to it, as generation does;
+        otherwise no cache is involved."""
         tokens = torch.as_tensor(tokens, device=self.device)
         if tokens.dim() == 1:
             tokens = tokens[None]
@@ -117,7 +119,10 @@ class LLM:
             raise ValueError(f"{tokens.shape[1]} tokens exceed the model's context of "
                              f"{self.cfg.max_position_embeddings}")
         positions = torch.arange(tokens.shape[1], device=self.device).expand_as(tokens)
-        return self.model(tokens, positions, attn_backend=self.engine.attn_backend).float()
+        cache = None
+        if self.model.kv_dtype != self.model.dtype:
+            cache = KVCache(self.cfg, self.plan, tokens.shape[0], tokens.shape[1], self.model.kv_dtype, self.device)
+        return self.model(tokens, positions, cache, attn_backend=self.engine.attn_backend).float()
 
     def kv_cache_bytes(self, batch_size: int = 1, max_len: int | None = None) -> int:
         """Bytes of the KV cache for this batch and length (default: the full context), kept layers only."""

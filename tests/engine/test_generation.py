@@ -150,6 +150,9 @@ def test_a_narrow_kv_cache_is_an_fp32_cache_of_rounded_keys_and_values(tiny_chec
     assert ids == reference_ids
     torch.testing.assert_close(logits, reference_logits, rtol=1e-5, atol=1e-5)
     assert (logits - plain_logits).abs().max() > 1e-4
+    # `logits()` scores as generation computes: row 1, the longest prompt, is not padded.
+    longest = batch[1]
+    torch.testing.assert_close(narrow.logits(longest)[0, -1], logits[0, 1], rtol=1e-5, atol=1e-5)
 
 
 def test_kv_cache_names_are_checked(tiny_checkpoints):
