@@ -21,6 +21,7 @@
 #include <limits>
 #include <mutex>
 #include <string>
+#include <type_traits>
 #include <unordered_map>
 #include <vector>
 
@@ -105,53 +106,91 @@ LLMDROP_AVX2 inline __m256 hsum8_avx2(const __m256 (&v)[8]) {
   return _mm256_add_ps(_mm256_permute2f128_ps(a, b, 0x20), _mm256_permute2f128_ps(a, b, 0x31));
 }
 
-// scores[j] = scale * q . k[j] for every key: eight keys at a time, each vector of q loaded once for the eight,
-// their sums reduced together.
-template <typename T>
-LLMDROP_AVX2 void attention_scores_avx2(const float* q, const T* k, int64_t keys, int64_t d, float scale,
-                                        float* scores) {
+// Attention of H query heads that read the same KV head (grouped-query attention): each cached key and value
+// vector is loaded, and widened from fp16 / bf16, once for all H heads.
+
+// out[n] = the sum of acc[n]'s eight lanes, for N vectors, eight at a time.
+template <int N>
+LLMDROP_AVX2 inline void store_sums(const __m256 (&acc)[N], float* out) {
+  for (int first = 0; first < N; first += 8) {
+    __m256 chunk[8];
+    for (int n = 0; n < 8; ++n) chunk[n] = first + n < N ? acc[first + n] : _mm256_setzero_ps();
+    alignas(32) float sums[8];
+    _mm256_store_ps(sums, hsum8_avx2(chunk));
+    for (int n = 0; n < 8 && first + n < N; ++n) out[first + n] = sums[n];
+  }
+}
+
+// scores[h][j] = scale * q[h] . k[j] for every key, kKeys keys at a time so that the accumulators (kKeys x H), the
+// keys' vectors and one of q stay in the 16 registers. The values v[j] are prefetched meanwhile: the values pass
+// then reads them from the core's caches instead of streaming them in alone.
+template <int H, typename T>
+LLMDROP_AVX2 void grouped_scores_avx2(const float* const* q, const T* k, const T* v, int64_t keys, int64_t d,
+                                      float scale, float* const* scores) {
+  constexpr int kKeys = H == 1 ? 8 : H == 2 ? 4 : 3;
   const int64_t whole = d / 8 * 8;
   int64_t j = 0;
-  for (; j + 8 <= keys; j += 8) {
-    __m256 acc[8];
+  for (; j + kKeys <= keys; j += kKeys) {
+    __m256 acc[kKeys * H];
     for (auto& a : acc) a = _mm256_setzero_ps();
     for (int64_t i = 0; i < whole; i += 8) {
-      const __m256 qv = _mm256_loadu_ps(q + i);
-      for (int t = 0; t < 8; ++t) acc[t] = _mm256_fmadd_ps(load8(k + (j + t) * d + i), qv, acc[t]);
+      __m256 key[kKeys];
+      for (int t = 0; t < kKeys; ++t) key[t] = load8(k + (j + t) * d + i);
+      if (i * sizeof(T) % 64 == 0)  // once per cache line
+        for (int t = 0; t < kKeys; ++t) _mm_prefetch(reinterpret_cast<const char*>(v + (j + t) * d + i), _MM_HINT_T0);
+      for (int h = 0; h < H; ++h) {
+        const __m256 qv = _mm256_loadu_ps(q[h] + i);
+        for (int t = 0; t < kKeys; ++t) acc[t * H + h] = _mm256_fmadd_ps(key[t], qv, acc[t * H + h]);
+      }
     }
-    alignas(32) float dots[8];
-    _mm256_store_ps(dots, hsum8_avx2(acc));
-    for (int t = 0; t < 8; ++t) {
-      for (int64_t i = whole; i < d; ++i) dots[t] += q[i] * static_cast<float>(k[(j + t) * d + i]);
-      scores[j + t] = dots[t] * scale;
-    }
+    float dots[kKeys * H];
+    store_sums(acc, dots);
+    for (int t = 0; t < kKeys; ++t)
+      for (int h = 0; h < H; ++h) {
+        float dot = dots[t * H + h];
+        for (int64_t i = whole; i < d; ++i) dot += q[h][i] * static_cast<float>(k[(j + t) * d + i]);
+        scores[h][j + t] = dot * scale;
+      }
   }
-  for (; j < keys; ++j) scores[j] = dot_avx2(q, k + j * d, d) * scale;
+  for (; j < keys; ++j)
+    for (int h = 0; h < H; ++h) scores[h][j] = dot_avx2(q[h], k + j * d, d) * scale;
 }
 
-// o[c .. c + 8 * N) += sum_j p[j] v[j][c .. c + 8 * N) over keys with p[j] != 0, in N registers.
-template <int N, typename T>
-LLMDROP_AVX2 inline void weighted_values_avx2(const float* p, const T* v, int64_t keys, int64_t d, int64_t c,
-                                              float* o) {
-  __m256 acc[N];
-  for (int t = 0; t < N; ++t) acc[t] = _mm256_loadu_ps(o + c + 8 * t);
+// o[h][c .. c + 8 * C) += sum_j p[h][j] v[j][c .. c + 8 * C) over the keys the mask shows (all when it is null;
+// hidden keys' cache slots may hold anything), in H x C registers.
+template <int H, int C, typename T>
+LLMDROP_AVX2 inline void grouped_values_avx2(const float* const* p, const T* v, const bool* visible, int64_t keys,
+                                             int64_t d, int64_t c, float* const* o) {
+  __m256 acc[H][C];
+  for (int h = 0; h < H; ++h)
+    for (int t = 0; t < C; ++t) acc[h][t] = _mm256_loadu_ps(o[h] + c + 8 * t);
   for (int64_t j = 0; j < keys; ++j) {
-    if (p[j] == 0.f) continue;  // masked keys: their cache slots may hold anything
-    const __m256 pj = _mm256_set1_ps(p[j]);
-    for (int t = 0; t < N; ++t) acc[t] = _mm256_fmadd_ps(pj, load8(v + j * d + c + 8 * t), acc[t]);
+    if (visible && !visible[j]) continue;
+    __m256 value[C];
+    for (int t = 0; t < C; ++t) value[t] = load8(v + j * d + c + 8 * t);
+    for (int h = 0; h < H; ++h) {
+      const __m256 pj = _mm256_set1_ps(p[h][j]);
+      for (int t = 0; t < C; ++t) acc[h][t] = _mm256_fmadd_ps(pj, value[t], acc[h][t]);
+    }
   }
-  for (int t = 0; t < N; ++t) _mm256_storeu_ps(o + c + 8 * t, acc[t]);
+  for (int h = 0; h < H; ++h)
+    for (int t = 0; t < C; ++t) _mm256_storeu_ps(o[h] + c + 8 * t, acc[h][t]);
 }
 
-// o = sum_j p[j] v[j] (o zeroed by the caller): 64 columns at a time held in registers across all keys.
-template <typename T>
-LLMDROP_AVX2 void attention_values_avx2(const float* p, const T* v, int64_t keys, int64_t d, float* o) {
+// o[h] = sum_j p[h][j] v[j] (o zeroed by the caller): as many columns at a time as registers hold for H heads.
+template <int H, typename T>
+LLMDROP_AVX2 void grouped_attention_values_avx2(const float* const* p, const T* v, const bool* visible, int64_t keys,
+                                                int64_t d, float* const* o) {
+  constexpr int kColumns = H == 1 ? 8 : H == 2 ? 4 : 3;  // vectors of 8 columns: H x kColumns + kColumns + 1 <= 16
   int64_t c = 0;
-  for (; c + 64 <= d; c += 64) weighted_values_avx2<8>(p, v, keys, d, c, o);
-  for (; c + 8 <= d; c += 8) weighted_values_avx2<1>(p, v, keys, d, c, o);
+  for (; c + 8 * kColumns <= d; c += 8 * kColumns) grouped_values_avx2<H, kColumns>(p, v, visible, keys, d, c, o);
+  if constexpr (kColumns > 2)
+    for (; c + 16 <= d; c += 16) grouped_values_avx2<H, 2>(p, v, visible, keys, d, c, o);
+  for (; c + 8 <= d; c += 8) grouped_values_avx2<H, 1>(p, v, visible, keys, d, c, o);
   for (int64_t j = 0; j < keys; ++j)
-    if (p[j] != 0.f)
-      for (int64_t i = c; i < d; ++i) o[i] += p[j] * static_cast<float>(v[j * d + i]);
+    if (!visible || visible[j])
+      for (int h = 0; h < H; ++h)
+        for (int64_t i = c; i < d; ++i) o[h][i] += p[h][j] * static_cast<float>(v[j * d + i]);
 }
 
 LLMDROP_AVX2 void silu_mul_avx2(const float* gate, const float* up, float* out, int64_t n) {
@@ -221,24 +260,51 @@ void silu_mul(const float* gate, const float* up, float* out, int64_t n) {
   for (int64_t i = 0; i < n; ++i) out[i] = gate[i] / (1.f + std::exp(-gate[i])) * up[i];
 }
 
-// scores[j] = scale * q . k[j] for keys 0 .. keys - 1 (rows d apart).
-template <typename T>
-void attention_scores(const float* q, const T* k, int64_t keys, int64_t d, float scale, float* scores) {
-#ifdef LLMDROP_HAVE_X86_SIMD
-  if (use_avx2()) return attention_scores_avx2(q, k, keys, d, scale, scores);
-#endif
-  for (int64_t j = 0; j < keys; ++j) scores[j] = dot(q, k + j * d, d) * scale;
+// One pass over a KV head's cached keys and values serves up to this many of its query heads.
+constexpr int kMaxGroupedHeads = 4;
+
+// Calls run(std::integral_constant<int, H>{}) for H = heads (1 .. kMaxGroupedHeads).
+template <typename Run>
+void with_heads(int heads, Run&& run) {
+  switch (heads) {
+    case 1: return run(std::integral_constant<int, 1>{});
+    case 2: return run(std::integral_constant<int, 2>{});
+    case 3: return run(std::integral_constant<int, 3>{});
+    default: return run(std::integral_constant<int, 4>{});
+  }
 }
 
-// o = sum_j p[j] v[j] over the keys with p[j] != 0 (o zeroed by the caller).
+// out[h] = softmax(scale * q[h] k^T) v over keys 0 .. keys - 1 (rows d apart) for `heads` query heads of one KV
+// head, leaving out the keys the mask hides (visible[j] false; null: none hidden). scores[h]: scratch of `keys`.
 template <typename T>
-void attention_values(const float* p, const T* v, int64_t keys, int64_t d, float* o) {
+void attend_heads(int heads, const float* const* q, const T* k, const T* v, const bool* visible, int64_t keys,
+                  int64_t d, float scale, float* const* scores, float* const* out) {
 #ifdef LLMDROP_HAVE_X86_SIMD
-  if (use_avx2()) return attention_values_avx2(p, v, keys, d, o);
+  const bool avx2 = use_avx2();
+  if (avx2)
+    with_heads(heads, [&](auto h) { grouped_scores_avx2<decltype(h)::value>(q, k, v, keys, d, scale, scores); });
+#else
+  const bool avx2 = false;
 #endif
-  for (int64_t j = 0; j < keys; ++j)
-    if (p[j] != 0.f)
-      for (int64_t i = 0; i < d; ++i) o[i] += p[j] * static_cast<float>(v[j * d + i]);
+  for (int h = 0; h < heads; ++h) {
+    if (!avx2)
+      for (int64_t j = 0; j < keys; ++j) scores[h][j] = dot(q[h], k + j * d, d) * scale;
+    if (visible)
+      for (int64_t j = 0; j < keys; ++j)
+        if (!visible[j]) scores[h][j] = -std::numeric_limits<float>::infinity();
+    softmax_in_place(scores[h], keys);
+    std::fill(out[h], out[h] + d, 0.f);
+  }
+#ifdef LLMDROP_HAVE_X86_SIMD
+  if (avx2)
+    return with_heads(heads, [&](auto h) {
+      grouped_attention_values_avx2<decltype(h)::value>(scores, v, visible, keys, d, out);
+    });
+#endif
+  for (int h = 0; h < heads; ++h)
+    for (int64_t j = 0; j < keys; ++j)
+      if (!visible || visible[j])
+        for (int64_t i = 0; i < d; ++i) out[h][i] += scores[h][j] * static_cast<float>(v[j * d + i]);
 }
 
 // Multiply-adds of a step's attention (rows x heads x keys x head size) above which heads are spread over threads.
@@ -313,25 +379,28 @@ void rotate_store_attend(float* qkv_data, int64_t width, const float* cos_data, 
   }
   const float scale = 1.f / std::sqrt(static_cast<float>(d));
   const int64_t group = heads / kv_heads;  // query heads g * group .. g * group + group - 1 read KV head g
-  // One task per (row, query head); a thread's consecutive tasks share KV heads, so their cached keys and values
-  // are read from memory once. Waking the thread pool costs more than a short context's attention: the tasks
-  // are spread over threads only when there is enough work.
-  const int64_t tasks = rows * heads;
-  const int64_t grain = tasks * keys * d >= kParallelAttentionWork ? 1 : tasks;
+  const int64_t chunks = (group + kMaxGroupedHeads - 1) / kMaxGroupedHeads;  // of a group's heads, one pass each
+  // One task per (row, KV head, chunk of its query heads). Waking the thread pool costs more than a short
+  // context's attention: the tasks are spread over threads only when there is enough work.
+  const int64_t tasks = rows * kv_heads * chunks;
+  const int64_t grain = rows * heads * keys * d >= kParallelAttentionWork ? 1 : tasks;
   at::parallel_for(0, tasks, grain, [&](int64_t begin, int64_t end) {
-    std::vector<float> scores(keys);
+    std::vector<float> scratch(kMaxGroupedHeads * keys);
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / heads, h = task % heads, g = h / group;
-      const T* k = k_data + (b * kv_heads + g) * max_len * d;
-      const T* v = v_data + (b * kv_heads + g) * max_len * d;
-      attention_scores(qkv_data + b * width + h * d, k, keys, d, scale, scores.data());
-      if (mask_data)
-        for (int64_t j = 0; j < keys; ++j)
-          if (!mask_data[b * mask_stride + j]) scores[j] = -std::numeric_limits<float>::infinity();
-      float* o = out_data + (b * heads + h) * d;
-      std::fill(o, o + d, 0.f);
-      softmax_in_place(scores.data(), keys);
-      attention_values(scores.data(), v, keys, d, o);
+      const int64_t b = task / (kv_heads * chunks), g = task / chunks % kv_heads, chunk = task % chunks;
+      const int64_t first = g * group + chunk * kMaxGroupedHeads;
+      const int count = static_cast<int>(std::min<int64_t>(kMaxGroupedHeads, (g + 1) * group - first));
+      const float* q[kMaxGroupedHeads];
+      float* scores[kMaxGroupedHeads];
+      float* out[kMaxGroupedHeads];
+      for (int h = 0; h < count; ++h) {
+        q[h] = qkv_data + b * width + (first + h) * d;
+        scores[h] = scratch.data() + h * keys;
+        out[h] = out_data + (b * heads + first + h) * d;
+      }
+      const int64_t cached = (b * kv_heads + g) * max_len * d;
+      attend_heads(count, q, k_data + cached, v_data + cached, mask_data ? mask_data + b * mask_stride : nullptr,
+                   keys, d, scale, scores, out);
     }
   });
 }

@@ -108,6 +108,8 @@ CACHE_DTYPES = {torch.float32: (1e-4, 1e-4), torch.float16: (2e-3, 1e-3), torch.
     (4, 2, 136, 300),   # two 64-column chunks and one vector of values per head
     (6, 6, 20, 8),      # columns after the last whole vector, no grouping
     (8, 2, 24, 1100),   # enough work per head to spread heads over threads
+    (12, 2, 40, 50),    # 6 query heads per KV head: passes of 4 and 2 heads
+    (10, 2, 20, 13),    # 5 per KV head (4 + 1), columns and keys left over from every blocking
 ])
 def test_decode_layer_attention_equals_float64(decode_simd, heads, kv_heads, d, start, cache_dtype):
     gen = torch.Generator().manual_seed(heads * 1000 + d + start)
