@@ -13,6 +13,7 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/custom_class.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -492,6 +493,61 @@ at::Tensor decode_layer(at::Tensor x, const std::optional<at::Tensor>& pending,
 
 }  // namespace
 
+// A model's decoder layers for the decode step, each layer's fixed arguments gathered once (`add_layer`), so that
+// a step is one call (`run`) however many layers the model has.
+class DecodeStack : public torch::CustomClassHolder {
+ public:
+  DecodeStack(double eps, int64_t heads, int64_t kv_heads, int64_t head_dim)
+      : eps_(eps), heads_(heads), kv_heads_(kv_heads), head_dim_(head_dim) {}
+
+  // The next layer, as decode_layer takes it; `slot`: its attention's index in the caches' first dimension (its
+  // attention absent: -1).
+  void add_layer(std::optional<at::Tensor> attn_norm, std::optional<at::Tensor> qkv_weight, std::string qkv_fmt,
+                 std::optional<at::Tensor> qkv_bias, std::optional<at::Tensor> o_weight, std::string o_fmt,
+                 std::optional<at::Tensor> o_bias, std::optional<at::Tensor> mlp_norm,
+                 std::optional<at::Tensor> gate_up_weight, std::string gate_up_fmt,
+                 std::optional<at::Tensor> gate_up_bias, std::optional<at::Tensor> down_weight, std::string down_fmt,
+                 std::optional<at::Tensor> down_bias, int64_t slot) {
+    TORCH_CHECK(qkv_weight.has_value() == (slot >= 0), "DecodeStack: a cache slot for each layer with attention");
+    layers_.push_back({attn_norm, qkv_weight, qkv_fmt, qkv_bias, o_weight, o_fmt, o_bias, mlp_norm, gate_up_weight,
+                       gate_up_fmt, gate_up_bias, down_weight, down_fmt, down_bias, slot});
+  }
+
+  // Every layer's decode step on the residual stream x [B, hidden] (updated in place), with the caches
+  // [kept attention layers, B, Hkv, S, D]; returns the last layer's pending output.
+  at::Tensor run(at::Tensor x, at::Tensor k_caches, at::Tensor v_caches, int64_t start, at::Tensor cos,
+                 at::Tensor sin, std::optional<at::Tensor> mask) {
+    std::optional<at::Tensor> pending;
+    for (const Layer& layer : layers_) {
+      std::optional<at::Tensor> k, v;
+      if (layer.slot >= 0) k = k_caches.select(0, layer.slot), v = v_caches.select(0, layer.slot);
+      pending = decode_layer(x, pending, layer.attn_norm, layer.qkv_weight, layer.qkv_fmt, layer.qkv_bias,
+                             layer.o_weight, layer.o_fmt, layer.o_bias, k, v, start, cos, sin, mask, layer.mlp_norm,
+                             layer.gate_up_weight, layer.gate_up_fmt, layer.gate_up_bias, layer.down_weight,
+                             layer.down_fmt, layer.down_bias, eps_, heads_, kv_heads_, head_dim_);
+    }
+    TORCH_CHECK(pending.has_value(), "DecodeStack: no layers");
+    return *pending;
+  }
+
+ private:
+  struct Layer {
+    std::optional<at::Tensor> attn_norm, qkv_weight;
+    std::string qkv_fmt;
+    std::optional<at::Tensor> qkv_bias, o_weight;
+    std::string o_fmt;
+    std::optional<at::Tensor> o_bias, mlp_norm, gate_up_weight;
+    std::string gate_up_fmt;
+    std::optional<at::Tensor> gate_up_bias, down_weight;
+    std::string down_fmt;
+    std::optional<at::Tensor> down_bias;
+    int64_t slot;
+  };
+  double eps_;
+  int64_t heads_, kv_heads_, head_dim_;
+  std::vector<Layer> layers_;
+};
+
 TORCH_LIBRARY(llmdrop_cpu_decode, m) {
   m.def("decode_layer(Tensor(a!) x, Tensor? pending, Tensor? attn_norm, Tensor? qkv_weight, str qkv_fmt, "
         "Tensor? qkv_bias, Tensor? o_weight, str o_fmt, Tensor? o_bias, Tensor(b!)? k_cache, Tensor(c!)? v_cache, "
@@ -499,6 +555,10 @@ TORCH_LIBRARY(llmdrop_cpu_decode, m) {
         "str gate_up_fmt, Tensor? gate_up_bias, Tensor? down_weight, str down_fmt, Tensor? down_bias, float eps, "
         "int heads, int kv_heads, int head_dim) -> Tensor");
   m.def("set_max_simd_bits(int bits) -> int", &set_max_simd_bits);
+  m.class_<DecodeStack>("DecodeStack")
+      .def(torch::init<double, int64_t, int64_t, int64_t>())
+      .def("add_layer", &DecodeStack::add_layer)
+      .def("run", &DecodeStack::run);
 }
 
 TORCH_LIBRARY_IMPL(llmdrop_cpu_decode, CPU, m) { m.impl("decode_layer", &decode_layer); }

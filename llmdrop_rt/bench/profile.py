@@ -10,7 +10,7 @@ Profiling turns on the model's named ranges (llmdrop_rt.model.ranges: `L12.atten
 (CUDA) by self time, and splits memory into weights, KV cache and the rest.
 
 On CPU the times are operator-level CPU times; on CUDA they are device (kernel) times. A decode step replayed as
-a CUDA graph, or run as one C++ call per layer (model/cpu_decode.py), hides its ranges, so `profile()` generates
+a CUDA graph, or run as one C++ call for all layers (model/cpu_decode.py), hides its ranges, so `profile()` generates
 with the engine's eager dynamic path through the modules.
 """
 from __future__ import annotations
@@ -135,9 +135,9 @@ def profile(llm, prompt_len: int = 128, new_tokens: int = 16, batch_size: int = 
     prompts = torch.randint(0, llm.cfg.vocab_size, (batch_size, prompt_len), generator=gen).tolist()
     kv_bytes = llm.kv_cache_bytes(batch_size, prompt_len + new_tokens)
     engine, model = llm.engine, llm.model
-    # Graph replay and the one-call-per-layer CPU decode step would hide the ranges: profile the modules.
+    # Graph replay and the one-call CPU decode step would hide the ranges: profile the modules.
     saved_decode, engine.decode = engine.decode, "dynamic"
-    saved_calls, model.decode_calls = model.decode_calls, None
+    saved_calls, model.decode_stack = model.decode_stack, None
 
     def sync():
         if cuda:
@@ -169,7 +169,7 @@ def profile(llm, prompt_len: int = 128, new_tokens: int = 16, batch_size: int = 
                 decode_s = time.perf_counter() - t0
             report.memory.append(_memory_point(llm, "after decode", kv_bytes))
     finally:
-        engine.decode, model.decode_calls = saved_decode, saved_calls
+        engine.decode, model.decode_stack = saved_decode, saved_calls
     for prof, name, tokens, wall in ((prefill_prof, "prefill", batch_size * prompt_len, prefill_s),
                                      (decode_prof, "decode", batch_size * decoded, decode_s)):
         trace = out_dir / f"trace_{name}.json"

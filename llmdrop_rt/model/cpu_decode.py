@@ -1,10 +1,11 @@
-"""The CPU decode step without per-op dispatch: each decoder layer runs as one call of a C++ op.
+"""The CPU decode step without per-op dispatch: all decoder layers of a step in one call of a C++ object.
 
 A decode step (one new token per row) of a model whose projections are all `quant.cpu_linear.CpuLinear` (any
-`load(weights=...)` model) runs `torch.ops.llmdrop_cpu_decode.decode_layer` per layer (csrc/cpu_decode.cpp): the
-norms, RoPE, the KV-cache write, attention and SwiGLU happen in C++ between the GEMV kernels, computing exactly
-what `DecoderLayer.forward_fused` computes. Everything else (prefill, other models, the families whose layers are
-not Llama's: Qwen3, Gemma2, sliding-window Qwen2) runs the modules as usual.
+`load(weights=...)` model) runs `torch.classes.llmdrop_cpu_decode.DecodeStack` (csrc/cpu_decode.cpp): it holds each
+layer's weights, gathered once, and per step runs every layer's norms, RoPE, KV-cache write, attention and SwiGLU in
+C++ between the GEMV kernels, computing exactly what `DecoderLayer.forward_fused` computes. Everything else
+(prefill, other models, the families whose layers are not Llama's: Qwen3, Gemma2, sliding-window Qwen2) runs the
+modules as usual.
 """
 from __future__ import annotations
 
@@ -20,27 +21,8 @@ def _projection_args(linear: CpuLinear | None):
     return (None, "", None) if linear is None else (linear.weight, linear.fmt, linear.bias)
 
 
-class LayerCall:
-    """One decoder layer's fixed arguments, gathered once; `__call__` adds the step's."""
-
-    def __init__(self, layer, cfg):
-        attn, mlp = layer.attn, layer.mlp
-        self.layer = layer.index
-        self.has_attn = attn is not None
-        self.attn_args = (None if attn is None else layer.attn_norm.weight, *_projection_args(attn and attn.qkv),
-                          *_projection_args(attn and attn.o_proj))
-        self.mlp_args = (None if mlp is None else layer.mlp_norm.weight, *_projection_args(mlp and mlp.gate_up),
-                         *_projection_args(mlp and mlp.down))
-        self.shape_args = (cfg.rms_norm_eps, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
-
-    def __call__(self, x, pending, ctx, cos, sin, mask):
-        k_cache, v_cache = ctx.cache.layer(self.layer) if self.has_attn else (None, None)
-        return ops.decode_layer(x, pending, *self.attn_args, k_cache, v_cache, ctx.start, cos, sin, mask,
-                                *self.mlp_args, *self.shape_args)
-
-
-def layer_calls(model) -> list[LayerCall] | None:
-    """The C++ calls for `model`'s layers, or None when its decode step cannot run that way."""
+def decode_stack(model):
+    """The C++ stack of `model`'s layers, or None when its decode step cannot run that way."""
     cfg = model.cfg
     if ops is None or model.device.type != "cpu" or model.dtype != torch.float32:
         return None
@@ -51,16 +33,21 @@ def layer_calls(model) -> list[LayerCall] | None:
                       ([layer.mlp.gate_up, layer.mlp.down] if layer.mlp is not None else [])
         if not all(isinstance(p, CpuLinear) for p in projections):
             return None
-    return [LayerCall(layer, model.cfg) for layer in model.layers]
+    stack = torch.classes.llmdrop_cpu_decode.DecodeStack(cfg.rms_norm_eps, cfg.num_heads, cfg.num_kv_heads,
+                                                         cfg.head_dim)
+    slot_of = {layer: slot for slot, layer in enumerate(model.plan.kept_attn_layers)}  # as KVCache numbers them
+    for layer in model.layers:
+        attn, mlp = layer.attn, layer.mlp
+        stack.add_layer(None if attn is None else layer.attn_norm.weight, *_projection_args(attn and attn.qkv),
+                        *_projection_args(attn and attn.o_proj),
+                        None if mlp is None else layer.mlp_norm.weight, *_projection_args(mlp and mlp.gate_up),
+                        *_projection_args(mlp and mlp.down), slot_of.get(layer.index, -1))
+    return stack
 
 
-def decode_layers(calls: list[LayerCall], x: torch.Tensor, ctx) -> torch.Tensor:
+def decode_layers(stack, x: torch.Tensor, ctx) -> torch.Tensor:
     """Run every layer's decode step on x [B, 1, hidden] (updated in place); returns the last layer's pending."""
     rows = x.shape[0]
-    x2 = x.view(rows, -1)
     cos, sin = ctx.rope.cos.reshape(rows, -1), ctx.rope.sin.reshape(rows, -1)
     mask = None if ctx.mask is None else ctx.mask.reshape(ctx.mask.shape[0], -1).expand(rows, -1).contiguous()
-    pending = None
-    for call in calls:
-        pending = call(x2, pending, ctx, cos, sin, mask)
-    return pending.view(rows, 1, -1)
+    return stack.run(x.view(rows, -1), ctx.cache.k, ctx.cache.v, ctx.start, cos, sin, mask).view(rows, 1, -1)

@@ -261,7 +261,7 @@ class Transformer(nn.Module):
         self.lm_head = lm_head
         self.register_buffer("inv_freq", cfg.rope.inverse_frequencies(cfg.head_dim), persistent=False)
         self.ranges = NO_STACK_RANGES  # see DecoderLayer.ranges
-        self.decode_calls = cpu_decode.layer_calls(self)  # one C++ call per layer for CPU decode steps, or None
+        self.decode_stack = cpu_decode.decode_stack(self)  # all layers of a CPU decode step in one C++ call, or None
         self.kv_dtype = self.dtype  # the KV cache's dtype (load's kv_cache)
 
     @property
@@ -296,9 +296,9 @@ class Transformer(nn.Module):
         """Logits for `tokens` under a prepared step context."""
         with self.ranges.embedding:
             x = scale_embeddings(self.embed(tokens), self.cfg)
-        if self.decode_calls is not None and tokens.shape[1] == 1 and ctx.cache is not None and \
+        if self.decode_stack is not None and tokens.shape[1] == 1 and ctx.cache is not None and \
                 isinstance(ctx.start, int) and ctx.attn_backend == "sdpa":
-            pending = cpu_decode.decode_layers(self.decode_calls, x, ctx)
+            pending = cpu_decode.decode_layers(self.decode_stack, x, ctx)
         else:
             pending = None
             for layer in self.layers:

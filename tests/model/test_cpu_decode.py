@@ -1,4 +1,4 @@
-"""The one-call-per-layer CPU decode step (csrc/cpu_decode.cpp) against the model's own modules on the same
+"""The one-call CPU decode step (csrc/cpu_decode.cpp) against the model's own modules on the same
 weights: same tokens, same logits, with padding, GQA, a sliding window, dropped modules and fp16 / bf16 KV caches."""
 import pytest
 import torch
@@ -42,13 +42,13 @@ def test_cpp_decode_step_equals_the_modules(tiny_checkpoints, name, weights, dro
     prompts = [torch.randint(2, 300, (n,), generator=gen).tolist() for n in (9, 4, 13)]
     llm = llmdrop_rt.load(tiny_checkpoints[name], drop_attn=drop_attn, drop_mlp=drop_mlp, weights=weights,
                           kv_cache=kv_cache)
-    assert llm.model.decode_calls is not None
+    assert llm.model.decode_stack is not None
     ids, logits = stepwise_logits(llm, prompts, 16)
-    calls, llm.model.decode_calls = llm.model.decode_calls, None
+    calls, llm.model.decode_stack = llm.model.decode_stack, None
     try:
         reference_ids, reference_logits = stepwise_logits(llm, prompts, 16)
     finally:
-        llm.model.decode_calls = calls
+        llm.model.decode_stack = calls
     assert ids == reference_ids
     # Block formats round each activation block to integers inside the GEMV, so the last-bit differences of the
     # two paths' norms can move a product by one rounding step.
@@ -57,8 +57,8 @@ def test_cpp_decode_step_equals_the_modules(tiny_checkpoints, name, weights, dro
 
 
 def test_the_cpu_default_is_our_fp32_kernels_and_torch_modules_keep_the_module_path(tiny_checkpoints):
-    assert llmdrop_rt.load(tiny_checkpoints["llama3"]).model.decode_calls is not None  # weights="auto": fp32 kernels
-    assert llmdrop_rt.load(tiny_checkpoints["llama3"], weights=None).model.decode_calls is None  # torch modules
+    assert llmdrop_rt.load(tiny_checkpoints["llama3"]).model.decode_stack is not None  # weights="auto": fp32 kernels
+    assert llmdrop_rt.load(tiny_checkpoints["llama3"], weights=None).model.decode_stack is None  # torch modules
 
 
 @pytest.fixture(params=[256, 0], ids=["avx2", "portable"])

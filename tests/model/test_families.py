@@ -99,7 +99,7 @@ def test_family_kv_bytes_count_kept_attention_layers_only(family):
 
 def test_cpu_decode_kernel_only_for_llama_shaped_layers(family_checkpoints):
     """The C++ decode layer is Llama's: Qwen2 (biases, no window) runs it, the others run the modules."""
-    calls = {name: llmdrop_rt.load(folder).model.decode_calls for name, folder in family_checkpoints.items()}
+    calls = {name: llmdrop_rt.load(folder).model.decode_stack for name, folder in family_checkpoints.items()}
     assert calls["qwen2"] is not None
     assert all(calls[name] is None for name in ("qwen2_sliding", "qwen3", "gemma2"))
 
