@@ -26,7 +26,8 @@ def build_parser() -> argparse.ArgumentParser:
                              f"{','.join(quick.CPU_WEIGHTS)}; see load(weights=))")
     parser.add_argument("--kv-cache", choices=["auto", *KV_CACHE_DTYPES], default="auto",
                         help="KV cache dtype of our rows (see load(kv_cache=)); llama.cpp's rows cache K/V in the "
-                             "same type (-ctk/-ctv) (default: auto, the activations' dtype: fp32 on CPU)")
+                             "same type (-ctk/-ctv), f16 for an fp32 cache, which llama-bench lacks (default: auto, "
+                             "the activations' dtype: fp32 on CPU)")
     parser.add_argument("--drop", default="0,0.5",
                         help="fractions of attention layers to drop, comma-separated (default: 0,0.5)")
     parser.add_argument("--batch-sizes", default="1", help="decode batch sizes, e.g. 1,8 (default: 1)")
@@ -44,8 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "required, none = left out (default: auto; CPU only)")
     parser.add_argument("--no-transformers", action="store_true", help="skip the transformers baseline rows")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"JSON output (default: {DEFAULT_OUT})")
-    parser.add_argument("--plot", type=Path, default=DEFAULT_PLOT,
-                        help=f"PNG of decode speed by precision (default: {DEFAULT_PLOT}; needs matplotlib)")
+    parser.add_argument("--plot", type=lambda text: Path(text) if text else None, default=DEFAULT_PLOT,
+                        help=f"PNG of decode speed by precision (default: {DEFAULT_PLOT}; needs matplotlib; an empty "
+                             "path: none)")
     sweeps.add_arguments(parser)
     return parser
 

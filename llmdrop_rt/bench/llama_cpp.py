@@ -232,6 +232,8 @@ def chunked_perplexity(llm, tokens: list[int], ctx: int, bos_token_id: int | Non
 PEER_TYPES = {"fp32": "f32", "fp16": "f16", "int8": "q8_0", "int4": "q4_0"}
 # Our KV cache dtype -> llama.cpp's cache type of the same precision (-ctk / -ctv).
 GGUF_KV_TYPES = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}
+# The float cache types llama-bench takes: it has no f32 cache, so an fp32 cache of ours meets its default, f16.
+LLAMA_BENCH_KV_TYPES = ("f16", "bf16")
 
 
 def peer_gguf(folder: str | os.PathLike, plan, gguf_type: str) -> Path:
@@ -264,7 +266,9 @@ def plan_peer_jobs(args, cfg) -> list[dict]:
             raise
         print(f"llama.cpp rows left out: {e}", file=sys.stderr)
         return []
-    kv_dtype = resolve_kv_dtype(args.kv_cache, resolve_dtype(args.dtype, torch.device("cpu")))
+    kv_type = GGUF_KV_TYPES[resolve_kv_dtype(args.kv_cache, resolve_dtype(args.dtype, torch.device("cpu")))]
+    if kv_type not in LLAMA_BENCH_KV_TYPES:
+        kv_type = "f16"
     jobs = []
     for threads in args.thread_counts:
         for weights in (w.strip() for w in args.weights.split(",")):
@@ -276,7 +280,7 @@ def plan_peer_jobs(args, cfg) -> list[dict]:
                              "model": args.model, "gguf_type": PEER_TYPES[weights], "num_layers": cfg.num_layers,
                              "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
                              "repeats": args.repeats, "batch_sizes": [int(b) for b in args.batch_sizes.split(",")],
-                             "kv_type": GGUF_KV_TYPES[kv_dtype],
+                             "kv_type": kv_type,
                              "label": f"llama.cpp {PEER_TYPES[weights]} attn-{len(drop)} t{threads}",
                              "plan": DropPlan.create(cfg.num_layers, drop)})
     return jobs
