@@ -181,3 +181,21 @@ def folder_digest(folder: Path) -> str:
         if path.is_file():
             digest.update(path.name.encode() + path.read_bytes())
     return digest.hexdigest()
+
+
+def step_logits(llm, prompts, new_tokens):
+    """Greedy generation's ids and the logits of each of its forward steps, [steps, B, V]: step 0 is prefill's last
+    position, then one per decode step (rows padded on the left), through the engine's own loop."""
+    seen, original = [], llm.model.run
+
+    def recording_run(tokens, ctx, last_only=False):
+        logits = original(tokens, ctx, last_only)
+        seen.append(logits[:, -1].clone())
+        return logits
+
+    llm.model.run = recording_run
+    try:
+        ids = llm.generate_ids(prompts, new_tokens)
+    finally:
+        llm.model.run = original
+    return ids, torch.stack(seen)

@@ -29,10 +29,15 @@ class KVCache:
     def __init__(self, cfg: ModelConfig, plan: DropPlan, batch_size: int, max_len: int, dtype, device):
         self.max_len = max_len
         self.batch_size = batch_size
-        self.slot_of = {layer: slot for slot, layer in enumerate(plan.kept_attn_layers)}
+        self.slot_of = self.slots(plan)
         shape = (len(self.slot_of), batch_size, cfg.num_kv_heads, max_len, cfg.head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
+
+    @staticmethod
+    def slots(plan: DropPlan) -> dict[int, int]:
+        """Layer index -> its slot, for the layers whose attention is kept."""
+        return {layer: slot for slot, layer in enumerate(plan.kept_attn_layers)}
 
     def first_rows(self, rows: int) -> KVCache:
         """A view of rows 0..rows-1 sharing this cache's memory (a batch running on part of a pool); each

@@ -13,6 +13,7 @@ import torch
 
 from ..extensions import compiled_ops
 from ..quant.cpu_linear import CpuLinear
+from .cache import KVCache
 
 ops = compiled_ops("_cpu_decode", "llmdrop_cpu_decode")
 
@@ -35,7 +36,7 @@ def decode_stack(model):
             return None
     stack = torch.classes.llmdrop_cpu_decode.DecodeStack(cfg.rms_norm_eps, cfg.num_heads, cfg.num_kv_heads,
                                                          cfg.head_dim)
-    slot_of = {layer: slot for slot, layer in enumerate(model.plan.kept_attn_layers)}  # as KVCache numbers them
+    slot_of = KVCache.slots(model.plan)
     for layer in model.layers:
         attn, mlp = layer.attn, layer.mlp
         stack.add_layer(None if attn is None else layer.attn_norm.weight, *_projection_args(attn and attn.qkv),

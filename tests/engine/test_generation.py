@@ -1,7 +1,7 @@
 """Generation through the static KV cache against transformers' generate, plus sampling and streaming."""
 import pytest
 import torch
-from helpers import VOCAB, hf_greedy, hf_model
+from helpers import VOCAB, hf_greedy, hf_model, step_logits
 
 import llmdrop_rt
 from llmdrop_rt.engine import ContextLengthError, Sampling, generation, greedy, sample
@@ -110,23 +110,6 @@ def test_static_shape_decode_equals_dynamic(tiny_checkpoints, name, kv_cache):
     assert llm.engine.generate(batch, 20, Sampling()) == dynamic
 
 
-def recorded_logits(llm, batch, new_tokens):
-    """The logits of every forward step (prefill's last position, then each decode step) of greedy generation."""
-    seen, original = [], llm.model.run
-
-    def recording_run(tokens, ctx, last_only=False):
-        logits = original(tokens, ctx, last_only)
-        seen.append(logits[:, -1].clone())
-        return logits
-
-    llm.model.run = recording_run
-    try:
-        ids = llm.generate_ids(batch, new_tokens)
-    finally:
-        llm.model.run = original
-    return ids, torch.stack(seen)
-
-
 @pytest.mark.parametrize("kv_cache, dtype", [("fp16", torch.float16), ("bf16", torch.bfloat16)])
 def test_a_narrow_kv_cache_is_an_fp32_cache_of_rounded_keys_and_values(tiny_checkpoints, monkeypatch, kv_cache,
                                                                        dtype):
@@ -138,15 +121,15 @@ def test_a_narrow_kv_cache_is_an_fp32_cache_of_rounded_keys_and_values(tiny_chec
     assert narrow.model.kv_dtype == dtype and exact.model.kv_dtype == torch.float32
     assert narrow.kv_cache_bytes(2, 10) * 2 == exact.kv_cache_bytes(2, 10)
     batch = prompts(seed=6)
-    ids, logits = recorded_logits(narrow, batch, 12)
-    _, plain_logits = recorded_logits(exact, batch, 12)
+    ids, logits = step_logits(narrow, batch, 12)
+    _, plain_logits = step_logits(exact, batch, 12)
 
     class RoundingCache(generation.KVCache):
         def write(self, layer, k, v, start):
             return super().write(layer, k.to(dtype).float(), v.to(dtype).float(), start)
 
     monkeypatch.setattr(generation, "KVCache", RoundingCache)
-    reference_ids, reference_logits = recorded_logits(exact, batch, 12)
+    reference_ids, reference_logits = step_logits(exact, batch, 12)
     assert ids == reference_ids
     torch.testing.assert_close(logits, reference_logits, rtol=1e-5, atol=1e-5)
     assert (logits - plain_logits).abs().max() > 1e-4

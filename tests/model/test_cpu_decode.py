@@ -2,31 +2,12 @@
 weights: same tokens, same logits, with padding, GQA, a sliding window, dropped modules and fp16 / bf16 KV caches."""
 import pytest
 import torch
+from helpers import step_logits
 
 import llmdrop_rt
 from llmdrop_rt.model import cpu_decode
 
 pytestmark = pytest.mark.skipif(cpu_decode.ops is None, reason="llmdrop_rt._cpu_decode is not built")
-
-
-def stepwise_logits(llm, prompts, new_tokens):
-    """Every decode step's logits (batch, rows padded on the left), through the engine's own loop."""
-    seen = []
-    model = llm.model
-    original = model.run
-
-    def recording_run(tokens, ctx, last_only=False):
-        logits = original(tokens, ctx, last_only)
-        if tokens.shape[1] == 1:
-            seen.append(logits[:, -1].clone())
-        return logits
-
-    model.run = recording_run
-    try:
-        ids = llm.generate_ids(prompts, new_tokens)
-    finally:
-        model.run = original
-    return ids, torch.stack(seen)
 
 
 @pytest.mark.parametrize("name, weights, drop_attn, drop_mlp, kv_cache", [
@@ -43,10 +24,10 @@ def test_cpp_decode_step_equals_the_modules(tiny_checkpoints, name, weights, dro
     llm = llmdrop_rt.load(tiny_checkpoints[name], drop_attn=drop_attn, drop_mlp=drop_mlp, weights=weights,
                           kv_cache=kv_cache)
     assert llm.model.decode_stack is not None
-    ids, logits = stepwise_logits(llm, prompts, 16)
+    ids, logits = step_logits(llm, prompts, 16)
     calls, llm.model.decode_stack = llm.model.decode_stack, None
     try:
-        reference_ids, reference_logits = stepwise_logits(llm, prompts, 16)
+        reference_ids, reference_logits = step_logits(llm, prompts, 16)
     finally:
         llm.model.decode_stack = calls
     assert ids == reference_ids
