@@ -28,7 +28,7 @@ def extension_build_kwargs():
     openmp = ["-fopenmp"] if torch.backends.openmp.is_available() and sys.platform.startswith("linux") else []
 
     def cpu_extension(name: str, source: str):
-        return cpp_extension.CppExtension(name, [source], depends=["csrc/x86_simd.h"],
+        return cpp_extension.CppExtension(name, [source], depends=["csrc/x86_simd.h", "csrc/cpu_gemv.h"],
                                           extra_compile_args=["-O3", *openmp], extra_link_args=openmp)
 
     extensions = [

@@ -17,6 +17,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <cmath>
 #include <limits>
@@ -24,8 +25,14 @@
 #include <string>
 #include <type_traits>
 #include <unordered_map>
+#include <thread>
 #include <vector>
 
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#include "cpu_gemv.h"
 #include "x86_simd.h"
 
 namespace {
@@ -207,19 +214,10 @@ LLMDROP_AVX2 void silu_mul_avx2(const float* gate, const float* up, float* out, 
 
 #endif
 
-// Tests cap the vector width (256: AVX2 + FMA + F16C, 0: the portable loops) to run both paths on one machine.
-std::atomic<int> simd_bits_cap{256};
-
-int simd_bits() {
-#ifdef LLMDROP_HAVE_X86_SIMD
-  if (llmdrop::cpu_has_avx2()) return std::min(256, simd_bits_cap.load());
-#endif
-  return 0;
-}
-
 bool use_avx2() { return simd_bits() >= 256; }
 
-// Cap the vector width of the loops between the projections (256 or 0 bits); returns the width now in use.
+// Cap the vector width of this extension's loops and GEMV kernels (512, 256 or 0 bits); returns the width now in
+// use.
 int64_t set_max_simd_bits(int64_t bits) {
   simd_bits_cap.store(static_cast<int>(bits));
   return simd_bits();
@@ -308,28 +306,167 @@ void attend_heads(int heads, const float* const* q, const T* k, const T* v, cons
         for (int64_t i = 0; i < d; ++i) out[h][i] += scores[h][j] * static_cast<float>(v[j * d + i]);
 }
 
-// Multiply-adds of a step's attention (rows x heads x keys x head size) above which heads are spread over threads.
+// Multiply-adds of a step's attention (rows x heads x keys x head size) above which its tasks are spread over
+// torch's threads when no team runs the step (waking the pool costs more than a short context's attention).
 constexpr int64_t kParallelAttentionWork = 1 << 16;
 
-using GemvOp = at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&);
+// ---------------------------------------------------------------------------------------------
+// The step's threads
+// ---------------------------------------------------------------------------------------------
+// Waits a thread spins before it yields its core, so that more threads than cores still make progress.
+constexpr int kSpinsBeforeYield = 1 << 10;
 
-c10::TypedOperatorHandle<GemvOp> gemv_op(const std::string& fmt) {
-  static std::mutex lock;
-  static std::unordered_map<std::string, c10::TypedOperatorHandle<GemvOp>> handles;
-  std::lock_guard<std::mutex> guard(lock);
-  auto found = handles.find(fmt);
-  if (found == handles.end()) {
-    auto handle = c10::Dispatcher::singleton().findSchemaOrThrow(("llmdrop_cpu_gemv::gemv_" + fmt).c_str(), "");
-    found = handles.emplace(fmt, handle.typed<GemvOp>()).first;
+inline void cpu_relax() {
+#ifdef LLMDROP_HAVE_X86_SIMD
+  _mm_pause();
+#endif
+}
+
+// A barrier for a fixed number of threads, which spin rather than sleep: a decode step's phases last microseconds,
+// about what putting a thread to sleep and waking it costs.
+class SpinBarrier {
+ public:
+  explicit SpinBarrier(int threads) : threads_(threads) {}
+
+  void wait() {
+    const unsigned generation = generation_.load(std::memory_order_acquire);
+    if (arrived_.fetch_add(1, std::memory_order_acq_rel) == threads_ - 1) {
+      arrived_.store(0, std::memory_order_relaxed);
+      generation_.store(generation + 1, std::memory_order_release);
+      return;
+    }
+    for (int spins = 0; generation_.load(std::memory_order_acquire) == generation; ++spins) {
+      if (spins < kSpinsBeforeYield)
+        cpu_relax();
+      else
+        std::this_thread::yield();
+    }
   }
-  return found->second;
+
+ private:
+  const int threads_;
+  alignas(64) std::atomic<int> arrived_{0};
+  alignas(64) std::atomic<unsigned> generation_{0};
+};
+
+// Who runs a decode step's phases. A team: `workers` threads of one parallel region (ids 0 .. workers - 1) going
+// through the same phases, each phase's work split between them and a barrier after it, so a step pays no
+// fork/join per projection. Or one thread (no barrier) whose phases use torch's thread pool themselves, for the
+// steps a team does not take: one thread, or more rows than the fused GEMV serves.
+class Crew {
+ public:
+  Crew(int id, int workers, SpinBarrier* barrier) : id_(id), workers_(workers), barrier_(barrier) {}
+
+  bool team() const { return barrier_ != nullptr; }
+  int id() const { return id_; }
+  void sync() {
+    if (barrier_) barrier_->wait();
+  }
+
+  // f() on one thread.
+  template <class F>
+  void alone(F&& f) {
+    if (id_ == 0) f();
+    sync();
+  }
+
+  // f(begin, end) over [0, n) in shares; without a team on torch's threads when `worth_threads`.
+  template <class F>
+  void share(int64_t n, bool worth_threads, F&& f) {
+    if (!team()) return at::parallel_for(0, n, worth_threads ? 1 : std::max<int64_t>(n, 1), f);
+    const int64_t begin = n * id_ / workers_, end = n * (id_ + 1) / workers_;
+    if (begin < end) f(begin, end);
+    sync();
+  }
+
+ private:
+  int id_, workers_;
+  SpinBarrier* barrier_;
+};
+
+// ---------------------------------------------------------------------------------------------
+// A layer's projections
+// ---------------------------------------------------------------------------------------------
+enum class WeightFormat { kF32, kF16, kBF16, kQ8_0, kQ4_0, kQ4_1 };
+
+// f(Format{}) for the kernels' format type.
+template <class F>
+void with_format(WeightFormat fmt, F&& f) {
+  switch (fmt) {
+    case WeightFormat::kF32: return f(F32{});
+    case WeightFormat::kF16: return f(F16{});
+    case WeightFormat::kBF16: return f(BF16{});
+    case WeightFormat::kQ8_0: return f(Q8_0{});
+    case WeightFormat::kQ4_0: return f(Q4_0{});
+    case WeightFormat::kQ4_1: return f(Q4_1{});
+  }
 }
 
-at::Tensor project(const at::Tensor& x, const at::Tensor& weight, const std::string& fmt,
-                   const std::optional<at::Tensor>& bias) {
-  return gemv_op(fmt).call(x, weight, bias);
+WeightFormat format_named(const std::string& name) {
+  static const std::pair<const char*, WeightFormat> names[] = {
+      {"f32", WeightFormat::kF32},   {"f16", WeightFormat::kF16},   {"bf16", WeightFormat::kBF16},
+      {"q8_0", WeightFormat::kQ8_0}, {"q4_0", WeightFormat::kQ4_0}, {"q4_1", WeightFormat::kQ4_1}};
+  for (const auto& [known, fmt] : names)
+    if (name == known) return fmt;
+  TORCH_CHECK(false, "DecodeStack: unknown weight format '", name, "' (expected f32, f16, bf16, q8_0, q4_0, q4_1)");
 }
 
+// One CpuLinear: y [rows, out] = x [rows, in] W^T + bias, W as the GEMV kernels (cpu_gemv.h) store it.
+struct Projection {
+  WeightFormat fmt;
+  at::Tensor weight;
+  std::optional<at::Tensor> bias;  // contiguous fp32 [out]
+  int64_t in, out;
+
+  Projection(const std::string& name, const at::Tensor& w, const std::optional<at::Tensor>& b, int64_t in_features,
+             const char* role)
+      : fmt(format_named(name)), weight(w), in(in_features), out(w.size(0)) {
+    if (b.has_value()) bias = b->contiguous();
+    with_format(fmt, [&](auto format) {
+      using Format = decltype(format);
+      const int64_t expected_cols = row_bytes<Format>(in);
+      TORCH_CHECK(w.device().is_cpu() && w.dim() == 2 && w.is_contiguous(), "DecodeStack: ", role,
+                  " weight must be a contiguous 2-D CPU tensor, got ", w.sizes());
+      if constexpr (Format::kBlocked) {
+        TORCH_CHECK(w.scalar_type() == at::kByte && in % kBlock == 0 && w.size(1) == expected_cols,
+                    "DecodeStack: ", role, " weight must be uint8 ", Format::kName, " blocks [out, ", expected_cols,
+                    "] for ", in, " input features, got ", w.scalar_type(), " ", w.sizes());
+      } else {
+        TORCH_CHECK(w.scalar_type() == Format::kDtype && w.size(1) == in, "DecodeStack: ", role, " weight must be ",
+                    Format::kDtype, " [out, ", in, "], got ", w.scalar_type(), " ", w.sizes());
+      }
+    });
+    TORCH_CHECK(!bias || (bias->scalar_type() == at::kFloat && bias->dim() == 1 && bias->size(0) == out),
+                "DecodeStack: ", role, " bias must be fp32 [", out, "]");
+  }
+
+  // How `rows` rows' GEMV is cut into chunks for a team of `workers`.
+  void deal(ChunkRanges& ranges, int64_t rows, int workers) const {
+    with_format(fmt, [&](auto format) {
+      using Format = decltype(format);
+      ranges.reset(GemvWork<Format>(rows, in, out).chunks, workers);
+    });
+  }
+
+  // y = x W^T + bias for x [rows, in], y [rows, out] (contiguous): in a team, this worker's chunks of `ranges`.
+  void apply(Crew& crew, const at::Tensor& x, at::Tensor& y, ChunkRanges& ranges) const {
+    with_format(fmt, [&](auto format) {
+      using Format = decltype(format);
+      if (!crew.team()) return linear<Format>(x, weight, bias, y);
+      const int64_t rows = x.size(0);
+      const Problem<Format> p{x.data_ptr<float>(), static_cast<const uint8_t*>(weight.data_ptr()),
+                              bias ? bias->data_ptr<float>() : nullptr, y.data_ptr<float>(), rows, in, out,
+                              nullptr, nullptr, nullptr};
+      const GemvWork<Format> work(rows, in, out);
+      with_kernel_x<Format>(p, [&](const Problem<Format>& q) { gemv_worker<Format>(q, work, ranges, crew.id()); });
+    });
+    crew.sync();
+  }
+};
+
+// ---------------------------------------------------------------------------------------------
+// The layer's loops between the projections
+// ---------------------------------------------------------------------------------------------
 // out[r] = x[r] / rms(x[r]) * weight, accumulated in fp32 (the runtime's fp32 RMSNorm).
 void rms_norm_rows(const float* x, const float* weight, float* out, int64_t rows, int64_t hidden, double eps) {
   for (int64_t r = 0; r < rows; ++r) {
@@ -357,103 +494,292 @@ void rotate(float* v, int64_t heads, int64_t d, const float* cos, const float* s
   }
 }
 
-// Rotate each row's q and k heads at its position and store k, v at cache index `start` in the cache's type (the
-// rounding torch's conversion to it does, so prefill's and decode's cached keys agree); `out` [rows, heads * d] =
-// softmax(q k^T / sqrt(d)) v over keys 0 .. start under the mask.
+// What a step's attention reads: the new q|k|v rows, the rotary tables, one layer's K/V cache slot, the mask.
 template <typename T>
-void rotate_store_attend(float* qkv_data, int64_t width, const float* cos_data, const float* sin_data, T* k_data,
-                         T* v_data, int64_t max_len, int64_t start, const bool* mask_data, int64_t mask_stride,
-                         int64_t rows, int64_t heads, int64_t kv_heads, int64_t d, float* out_data) {
-  const int64_t keys = start + 1;
-  for (int64_t b = 0; b < rows; ++b) {
-    float* row = qkv_data + b * width;
-    rotate(row, heads + kv_heads, d, cos_data + b * (d / 2), sin_data + b * (d / 2));  // q and k are adjacent
-    for (int64_t g = 0; g < kv_heads; ++g) {
-      const int64_t slot = ((b * kv_heads + g) * max_len + start) * d;
-      const float* k_new = row + (heads + g) * d;
-      const float* v_new = row + (heads + kv_heads + g) * d;
-      for (int64_t i = 0; i < d; ++i) {
-        k_data[slot + i] = static_cast<T>(k_new[i]);
-        v_data[slot + i] = static_cast<T>(v_new[i]);
-      }
-    }
+struct AttentionStep {
+  float* qkv;  // [rows, (heads + 2 kv_heads) d]
+  const float *cos, *sin;  // [rows, d / 2]
+  T *k, *v;  // [rows, kv_heads, max_len, d]
+  int64_t max_len, start;
+  const bool* mask;  // [rows, mask_stride] or null
+  int64_t mask_stride, heads, kv_heads, d;
+  float* out;  // [rows, heads d]
+};
+
+// KV head g of row b: rotate its query heads and its key at the row's position, store the key and value at cache
+// index `start` in the cache's type (the rounding torch's conversion to it does, so prefill's and decode's cached
+// keys agree), and out = softmax(q k^T / sqrt(d)) v over keys 0 .. start under the mask for each of its query
+// heads, up to kMaxGroupedHeads per pass over the cached keys and values.
+template <typename T>
+void attend_kv_head(const AttentionStep<T>& s, int64_t b, int64_t g, std::vector<float>& scratch) {
+  const int64_t keys = s.start + 1, d = s.d, width = (s.heads + 2 * s.kv_heads) * d;
+  const int64_t group = s.heads / s.kv_heads;  // query heads g * group .. g * group + group - 1 read KV head g
+  float* row = s.qkv + b * width;
+  const float *cos = s.cos + b * (d / 2), *sin = s.sin + b * (d / 2);
+  rotate(row + g * group * d, group, d, cos, sin);
+  float* k_new = row + (s.heads + g) * d;
+  rotate(k_new, 1, d, cos, sin);
+  const float* v_new = row + (s.heads + s.kv_heads + g) * d;
+  const int64_t cached = (b * s.kv_heads + g) * s.max_len * d;
+  for (int64_t i = 0; i < d; ++i) {
+    s.k[cached + s.start * d + i] = static_cast<T>(k_new[i]);
+    s.v[cached + s.start * d + i] = static_cast<T>(v_new[i]);
   }
+  scratch.resize(kMaxGroupedHeads * keys);
   const float scale = 1.f / std::sqrt(static_cast<float>(d));
-  const int64_t group = heads / kv_heads;  // query heads g * group .. g * group + group - 1 read KV head g
-  const int64_t chunks = (group + kMaxGroupedHeads - 1) / kMaxGroupedHeads;  // of a group's heads, one pass each
-  // One task per (row, KV head, chunk of its query heads). Waking the thread pool costs more than a short
-  // context's attention: the tasks are spread over threads only when there is enough work.
-  const int64_t tasks = rows * kv_heads * chunks;
-  const int64_t grain = rows * heads * keys * d >= kParallelAttentionWork ? 1 : tasks;
-  at::parallel_for(0, tasks, grain, [&](int64_t begin, int64_t end) {
-    std::vector<float> scratch(kMaxGroupedHeads * keys);
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / (kv_heads * chunks), g = task / chunks % kv_heads, chunk = task % chunks;
-      const int64_t first = g * group + chunk * kMaxGroupedHeads;
-      const int count = static_cast<int>(std::min<int64_t>(kMaxGroupedHeads, (g + 1) * group - first));
-      const float* q[kMaxGroupedHeads];
-      float* scores[kMaxGroupedHeads];
-      float* out[kMaxGroupedHeads];
-      for (int h = 0; h < count; ++h) {
-        q[h] = qkv_data + b * width + (first + h) * d;
-        scores[h] = scratch.data() + h * keys;
-        out[h] = out_data + (b * heads + first + h) * d;
-      }
-      const int64_t cached = (b * kv_heads + g) * max_len * d;
-      attend_heads(count, q, k_data + cached, v_data + cached, mask_data ? mask_data + b * mask_stride : nullptr,
-                   keys, d, scale, scores, out);
+  for (int64_t first = g * group; first < (g + 1) * group; first += kMaxGroupedHeads) {
+    const int count = static_cast<int>(std::min<int64_t>(kMaxGroupedHeads, (g + 1) * group - first));
+    const float* q[kMaxGroupedHeads];
+    float* scores[kMaxGroupedHeads];
+    float* out[kMaxGroupedHeads];
+    for (int h = 0; h < count; ++h) {
+      q[h] = row + (first + h) * d;
+      scores[h] = scratch.data() + h * keys;
+      out[h] = s.out + (b * s.heads + first + h) * d;
+    }
+    attend_heads(count, q, s.k + cached, s.v + cached, s.mask ? s.mask + b * s.mask_stride : nullptr, keys, d, scale,
+                 scores, out);
+  }
+}
+
+// One task per (row, KV head).
+template <typename T>
+void attend(Crew& crew, const AttentionStep<T>& s, int64_t rows) {
+  const int64_t tasks = rows * s.kv_heads;
+  const bool worth_threads = rows * s.heads * (s.start + 1) * s.d >= kParallelAttentionWork;
+  crew.share(tasks, worth_threads, [&](int64_t begin, int64_t end) {
+    thread_local std::vector<float> scratch;
+    for (int64_t task = begin; task < end; ++task) attend_kv_head(s, task / s.kv_heads, task % s.kv_heads, scratch);
+  });
+}
+
+// act [rows, inter] = silu(gate) * up of gate_up [rows, 2 inter], in pieces of 8 columns from each row's start, so
+// that every piece is computed as the whole row would be.
+void silu_rows(Crew& crew, const float* gate_up, float* act, int64_t rows, int64_t inter) {
+  const int64_t pieces_per_row = (inter + 7) / 8;
+  crew.share(rows * pieces_per_row, rows * inter >= kParallelAttentionWork, [&](int64_t begin, int64_t end) {
+    for (int64_t piece = begin; piece < end;) {
+      const int64_t r = piece / pieces_per_row, first = piece % pieces_per_row;
+      const int64_t last = std::min(end, (r + 1) * pieces_per_row) - r * pieces_per_row;  // this row's pieces
+      const int64_t i = first * 8, n = std::min(inter, last * 8) - i;
+      silu_mul(gate_up + r * 2 * inter + i, gate_up + r * 2 * inter + inter + i, act + r * inter + i, n);
+      piece += last - first;
     }
   });
 }
 
-at::Tensor attention_block(at::Tensor& x, const at::Tensor& normed, const at::Tensor& qkv_weight,
-                           const std::string& qkv_fmt, const std::optional<at::Tensor>& qkv_bias,
-                           const at::Tensor& o_weight, const std::string& o_fmt,
-                           const std::optional<at::Tensor>& o_bias, at::Tensor& k_cache, at::Tensor& v_cache,
-                           int64_t start, const at::Tensor& cos, const at::Tensor& sin,
-                           const std::optional<at::Tensor>& mask, int64_t heads, int64_t kv_heads, int64_t d) {
-  const int64_t rows = x.size(0), keys = start + 1, max_len = k_cache.size(2);
-  const auto cache_type = k_cache.scalar_type();
-  TORCH_CHECK(start >= 0 && start < max_len, "decode_layer: start ", start, " outside the cache of ", max_len);
-  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() && k_cache.size(0) == rows &&
-                  k_cache.size(1) == kv_heads && k_cache.size(3) == d && v_cache.sizes() == k_cache.sizes() &&
-                  v_cache.scalar_type() == cache_type &&
-                  (cache_type == at::kFloat || cache_type == at::kHalf || cache_type == at::kBFloat16),
-              "decode_layer: caches must be contiguous fp32, fp16 or bf16 [B, Hkv, S, D] slots of one dtype");
-  at::Tensor qkv = project(normed, qkv_weight, qkv_fmt, qkv_bias).contiguous();
-  const int64_t width = (heads + 2 * kv_heads) * d;
-  TORCH_CHECK(qkv.size(1) == width, "decode_layer: qkv gives ", qkv.size(1), " features, expected ", width);
-  const bool* mask_data = mask.has_value() ? mask->data_ptr<bool>() : nullptr;
-  const int64_t mask_stride = mask.has_value() ? mask->size(1) : 0;
-  TORCH_CHECK(!mask.has_value() || (mask->size(0) == rows && mask_stride >= keys),
-              "decode_layer: mask must be [B, >= start + 1]");
-  at::Tensor out = at::empty({rows, heads * d}, x.options());
-  auto run = [&](auto* k_data, auto* v_data) {
-    rotate_store_attend(qkv.data_ptr<float>(), width, cos.data_ptr<float>(), sin.data_ptr<float>(), k_data, v_data,
-                        max_len, start, mask_data, mask_stride, rows, heads, kv_heads, d, out.data_ptr<float>());
+// A model's decoder layers for the decode step (see the file comment), each layer's weights gathered once
+// (`add_layer`), so that a step is one call (`run`) however many layers the model has. With more than one of
+// torch's threads and at most kGemvMaxRows rows, one team of threads runs the whole step.
+class DecodeStack : public torch::CustomClassHolder {
+ public:
+  DecodeStack(double eps, int64_t heads, int64_t kv_heads, int64_t head_dim)
+      : eps_(eps), heads_(heads), kv_heads_(kv_heads), head_dim_(head_dim) {
+    TORCH_CHECK(heads > 0 && kv_heads > 0 && heads % kv_heads == 0 && head_dim > 0 && head_dim % 2 == 0,
+                "DecodeStack: heads (", heads, ") must be a multiple of kv_heads (", kv_heads,
+                ") and head_dim (", head_dim, ") even");
+  }
+
+  // The next layer: its norms' weights and projections (weight, format name, bias; None for an absent module);
+  // `slot`: its attention's index in the caches' first dimension (its attention absent: -1).
+  void add_layer(std::optional<at::Tensor> attn_norm, std::optional<at::Tensor> qkv_weight, std::string qkv_fmt,
+                 std::optional<at::Tensor> qkv_bias, std::optional<at::Tensor> o_weight, std::string o_fmt,
+                 std::optional<at::Tensor> o_bias, std::optional<at::Tensor> mlp_norm,
+                 std::optional<at::Tensor> gate_up_weight, std::string gate_up_fmt,
+                 std::optional<at::Tensor> gate_up_bias, std::optional<at::Tensor> down_weight, std::string down_fmt,
+                 std::optional<at::Tensor> down_bias, int64_t slot) {
+    TORCH_CHECK(qkv_weight.has_value() == (slot >= 0), "DecodeStack: a cache slot for each layer with attention");
+    if (!qkv_weight.has_value() && !gate_up_weight.has_value()) return;  // a dropped block: nothing to run
+    Layer layer{slot};
+    if (qkv_weight.has_value()) {
+      TORCH_CHECK(attn_norm.has_value() && o_weight.has_value(), "DecodeStack: attention needs its norm and o_proj");
+      layer.attn_norm = fp32_vector(*attn_norm, "attention norm");
+      hidden_ = checked_size(hidden_, layer.attn_norm.size(0), "hidden size");
+      layer.qkv.emplace(qkv_fmt, *qkv_weight, qkv_bias, hidden_, "qkv");
+      TORCH_CHECK(layer.qkv->out == (heads_ + 2 * kv_heads_) * head_dim_, "DecodeStack: qkv gives ", layer.qkv->out,
+                  " features, expected ", (heads_ + 2 * kv_heads_) * head_dim_);
+      layer.o.emplace(o_fmt, *o_weight, o_bias, heads_ * head_dim_, "o_proj");
+      checked_size(hidden_, layer.o->out, "o_proj output");
+    }
+    if (gate_up_weight.has_value()) {
+      TORCH_CHECK(mlp_norm.has_value() && down_weight.has_value(), "DecodeStack: an MLP needs its norm and down");
+      layer.mlp_norm = fp32_vector(*mlp_norm, "MLP norm");
+      hidden_ = checked_size(hidden_, layer.mlp_norm.size(0), "hidden size");
+      layer.gate_up.emplace(gate_up_fmt, *gate_up_weight, gate_up_bias, hidden_, "gate_up");
+      inter_ = checked_size(inter_, layer.gate_up->out / 2, "intermediate size");
+      layer.down.emplace(down_fmt, *down_weight, down_bias, inter_, "down");
+      checked_size(hidden_, layer.down->out, "down output");
+    }
+    layers_.push_back(std::move(layer));
+  }
+
+  // Every layer's decode step on the residual stream x [B, hidden] (updated in place), with the caches
+  // [kept attention layers, B, Hkv, S, D]; returns the last layer's pending output.
+  at::Tensor run(at::Tensor x, at::Tensor k_caches, at::Tensor v_caches, int64_t start, at::Tensor cos,
+                 at::Tensor sin, std::optional<at::Tensor> mask) {
+    return step(x, std::nullopt, k_caches, v_caches, start, cos, sin, mask);
+  }
+
+  // run() from a pending output of an earlier layer (absent: none).
+  at::Tensor step(at::Tensor& x, const std::optional<at::Tensor>& pending, const at::Tensor& k_caches,
+                  const at::Tensor& v_caches, int64_t start, const at::Tensor& cos, const at::Tensor& sin,
+                  const std::optional<at::Tensor>& mask) {
+    TORCH_CHECK(!layers_.empty(), "DecodeStack: no attention or MLP in any layer");
+    TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.scalar_type() == at::kFloat && x.size(1) == hidden_,
+                "DecodeStack: x must be a contiguous fp32 [B, ", hidden_, "] residual stream, got ", x.scalar_type(),
+                " ", x.sizes());
+    const int64_t rows = x.size(0);
+    Buffers buffers = allocate(x, pending);
+    const bool attention = std::any_of(layers_.begin(), layers_.end(), [](const Layer& l) { return l.qkv; });
+    const auto cache_type = k_caches.scalar_type();
+    if (attention) check_attention_inputs(rows, k_caches, v_caches, start, cos, sin, mask);
+    auto run_with = [&](auto* k_data, auto* v_data) {
+      using T = std::remove_pointer_t<decltype(k_data)>;
+      AttentionStep<T> s{buffers.qkv.data_ptr<float>(), nullptr, nullptr, k_data, v_data, 0, start,
+                         mask ? mask->data_ptr<bool>() : nullptr, mask ? mask->size(1) : 0, heads_, kv_heads_,
+                         head_dim_, buffers.attn.data_ptr<float>()};
+      if (attention) {
+        s.cos = cos.data_ptr<float>(), s.sin = sin.data_ptr<float>(), s.max_len = k_caches.size(3);
+      }
+      const int64_t slot_elements = attention ? k_caches.stride(0) : 0;
+      const int threads = at::get_num_threads();
+#ifdef _OPENMP
+      if (threads > 1 && rows <= kGemvMaxRows) {
+        std::optional<SpinBarrier> barrier;
+#pragma omp parallel num_threads(threads)
+        {
+#pragma omp single
+          {
+            const int workers = omp_get_num_threads();
+            barrier.emplace(workers);
+            for (Layer& layer : layers_) layer.deal(rows, workers);
+          }
+          Crew crew(omp_get_thread_num(), omp_get_num_threads(), &*barrier);
+          run_layers(crew, s, slot_elements, buffers, x.data_ptr<float>(), rows);
+        }
+        return;
+      }
+#endif
+      Crew alone(0, 1, nullptr);
+      run_layers(alone, s, slot_elements, buffers, x.data_ptr<float>(), rows);
+    };
+    if (!attention)
+      run_with(static_cast<float*>(nullptr), static_cast<float*>(nullptr));
+    else if (cache_type == at::kHalf)
+      run_with(k_caches.data_ptr<at::Half>(), v_caches.data_ptr<at::Half>());
+    else if (cache_type == at::kBFloat16)
+      run_with(k_caches.data_ptr<at::BFloat16>(), v_caches.data_ptr<at::BFloat16>());
+    else
+      run_with(k_caches.data_ptr<float>(), v_caches.data_ptr<float>());
+    return buffers.out;
+  }
+
+ private:
+  struct Layer {
+    int64_t slot;
+    at::Tensor attn_norm, mlp_norm;
+    std::optional<Projection> qkv, o, gate_up, down;
+    std::array<ChunkRanges, 4> ranges;  // a team's chunks of each projection, in the order above
+
+    void deal(int64_t rows, int workers) {
+      const std::optional<Projection>* projections[] = {&qkv, &o, &gate_up, &down};
+      for (int i = 0; i < 4; ++i)
+        if (*projections[i]) (*projections[i])->deal(ranges[i], rows, workers);
+    }
   };
-  if (cache_type == at::kHalf)
-    run(k_cache.data_ptr<at::Half>(), v_cache.data_ptr<at::Half>());
-  else if (cache_type == at::kBFloat16)
-    run(k_cache.data_ptr<at::BFloat16>(), v_cache.data_ptr<at::BFloat16>());
-  else
-    run(k_cache.data_ptr<float>(), v_cache.data_ptr<float>());
-  return project(out, o_weight, o_fmt, o_bias);
-}
 
-at::Tensor mlp_block(const at::Tensor& normed, const at::Tensor& gate_up_weight, const std::string& gate_up_fmt,
-                     const std::optional<at::Tensor>& gate_up_bias, const at::Tensor& down_weight,
-                     const std::string& down_fmt, const std::optional<at::Tensor>& down_bias) {
-  at::Tensor gate_up = project(normed, gate_up_weight, gate_up_fmt, gate_up_bias).contiguous();
-  const int64_t rows = gate_up.size(0), inter = gate_up.size(1) / 2;
-  at::Tensor act = at::empty({rows, inter}, gate_up.options());
-  const float* gu = gate_up.data_ptr<float>();
-  float* a = act.data_ptr<float>();
-  for (int64_t r = 0; r < rows; ++r) silu_mul(gu + r * 2 * inter, gu + r * 2 * inter + inter, a + r * inter, inter);
-  return project(act, down_weight, down_fmt, down_bias);
-}
+  // The step's activations between the phases.
+  struct Buffers {
+    at::Tensor normed, qkv, attn, gate_up, act, out;
+    bool has_out;  // whether `out` starts with a sub-block's output still to be added to x
+  };
 
-// See the file comment. Absent modules are passed as undefined weights (None from Python).
+  static at::Tensor fp32_vector(const at::Tensor& t, const char* role) {
+    TORCH_CHECK(t.dim() == 1 && t.scalar_type() == at::kFloat && t.device().is_cpu(), "DecodeStack: ", role,
+                " weight must be fp32 [hidden] on the CPU, got ", t.scalar_type(), " ", t.sizes());
+    return t.contiguous();
+  }
+
+  // The size every layer must share: `known` (0: none yet) or `size`.
+  static int64_t checked_size(int64_t known, int64_t size, const char* what) {
+    TORCH_CHECK(known == 0 || known == size, "DecodeStack: ", what, " ", size, " differs from an earlier layer's ",
+                known);
+    return size;
+  }
+
+  Buffers allocate(const at::Tensor& x, const std::optional<at::Tensor>& pending) const {
+    const int64_t rows = x.size(0);
+    auto empty = [&](int64_t width) { return at::empty({rows, width}, x.options()); };
+    Buffers b{empty(hidden_), empty((heads_ + 2 * kv_heads_) * head_dim_), empty(heads_ * head_dim_),
+              empty(2 * inter_), empty(inter_), empty(hidden_), pending.has_value()};
+    if (pending.has_value()) {
+      TORCH_CHECK(pending->sizes() == x.sizes() && pending->scalar_type() == at::kFloat,
+                  "DecodeStack: pending must be fp32 ", x.sizes(), ", got ", pending->scalar_type(), " ",
+                  pending->sizes());
+      b.out.copy_(*pending);
+    }
+    return b;
+  }
+
+  void check_attention_inputs(int64_t rows, const at::Tensor& k, const at::Tensor& v, int64_t start,
+                              const at::Tensor& cos, const at::Tensor& sin,
+                              const std::optional<at::Tensor>& mask) const {
+    const auto type = k.scalar_type();
+    TORCH_CHECK(k.dim() == 5 && k.size(1) == rows && k.size(2) == kv_heads_ && k.size(4) == head_dim_ &&
+                    v.sizes() == k.sizes() && v.strides() == k.strides() && k.select(0, 0).is_contiguous() &&
+                    v.scalar_type() == type && (type == at::kFloat || type == at::kHalf || type == at::kBFloat16),
+                "DecodeStack: caches must be fp32, fp16 or bf16 [layers, ", rows, ", ", kv_heads_, ", S, ",
+                head_dim_, "] of one dtype and layout, each layer's slot contiguous, got ", type, " ", k.sizes());
+    for (const Layer& layer : layers_)
+      TORCH_CHECK(layer.slot < k.size(0), "DecodeStack: cache slot ", layer.slot, " outside the ", k.size(0),
+                  " cached layers");
+    TORCH_CHECK(start >= 0 && start < k.size(3), "DecodeStack: start ", start, " outside the cache of ", k.size(3));
+    for (const at::Tensor* table : {&cos, &sin})
+      TORCH_CHECK(table->defined() && table->is_contiguous() && table->scalar_type() == at::kFloat &&
+                      table->sizes() == at::IntArrayRef({rows, head_dim_ / 2}),
+                  "DecodeStack: cos and sin must be contiguous fp32 [", rows, ", ", head_dim_ / 2, "]");
+    TORCH_CHECK(!mask || (mask->dim() == 2 && mask->is_contiguous() && mask->scalar_type() == at::kBool &&
+                          mask->size(0) == rows && mask->size(1) >= start + 1),
+                "DecodeStack: mask must be a contiguous bool [", rows, ", >= ", start + 1, "]");
+  }
+
+  // The step's phases for every layer, on this crew's thread (see Crew).
+  template <typename T>
+  void run_layers(Crew& crew, AttentionStep<T> s, int64_t slot_elements, Buffers& b, float* x, int64_t rows) {
+    bool has_out = b.has_out;  // this thread's copy
+    auto add_and_norm = [&](const at::Tensor& norm) {
+      crew.alone([&] {
+        if (has_out) add_in_place(x, b.out.data_ptr<float>(), rows * hidden_);
+        rms_norm_rows(x, norm.data_ptr<float>(), b.normed.data_ptr<float>(), rows, hidden_, eps_);
+      });
+      has_out = true;  // the sub-block about to run writes `out`
+    };
+    T* const k_base = s.k;
+    T* const v_base = s.v;
+    for (Layer& layer : layers_) {
+      if (layer.qkv) {
+        add_and_norm(layer.attn_norm);
+        layer.qkv->apply(crew, b.normed, b.qkv, layer.ranges[0]);
+        s.k = k_base + layer.slot * slot_elements, s.v = v_base + layer.slot * slot_elements;
+        attend(crew, s, rows);
+        layer.o->apply(crew, b.attn, b.out, layer.ranges[1]);
+      }
+      if (layer.gate_up) {
+        add_and_norm(layer.mlp_norm);
+        layer.gate_up->apply(crew, b.normed, b.gate_up, layer.ranges[2]);
+        silu_rows(crew, b.gate_up.data_ptr<float>(), b.act.data_ptr<float>(), rows, inter_);
+        layer.down->apply(crew, b.act, b.out, layer.ranges[3]);
+      }
+    }
+  }
+
+  double eps_;
+  int64_t heads_, kv_heads_, head_dim_, hidden_ = 0, inter_ = 0;
+  std::vector<Layer> layers_;
+};
+
+// One layer's decode step (see the file comment); absent modules are passed as undefined weights (None from
+// Python). The op for a single layer, where DecodeStack runs them all.
 at::Tensor decode_layer(at::Tensor x, const std::optional<at::Tensor>& pending,
                         const std::optional<at::Tensor>& attn_norm, const std::optional<at::Tensor>& qkv_weight,
                         std::string qkv_fmt, const std::optional<at::Tensor>& qkv_bias,
@@ -466,87 +792,17 @@ at::Tensor decode_layer(at::Tensor x, const std::optional<at::Tensor>& pending,
                         const std::optional<at::Tensor>& gate_up_bias, const std::optional<at::Tensor>& down_weight,
                         std::string down_fmt, const std::optional<at::Tensor>& down_bias, double eps, int64_t heads,
                         int64_t kv_heads, int64_t head_dim) {
-  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.scalar_type() == at::kFloat,
-              "decode_layer: x must be a contiguous fp32 [B, hidden] residual stream");
-  const int64_t rows = x.size(0), hidden = x.size(1);
-  float* x_data = x.data_ptr<float>();
-  at::Tensor normed = at::empty_like(x);
-  std::optional<at::Tensor> out = pending;
-  auto add_pending = [&]() {
-    if (out.has_value()) add_in_place(x_data, out->contiguous().data_ptr<float>(), rows * hidden);
-  };
-  if (qkv_weight.has_value()) {
-    add_pending();
-    rms_norm_rows(x_data, attn_norm->data_ptr<float>(), normed.data_ptr<float>(), rows, hidden, eps);
-    at::Tensor k = *k_cache, v = *v_cache;
-    out = attention_block(x, normed, *qkv_weight, qkv_fmt, qkv_bias, *o_weight, o_fmt, o_bias, k, v, start,
-                          cos->contiguous(), sin->contiguous(), mask, heads, kv_heads, head_dim);
-  }
-  if (gate_up_weight.has_value()) {
-    add_pending();
-    rms_norm_rows(x_data, mlp_norm->data_ptr<float>(), normed.data_ptr<float>(), rows, hidden, eps);
-    out = mlp_block(normed, *gate_up_weight, gate_up_fmt, gate_up_bias, *down_weight, down_fmt, down_bias);
-  }
-  TORCH_CHECK(out.has_value(), "decode_layer: a layer with neither attention nor MLP");
-  return *out;
+  DecodeStack stack(eps, heads, kv_heads, head_dim);
+  const bool attention = qkv_weight.has_value();
+  stack.add_layer(attn_norm, qkv_weight, qkv_fmt, qkv_bias, o_weight, o_fmt, o_bias, mlp_norm, gate_up_weight,
+                  gate_up_fmt, gate_up_bias, down_weight, down_fmt, down_bias, attention ? 0 : -1);
+  TORCH_CHECK(!attention || (k_cache && v_cache && cos && sin), "decode_layer: attention needs caches, cos and sin");
+  const at::Tensor none;
+  return stack.step(x, pending, attention ? k_cache->unsqueeze(0) : none, attention ? v_cache->unsqueeze(0) : none,
+                    start, attention ? cos->contiguous() : none, attention ? sin->contiguous() : none, mask);
 }
 
 }  // namespace
-
-// A model's decoder layers for the decode step, each layer's fixed arguments gathered once (`add_layer`), so that
-// a step is one call (`run`) however many layers the model has.
-class DecodeStack : public torch::CustomClassHolder {
- public:
-  DecodeStack(double eps, int64_t heads, int64_t kv_heads, int64_t head_dim)
-      : eps_(eps), heads_(heads), kv_heads_(kv_heads), head_dim_(head_dim) {}
-
-  // The next layer, as decode_layer takes it; `slot`: its attention's index in the caches' first dimension (its
-  // attention absent: -1).
-  void add_layer(std::optional<at::Tensor> attn_norm, std::optional<at::Tensor> qkv_weight, std::string qkv_fmt,
-                 std::optional<at::Tensor> qkv_bias, std::optional<at::Tensor> o_weight, std::string o_fmt,
-                 std::optional<at::Tensor> o_bias, std::optional<at::Tensor> mlp_norm,
-                 std::optional<at::Tensor> gate_up_weight, std::string gate_up_fmt,
-                 std::optional<at::Tensor> gate_up_bias, std::optional<at::Tensor> down_weight, std::string down_fmt,
-                 std::optional<at::Tensor> down_bias, int64_t slot) {
-    TORCH_CHECK(qkv_weight.has_value() == (slot >= 0), "DecodeStack: a cache slot for each layer with attention");
-    layers_.push_back({attn_norm, qkv_weight, qkv_fmt, qkv_bias, o_weight, o_fmt, o_bias, mlp_norm, gate_up_weight,
-                       gate_up_fmt, gate_up_bias, down_weight, down_fmt, down_bias, slot});
-  }
-
-  // Every layer's decode step on the residual stream x [B, hidden] (updated in place), with the caches
-  // [kept attention layers, B, Hkv, S, D]; returns the last layer's pending output.
-  at::Tensor run(at::Tensor x, at::Tensor k_caches, at::Tensor v_caches, int64_t start, at::Tensor cos,
-                 at::Tensor sin, std::optional<at::Tensor> mask) {
-    std::optional<at::Tensor> pending;
-    for (const Layer& layer : layers_) {
-      std::optional<at::Tensor> k, v;
-      if (layer.slot >= 0) k = k_caches.select(0, layer.slot), v = v_caches.select(0, layer.slot);
-      pending = decode_layer(x, pending, layer.attn_norm, layer.qkv_weight, layer.qkv_fmt, layer.qkv_bias,
-                             layer.o_weight, layer.o_fmt, layer.o_bias, k, v, start, cos, sin, mask, layer.mlp_norm,
-                             layer.gate_up_weight, layer.gate_up_fmt, layer.gate_up_bias, layer.down_weight,
-                             layer.down_fmt, layer.down_bias, eps_, heads_, kv_heads_, head_dim_);
-    }
-    TORCH_CHECK(pending.has_value(), "DecodeStack: no layers");
-    return *pending;
-  }
-
- private:
-  struct Layer {
-    std::optional<at::Tensor> attn_norm, qkv_weight;
-    std::string qkv_fmt;
-    std::optional<at::Tensor> qkv_bias, o_weight;
-    std::string o_fmt;
-    std::optional<at::Tensor> o_bias, mlp_norm, gate_up_weight;
-    std::string gate_up_fmt;
-    std::optional<at::Tensor> gate_up_bias, down_weight;
-    std::string down_fmt;
-    std::optional<at::Tensor> down_bias;
-    int64_t slot;
-  };
-  double eps_;
-  int64_t heads_, kv_heads_, head_dim_;
-  std::vector<Layer> layers_;
-};
 
 TORCH_LIBRARY(llmdrop_cpu_decode, m) {
   m.def("decode_layer(Tensor(a!) x, Tensor? pending, Tensor? attn_norm, Tensor? qkv_weight, str qkv_fmt, "

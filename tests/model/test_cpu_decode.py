@@ -37,6 +37,46 @@ def test_cpp_decode_step_equals_the_modules(tiny_checkpoints, name, weights, dro
     torch.testing.assert_close(logits, reference_logits, rtol=tolerance, atol=tolerance)
 
 
+@pytest.fixture
+def torch_threads():
+    """Sets torch's thread count for a test and restores it after."""
+    saved = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(saved)
+
+
+@pytest.mark.parametrize("weights", ["int4", "fp16"])
+def test_a_team_of_threads_computes_what_one_thread_does(tiny_checkpoints, torch_threads, weights):
+    """Up to 8 rows, one team of threads runs the whole step, each GEMV, attention and SiLU split between them: the
+    same numbers as on one thread, bit for bit, with more threads than this machine has cores too."""
+    gen = torch.Generator().manual_seed(7)
+    prompts = [torch.randint(2, 300, (n,), generator=gen).tolist() for n in (5, 11, 3, 8, 2)]
+    llm = llmdrop_rt.load(tiny_checkpoints["llama3"], weights=weights, drop_attn=[2], kv_cache="fp16")
+    runs = {}
+    for threads in (1, 2, 3):
+        torch_threads(threads)
+        runs[threads] = step_logits(llm, prompts, 12)
+    for threads in (2, 3):
+        assert runs[threads][0] == runs[1][0]
+        assert torch.equal(runs[threads][1], runs[1][1]), f"{threads} threads"
+
+
+def test_more_rows_than_a_team_takes_still_equal_the_modules(tiny_checkpoints, torch_threads):
+    """Above 8 rows each phase uses torch's thread pool itself (GEMMs for the dense weights)."""
+    torch_threads(2)
+    gen = torch.Generator().manual_seed(8)
+    prompts = [torch.randint(2, 300, (n,), generator=gen).tolist() for n in range(2, 13)]
+    llm = llmdrop_rt.load(tiny_checkpoints["mistral"], weights="fp32", drop_mlp=[1])
+    ids, logits = step_logits(llm, prompts, 6)
+    stack, llm.model.decode_stack = llm.model.decode_stack, None
+    try:
+        reference_ids, reference_logits = step_logits(llm, prompts, 6)
+    finally:
+        llm.model.decode_stack = stack
+    assert ids == reference_ids
+    torch.testing.assert_close(logits, reference_logits, rtol=1e-4, atol=1e-4)
+
+
 def test_the_cpu_default_is_our_fp32_kernels_and_torch_modules_keep_the_module_path(tiny_checkpoints):
     assert llmdrop_rt.load(tiny_checkpoints["llama3"]).model.decode_stack is not None  # weights="auto": fp32 kernels
     assert llmdrop_rt.load(tiny_checkpoints["llama3"], weights=None).model.decode_stack is None  # torch modules
@@ -48,7 +88,7 @@ def decode_simd(request):
     if width != request.param:
         pytest.skip(f"this CPU has no {request.param}-bit kernels")
     yield width
-    cpu_decode.ops.set_max_simd_bits(256)
+    cpu_decode.ops.set_max_simd_bits(512)
 
 
 def rotate_half(v, cos, sin):
