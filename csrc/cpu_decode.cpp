@@ -6,9 +6,9 @@
 //   attention: x += pending; h = rms_norm(x) * attn_norm; q|k|v = qkv(h); rotate q, k (rotate-half RoPE); write k,
 //              v at cache index `start`; softmax(q k^T / sqrt(d)) v over keys 0..start under the mask; o_proj.
 //   MLP:       x += pending; h = rms_norm(x) * mlp_norm; g|u = gate_up(h); down(silu(g) * u).
-// The projections run the GEMV ops of llmdrop_rt._cpu_gemv (torch.ops.llmdrop_cpu_gemv.gemv_<fmt>), looked up
-// once through the dispatcher. Caches are [B, Hkv, S, D] slots (llmdrop_rt/model/cache.py) of fp32, fp16 or bf16,
-// read as fp32.
+// The projections call the GEMV kernels of cpu_gemv.h directly. Caches are [B, Hkv, S, D] slots
+// (llmdrop_rt/model/cache.py) of fp32, fp16 or bf16, read as fp32. DecodeStack runs all of a model's layers in one
+// call, on one team of threads for the whole step (Crew).
 #include <Python.h>
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
