@@ -629,6 +629,58 @@ LLMDROP_AVX2 void dense_tile_dots_avx2(const Problem<Format>& p, const uint8_t* 
   }
 }
 
+#ifdef LLMDROP_HAVE_X86_SIMD
+#pragma GCC diagnostic push  // GCC bug 105593, as for the kernels above
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+
+// Sixteen consecutive weights as fp32.
+LLMDROP_AVX512_VNNI inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+LLMDROP_AVX512_VNNI inline __m512 load16(const c10::Half* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+LLMDROP_AVX512_VNNI inline __m512 load16(const c10::BFloat16* p) {
+  const __m512i halves = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(halves, 16));
+}
+
+// dense_tile_dots_avx2 with 16-wide vectors, for several activation rows, where the FMAs rather than memory bound
+// a dense GEMV: twice the multiply-adds per instruction, and 32 registers hold two weight rows' accumulators for up
+// to 8 activation rows.
+template <class Format, int WROWS, int NROWS>
+LLMDROP_AVX512_VNNI void dense_tile_dots_avx512(const Problem<Format>& p, const uint8_t* wrow, int64_t stride,
+                                                int64_t m0, float (*dots)[kRowsPerPass]) {
+  using Element = typename Format::Element;
+  const float* x = p.x + m0 * p.in;
+  const int64_t in = p.in;
+  auto weights = [&](int k) { return reinterpret_cast<const Element*>(wrow + k * stride); };
+  __m512 acc[WROWS][NROWS];
+  for (int k = 0; k < WROWS; ++k)
+    for (int r = 0; r < NROWS; ++r) acc[k][r] = _mm512_setzero_ps();
+  int64_t i = 0;
+  for (; i + 16 <= in; i += 16) {
+    __m512 wv[WROWS];
+    for (int k = 0; k < WROWS; ++k) {
+      _mm_prefetch(reinterpret_cast<const char*>(weights(k) + i) + kPrefetchAhead, _MM_HINT_T0);
+      wv[k] = load16(weights(k) + i);
+    }
+    for (int r = 0; r < NROWS; ++r) {
+      const __m512 xv = _mm512_loadu_ps(x + r * in + i);
+      for (int k = 0; k < WROWS; ++k) acc[k][r] = _mm512_fmadd_ps(wv[k], xv, acc[k][r]);
+    }
+  }
+  for (int k = 0; k < WROWS; ++k) {
+    for (int r = 0; r < NROWS; ++r) {
+      float total = _mm512_reduce_add_ps(acc[k][r]);
+      for (int64_t t = i; t < in; ++t) total += Format::to_float(weights(k)[t]) * x[r * in + t];
+      dots[k][r] = total;
+    }
+  }
+}
+
+#pragma GCC diagnostic pop
+#endif
+
 // The 8 rows of group block `block` as 8 plain GGUF blocks, into plain[8][kBytes].
 template <class Format>
 inline void ungroup_block(const uint8_t* block, uint8_t* plain) {
@@ -738,14 +790,14 @@ void with_count(int64_t count, F&& f) {
 constexpr int64_t kMaxStreams = 4;
 
 // Units per tile. With several activation rows: two groups of a block format (the AVX-512 kernels read them as
-// one), and for a dense format two rows up to 4 activation rows, one from 5 on (its accumulators take most
-// registers).
+// one), and for a dense format two rows, except with AVX2 from 5 activation rows on, one (its accumulators take
+// most of AVX2's 16 registers).
 constexpr int64_t kDenseTwoStreamRows = 4;
 
 template <class Format>
-int64_t streams_for(int64_t rows) {
+int64_t streams_for(int64_t rows, int simd) {
   if (rows == 1) return kMaxStreams;
-  return Format::kBlocked || rows <= kDenseTwoStreamRows ? 2 : 1;
+  return Format::kBlocked || rows <= kDenseTwoStreamRows || simd >= 512 ? 2 : 1;
 }
 
 // y for the units of tile t and activation rows [m0, m0 + nrows).
@@ -799,6 +851,12 @@ void tile(int simd, const Problem<Format>& p, int64_t t, int64_t count, int64_t 
       if (nrows == 1) {
         with_count<kMaxStreams>(count, [&](auto w) {
           dense_tile_dots_avx2<Format, w.value, 1>(p, first, spacing * bytes, m0, dots);
+        });
+      } else if (simd >= 512) {
+        with_count<2>(count, [&](auto w) {
+          with_count<kRowsPerPass>(nrows, [&](auto r) {
+            dense_tile_dots_avx512<Format, w.value, r.value>(p, first, spacing * bytes, m0, dots);
+          });
         });
       } else if (count == 1) {
         with_count<kRowsPerPass>(nrows, [&](auto r) {
@@ -868,7 +926,7 @@ struct GemvWork {
 
   GemvWork(int64_t rows, int64_t in, int64_t out) {
     const int64_t unit_rows = Format::kBlocked ? kGroupRows : 1;
-    units = out / unit_rows, streams = streams_for<Format>(rows);
+    units = out / unit_rows, streams = streams_for<Format>(rows, simd_bits());
     spacing = (units + streams - 1) / streams, tiles = spacing;
     items = tiles + (out - units * unit_rows);
     const int64_t tile_bytes = streams * unit_rows * row_bytes<Format>(in);
