@@ -661,7 +661,8 @@ LLMDROP_AVX512_VNNI void dense_tile_dots_avx512(const Problem<Format>& p, const 
   for (; i + 16 <= in; i += 16) {
     __m512 wv[WROWS];
     for (int k = 0; k < WROWS; ++k) {
-      _mm_prefetch(reinterpret_cast<const char*>(weights(k) + i) + kPrefetchAhead, _MM_HINT_T0);
+      if constexpr (NROWS > 1)  // as in dense_tile_dots_avx2
+        _mm_prefetch(reinterpret_cast<const char*>(weights(k) + i) + kPrefetchAhead, _MM_HINT_T0);
       wv[k] = load16(weights(k) + i);
     }
     for (int r = 0; r < NROWS; ++r) {
@@ -848,7 +849,11 @@ void tile(int simd, const Problem<Format>& p, int64_t t, int64_t count, int64_t 
 #ifdef LLMDROP_HAVE_X86_SIMD
     if (avx2) {
       const uint8_t* first = p.weight + t * bytes;
-      if (nrows == 1) {
+      if (nrows == 1 && simd >= 512) {
+        with_count<kMaxStreams>(count, [&](auto w) {
+          dense_tile_dots_avx512<Format, w.value, 1>(p, first, spacing * bytes, m0, dots);
+        });
+      } else if (nrows == 1) {
         with_count<kMaxStreams>(count, [&](auto w) {
           dense_tile_dots_avx2<Format, w.value, 1>(p, first, spacing * bytes, m0, dots);
         });
