@@ -12,7 +12,7 @@ one of these types therefore is already a valid stored weight (its raw bytes, on
 `quantize` reproduces gguf's reference quantizers (``gguf.quants.quantize``) bit for bit.
 
 The kernels read block formats in a row-interleaved layout of the same bytes (`interleave`; the file comment of
-csrc/cpu_gemv.cpp draws it): every 8 output rows store their blocks of one column together, values in lanes, so
+csrc/cpu_gemv.h draws it): every 8 output rows store their blocks of one column together, values in lanes, so
 that one vector load holds a few columns of 8 rows. `CpuLinear` and `CpuEmbedding` interleave what they are given
 and hold only that; `deinterleave` gives the GGUF bytes back.
 
@@ -32,7 +32,7 @@ DENSE_DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat
 FORMATS = (*DENSE_DTYPES, *BLOCK_BYTES)
 # Up to this many rows the kernels run a fused GEMV; above it the dense formats dequantise tiles for ATen's GEMM,
 # and the block formats keep their integer kernels (q8_0 on one thread excepted: tiles + GEMM there), which beat
-# the tiles at prefill shapes (kGemvMaxRows and fused_kernels_for in csrc/cpu_gemv.cpp).
+# the tiles at prefill shapes (kGemvMaxRows and fused_kernels_for in csrc/cpu_gemv.h).
 GEMV_MAX_ROWS = 8
 # Output rows interleaved in the block formats' kernel layout, and the bytes of a lane (kGroupRows, kLaneBytes).
 GROUP_ROWS = 8
@@ -47,9 +47,9 @@ ops = compiled_ops("_cpu_gemv", "llmdrop_cpu_gemv")
 # Quantizers: gguf.quants' reference arithmetic (float32, separately rounded operations) in torch
 # --------------------------------------------------------------------------------------------------
 def kernel_isa() -> str:
-    """Which compiled kernels the CPU weight formats run: "avx2" (AVX2 + FMA + F16C), "avx2+avx512vnni" (the block
-    formats' kernels for several activation rows in AVX-512 VNNI as well), "portable", or "torch" where the
-    extension is not built."""
+    """Which compiled kernels the CPU weight formats run: "avx2" (AVX2 + FMA + F16C), "avx2+avx512vnni" (the dense
+    formats' kernels and the block formats' kernels for several activation rows in AVX-512 VNNI as well),
+    "portable", or "torch" where the extension is not built."""
     if ops is None:
         return "torch"
     width = ops.simd_width()
