@@ -10,6 +10,17 @@ from llmdrop_rt.model import cpu_decode
 pytestmark = pytest.mark.skipif(cpu_decode.ops is None, reason="llmdrop_rt._cpu_decode is not built")
 
 
+def stack_and_module_steps(llm, prompts, new_tokens):
+    """step_logits through the C++ decode stack, then through the model's own modules."""
+    assert llm.model.decode_stack is not None
+    with_stack = step_logits(llm, prompts, new_tokens)
+    stack, llm.model.decode_stack = llm.model.decode_stack, None
+    try:
+        return with_stack, step_logits(llm, prompts, new_tokens)
+    finally:
+        llm.model.decode_stack = stack
+
+
 @pytest.mark.parametrize("name, weights, drop_attn, drop_mlp, kv_cache", [
     ("mistral", "fp32", [], [], "auto"),  # sliding window 7 < the 20+ positions decoded; 4 query heads per KV head
     ("mistral", "fp16", [1], [2], "auto"),
@@ -23,13 +34,7 @@ def test_cpp_decode_step_equals_the_modules(tiny_checkpoints, name, weights, dro
     prompts = [torch.randint(2, 300, (n,), generator=gen).tolist() for n in (9, 4, 13)]
     llm = llmdrop_rt.load(tiny_checkpoints[name], drop_attn=drop_attn, drop_mlp=drop_mlp, weights=weights,
                           kv_cache=kv_cache)
-    assert llm.model.decode_stack is not None
-    ids, logits = step_logits(llm, prompts, 16)
-    calls, llm.model.decode_stack = llm.model.decode_stack, None
-    try:
-        reference_ids, reference_logits = step_logits(llm, prompts, 16)
-    finally:
-        llm.model.decode_stack = calls
+    (ids, logits), (reference_ids, reference_logits) = stack_and_module_steps(llm, prompts, 16)
     assert ids == reference_ids
     # Block formats round each activation block to integers inside the GEMV, so the last-bit differences of the
     # two paths' norms can move a product by one rounding step.
@@ -67,12 +72,7 @@ def test_more_rows_than_a_team_takes_still_equal_the_modules(tiny_checkpoints, t
     gen = torch.Generator().manual_seed(8)
     prompts = [torch.randint(2, 300, (n,), generator=gen).tolist() for n in range(2, 13)]
     llm = llmdrop_rt.load(tiny_checkpoints["mistral"], weights="fp32", drop_mlp=[1])
-    ids, logits = step_logits(llm, prompts, 6)
-    stack, llm.model.decode_stack = llm.model.decode_stack, None
-    try:
-        reference_ids, reference_logits = step_logits(llm, prompts, 6)
-    finally:
-        llm.model.decode_stack = stack
+    (ids, logits), (reference_ids, reference_logits) = stack_and_module_steps(llm, prompts, 6)
     assert ids == reference_ids
     torch.testing.assert_close(logits, reference_logits, rtol=1e-4, atol=1e-4)
 
