@@ -124,17 +124,19 @@ CACHE_DTYPES = {torch.float32: (1e-4, 1e-4), torch.float16: (2e-3, 1e-3), torch.
 
 
 @pytest.mark.parametrize("cache_dtype", CACHE_DTYPES, ids=lambda dtype: str(dtype).removeprefix("torch."))
-@pytest.mark.parametrize("heads, kv_heads, d, start", [
-    (9, 3, 64, 36),     # SmolLM2's heads, keys not a multiple of 8
-    (4, 2, 136, 300),   # two 64-column chunks and one vector of values per head
-    (6, 6, 20, 8),      # columns after the last whole vector, no grouping
-    (8, 2, 24, 1100),   # enough work per head to spread heads over threads
-    (12, 2, 40, 50),    # 6 query heads per KV head: passes of 4 and 2 heads
-    (10, 2, 20, 13),    # 5 per KV head (4 + 1), columns and keys left over from every blocking
+# Fewer than 8 (row, KV head) pairs: query heads in passes of 2 (and 1); from 8 on, of up to 4.
+@pytest.mark.parametrize("rows, heads, kv_heads, d, start", [
+    (2, 9, 3, 64, 36),     # SmolLM2's heads at a small batch (passes of 2 + 1), keys not a multiple of 8
+    (3, 9, 3, 64, 36),     # the same in one pass of 3 heads
+    (2, 4, 2, 136, 300),   # two 64-column chunks and one vector of values per head
+    (2, 6, 6, 20, 8),      # columns after the last whole vector, no grouping
+    (2, 8, 2, 24, 1100),   # enough work per head to spread heads over threads
+    (4, 12, 2, 40, 50),    # 6 query heads per KV head: passes of 4 and 2 heads
+    (4, 10, 2, 20, 13),    # 5 per KV head (4 + 1), columns and keys left over from every blocking
 ])
-def test_decode_layer_attention_equals_float64(decode_simd, heads, kv_heads, d, start, cache_dtype):
+def test_decode_layer_attention_equals_float64(decode_simd, rows, heads, kv_heads, d, start, cache_dtype):
     gen = torch.Generator().manual_seed(heads * 1000 + d + start)
-    rows, hidden, slots = 2, 48, start + 5
+    hidden, slots = 48, start + 5
     x, pending = torch.randn(rows, hidden, generator=gen), torch.randn(rows, hidden, generator=gen)
     norm = torch.rand(hidden, generator=gen) + 0.5
     qkv_weight = torch.randn((heads + 2 * kv_heads) * d, hidden, generator=gen) / hidden ** 0.5
