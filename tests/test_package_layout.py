@@ -1,5 +1,5 @@
 """The package's shape: every module imports in a fresh interpreter, no import cycles (counting the imports inside
-functions too), and no top-level `kernels` module is installed or imported."""
+functions too), and no top-level `kernels` module is installed, imported or shadowed."""
 from __future__ import annotations
 
 import ast
@@ -93,10 +93,42 @@ def test_the_package_has_no_import_cycle():
 
 def test_every_module_imports_in_a_fresh_interpreter():
     names = sorted(n for n in package_modules() if not n.endswith("__main__"))
-    script = "import importlib, sys\nfor name in sys.argv[1:]:\n    importlib.import_module(name)\n" \
-             "assert 'kernels' not in sys.modules, 'a top-level kernels module was imported'\n"
-    proc = subprocess.run([sys.executable, "-c", script, *names], capture_output=True, text=True, cwd=ROOT)
+    script = """
+import importlib, sys
+for name in sys.argv[2:]:
+    importlib.import_module(name)
+def from_our_folder(module):
+    places = [getattr(module, "__file__", None) or "", *getattr(module, "__path__", [])]
+    return any(place.startswith(sys.argv[1]) for place in places)
+stray = [name for name, module in list(sys.modules.items())
+         if name.split(".")[0] == "kernels" and from_our_folder(module)]
+assert not stray, f"kernels/ was imported as a top-level package: {stray}"
+"""
+    proc = subprocess.run([sys.executable, "-c", script, str(ROOT / "kernels"), *names], capture_output=True,
+                          text=True, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_from_the_checkout_an_installed_kernels_package_is_still_found(tmp_path):
+    """With the checkout's root first on sys.path (as `python -m` run there puts it), `import kernels` gives an
+    installed package of that name (PyPI's, which transformers imports), not our kernels/ folder."""
+    installed = tmp_path / "kernels"
+    installed.mkdir()
+    (installed / "__init__.py").write_text("WHO = 'installed'\n")
+    script = "import sys; sys.path.insert(1, sys.argv[1]); import kernels; print(kernels.WHO, kernels.__file__)"
+    proc = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split() == ["installed", str(installed / "__init__.py")]
+
+
+def test_from_the_checkout_with_no_kernels_package_installed_the_name_stays_empty():
+    """No installed `kernels` anywhere: the name gives an empty package (transformers reads "not available"),
+    never our kernels under the wrong name."""
+    script = ("import sys; sys.path[:] = [''] + [p for p in sys.path[1:] if 'packages' not in p]; import kernels; "
+              "print(sorted(n for n in vars(kernels) if not n.startswith('_') and n != 'sys'))")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip() == "[]"
 
 
 def test_no_source_imports_a_top_level_kernels_module():
