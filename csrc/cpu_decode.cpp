@@ -306,9 +306,10 @@ void attend_heads(int heads, const float* const* q, const T* k, const T* v, cons
         for (int64_t i = 0; i < d; ++i) out[h][i] += scores[h][j] * static_cast<float>(v[j * d + i]);
 }
 
-// Multiply-adds of a step's attention (rows x heads x keys x head size) above which its tasks are spread over
-// torch's threads when no team runs the step (waking the pool costs more than a short context's attention).
-constexpr int64_t kParallelAttentionWork = 1 << 16;
+// Work of a phase (the attention's multiply-adds, rows x heads x keys x head size; SiLU's elements) above which
+// its tasks are spread over torch's threads when no team runs the step (waking the pool costs more than a short
+// context's attention).
+constexpr int64_t kWorthThreadsWork = 1 << 16;
 
 // ---------------------------------------------------------------------------------------------
 // The step's threads
@@ -556,7 +557,7 @@ constexpr int64_t kFewKvTasks = 8;
 template <typename T>
 void attend(Crew& crew, const AttentionStep<T>& s, int64_t rows) {
   const int64_t kv_tasks = rows * s.kv_heads, group = s.heads / s.kv_heads;
-  const bool worth_threads = rows * s.heads * (s.start + 1) * s.d >= kParallelAttentionWork;
+  const bool worth_threads = rows * s.heads * (s.start + 1) * s.d >= kWorthThreadsWork;
   crew.share(kv_tasks, worth_threads, [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) rotate_and_store(s, task / s.kv_heads, task % s.kv_heads);
   });
@@ -576,7 +577,7 @@ void attend(Crew& crew, const AttentionStep<T>& s, int64_t rows) {
 // that every piece is computed as the whole row would be.
 void silu_rows(Crew& crew, const float* gate_up, float* act, int64_t rows, int64_t inter) {
   const int64_t pieces_per_row = (inter + 7) / 8;
-  crew.share(rows * pieces_per_row, rows * inter >= kParallelAttentionWork, [&](int64_t begin, int64_t end) {
+  crew.share(rows * pieces_per_row, rows * inter >= kWorthThreadsWork, [&](int64_t begin, int64_t end) {
     for (int64_t piece = begin; piece < end;) {
       const int64_t r = piece / pieces_per_row, first = piece % pieces_per_row;
       const int64_t last = std::min(end, (r + 1) * pieces_per_row) - r * pieces_per_row;  // this row's pieces
