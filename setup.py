@@ -3,10 +3,10 @@
 When torch is importable at build time (`pip install --no-build-isolation -e .`), torch's cpp_extension builds
 `llmdrop_rt._int4_cpu` (csrc/int4_cpu.cpp: AWQ/GPTQ int4), `llmdrop_rt._cpu_gemv` (csrc/cpu_gemv.cpp: ops over
 the CPU weight formats' GEMV kernels of csrc/cpu_gemv.h), `llmdrop_rt._cpu_decode` (csrc/cpu_decode.cpp: the decode
-step of all decoder layers in one call, compiling its own copy of those kernels) and, only where torch has CUDA
-and nvcc is found, `llmdrop_rt._int4_cuda` (csrc/int4_cuda.cu). Without torch, or if a compile fails, the package
-still installs and runs on the pure-torch paths (each Python wrapper detects which compiled modules import); set
-LLMDROP_RT_REQUIRE_EXT=1 to make a failed compile fail the build.
+step of all decoder layers and the output head in one call, compiling its own copy of those kernels) and, only
+where torch has CUDA and nvcc is found, `llmdrop_rt._int4_cuda` (csrc/int4_cuda.cu). Without torch, or if a compile
+fails, the package still installs and runs on the pure-torch paths (each Python wrapper detects which compiled
+modules import); set LLMDROP_RT_REQUIRE_EXT=1 to make a failed compile fail the build.
 """
 import os
 import sys

@@ -7,8 +7,8 @@
 //              v at cache index `start`; softmax(q k^T / sqrt(d)) v over keys 0..start under the mask; o_proj.
 //   MLP:       x += pending; h = rms_norm(x) * mlp_norm; g|u = gate_up(h); down(silu(g) * u).
 // The projections call the GEMV kernels of cpu_gemv.h directly. Caches are [B, Hkv, S, D] slots
-// (llmdrop_rt/model/cache.py) of fp32, fp16 or bf16, read as fp32. DecodeStack runs all of a model's layers in one
-// call, on one team of threads for the whole step (Crew).
+// (llmdrop_rt/model/cache.py) of fp32, fp16 or bf16, read as fp32. DecodeStack runs all of a model's layers, then its
+// final norm and output head, in one call, on one team of threads for the whole step (Crew).
 #include <Python.h>
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -589,8 +589,9 @@ void silu_rows(Crew& crew, const float* gate_up, float* act, int64_t rows, int64
 }
 
 // A model's decoder layers for the decode step (see the file comment), each layer's weights gathered once
-// (`add_layer`), so that a step is one call (`run`) however many layers the model has. With more than one of
-// torch's threads and at most kGemvMaxRows rows, one team of threads runs the whole step.
+// (`add_layer`), then optionally the final norm and output head (`set_output`), so that a step is one call (`run`)
+// however many layers the model has. With more than one of torch's threads and at most kGemvMaxRows rows, one team
+// of threads runs the whole step.
 class DecodeStack : public torch::CustomClassHolder {
  public:
   DecodeStack(double eps, int64_t heads, int64_t kv_heads, int64_t head_dim)
@@ -633,8 +634,20 @@ class DecodeStack : public torch::CustomClassHolder {
     layers_.push_back(std::move(layer));
   }
 
+  // The model's final norm and output head, after the last layer: run() then returns the logits.
+  void set_output(at::Tensor norm, at::Tensor head_weight, std::string head_fmt,
+                  std::optional<at::Tensor> head_bias) {
+    TORCH_CHECK(hidden_ > 0, "DecodeStack: set_output needs the layers first");
+    at::Tensor norm_weight = fp32_vector(norm, "final norm");
+    checked_size(hidden_, norm_weight.size(0), "final norm size");
+    Projection head(head_fmt, head_weight, head_bias, hidden_, "lm_head");
+    output_norm_ = norm_weight;  // only once both are checked
+    head_.emplace(std::move(head));
+  }
+
   // Every layer's decode step on the residual stream x [B, hidden] (updated in place), with the caches
-  // [kept attention layers, B, Hkv, S, D]; returns the last layer's pending output.
+  // [kept attention layers, B, Hkv, S, D]; returns the logits [B, vocab] (set_output) or else the last layer's
+  // pending output.
   at::Tensor run(at::Tensor x, at::Tensor k_caches, at::Tensor v_caches, int64_t start, at::Tensor cos,
                  at::Tensor sin, std::optional<at::Tensor> mask) {
     return step(x, std::nullopt, k_caches, v_caches, start, cos, sin, mask);
@@ -673,6 +686,7 @@ class DecodeStack : public torch::CustomClassHolder {
             const int workers = omp_get_num_threads();
             barrier.emplace(workers);
             for (Layer& layer : layers_) layer.deal(rows, workers);
+            if (head_) head_->deal(head_ranges_, rows, workers);
           }
           Crew crew(omp_get_thread_num(), omp_get_num_threads(), &*barrier);
           run_layers(crew, s, slot_elements, buffers, x.data_ptr<float>(), rows);
@@ -691,7 +705,7 @@ class DecodeStack : public torch::CustomClassHolder {
       run_with(k_caches.data_ptr<at::BFloat16>(), v_caches.data_ptr<at::BFloat16>());
     else
       run_with(k_caches.data_ptr<float>(), v_caches.data_ptr<float>());
-    return buffers.out;
+    return head_ ? buffers.logits : buffers.out;
   }
 
  private:
@@ -710,7 +724,7 @@ class DecodeStack : public torch::CustomClassHolder {
 
   // The step's activations between the phases.
   struct Buffers {
-    at::Tensor normed, qkv, attn, gate_up, act, out;
+    at::Tensor normed, qkv, attn, gate_up, act, out, logits;  // logits: with set_output only
     bool has_out;  // whether `out` starts with a sub-block's output still to be added to x
   };
 
@@ -731,7 +745,8 @@ class DecodeStack : public torch::CustomClassHolder {
     const int64_t rows = x.size(0);
     auto empty = [&](int64_t width) { return at::empty({rows, width}, x.options()); };
     Buffers b{empty(hidden_), empty((heads_ + 2 * kv_heads_) * head_dim_), empty(heads_ * head_dim_),
-              empty(2 * inter_), empty(inter_), empty(hidden_), pending.has_value()};
+              empty(2 * inter_), empty(inter_), empty(hidden_), head_ ? empty(head_->out) : at::Tensor(),
+              pending.has_value()};
     if (pending.has_value()) {
       TORCH_CHECK(pending->sizes() == x.sizes() && pending->scalar_type() == at::kFloat,
                   "DecodeStack: pending must be fp32 ", x.sizes(), ", got ", pending->scalar_type(), " ",
@@ -791,11 +806,18 @@ class DecodeStack : public torch::CustomClassHolder {
         layer.down->apply(crew, b.act, b.out, layer.ranges[3]);
       }
     }
+    if (head_) {
+      add_and_norm(output_norm_);
+      head_->apply(crew, b.normed, b.logits, head_ranges_);
+    }
   }
 
   double eps_;
   int64_t heads_, kv_heads_, head_dim_, hidden_ = 0, inter_ = 0;
   std::vector<Layer> layers_;
+  at::Tensor output_norm_;
+  std::optional<Projection> head_;
+  ChunkRanges head_ranges_;
 };
 
 // One layer's decode step (see the file comment); absent modules are passed as undefined weights (None from
@@ -834,6 +856,7 @@ TORCH_LIBRARY(llmdrop_cpu_decode, m) {
   m.class_<DecodeStack>("DecodeStack")
       .def(torch::init<double, int64_t, int64_t, int64_t>())
       .def("add_layer", &DecodeStack::add_layer)
+      .def("set_output", &DecodeStack::set_output)
       .def("run", &DecodeStack::run);
 }
 

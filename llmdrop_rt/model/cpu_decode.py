@@ -1,9 +1,11 @@
-"""The CPU decode step without per-op dispatch: all decoder layers of a step in one call of a C++ object.
+"""The CPU decode step without per-op dispatch: all decoder layers, the final norm and the output head of a step
+in one call of a C++ object.
 
-A decode step (one new token per row) of a model whose projections are all `quant.cpu_linear.CpuLinear` (any
-`load(weights=...)` model) runs `torch.classes.llmdrop_cpu_decode.DecodeStack` (csrc/cpu_decode.cpp): it holds each
-layer's weights, gathered once, and per step runs every layer's norms, RoPE, KV-cache write, attention and SwiGLU in
-C++ between the GEMV kernels, computing exactly what `DecoderLayer.forward_fused` computes. Everything else
+A decode step (one new token per row) of a model whose projections and output head are all
+`quant.cpu_linear.CpuLinear` (any `load(weights=...)` model) runs `torch.classes.llmdrop_cpu_decode.DecodeStack`
+(csrc/cpu_decode.cpp): it holds each layer's weights, gathered once, and per step runs every layer's norms, RoPE,
+KV-cache write, attention and SwiGLU in C++ between the GEMV kernels, then the final norm and the head, computing
+exactly what `DecoderLayer.forward_fused` and the model's `norm` and `lm_head` compute. Everything else
 (prefill, other models, the families whose layers are not Llama's: Qwen3, Gemma2, sliding-window Qwen2) runs the
 modules as usual.
 """
@@ -29,6 +31,8 @@ def decode_stack(model):
         return None
     if not cfg.family.llama_shaped or cfg.sliding_layers:  # the C++ layer is Llama's, one window for all layers
         return None
+    if not isinstance(model.lm_head, CpuLinear) or cfg.final_logit_softcapping is not None:
+        return None
     for layer in model.layers:
         projections = ([layer.attn.qkv, layer.attn.o_proj] if layer.attn is not None else []) + \
                       ([layer.mlp.gate_up, layer.mlp.down] if layer.mlp is not None else [])
@@ -43,11 +47,12 @@ def decode_stack(model):
                         *_projection_args(attn and attn.o_proj),
                         None if mlp is None else layer.mlp_norm.weight, *_projection_args(mlp and mlp.gate_up),
                         *_projection_args(mlp and mlp.down), slot_of.get(layer.index, -1))
+    stack.set_output(model.norm.weight, *_projection_args(model.lm_head))
     return stack
 
 
-def decode_layers(stack, x: torch.Tensor, ctx) -> torch.Tensor:
-    """Run every layer's decode step on x [B, 1, hidden] (updated in place); returns the last layer's pending."""
+def decode_logits(stack, x: torch.Tensor, ctx) -> torch.Tensor:
+    """The logits [B, 1, vocab] of a decode step from the embedded tokens x [B, 1, hidden] (updated in place)."""
     rows = x.shape[0]
     cos, sin = ctx.rope.cos.reshape(rows, -1), ctx.rope.sin.reshape(rows, -1)
     mask = None if ctx.mask is None else ctx.mask.reshape(ctx.mask.shape[0], -1).expand(rows, -1).contiguous()

@@ -261,7 +261,7 @@ class Transformer(nn.Module):
         self.lm_head = lm_head
         self.register_buffer("inv_freq", cfg.rope.inverse_frequencies(cfg.head_dim), persistent=False)
         self.ranges = NO_STACK_RANGES  # see DecoderLayer.ranges
-        self.decode_stack = cpu_decode.decode_stack(self)  # all layers of a CPU decode step in one C++ call, or None
+        self.decode_stack = cpu_decode.decode_stack(self)  # a CPU decode step to its logits in one C++ call, or None
         self.kv_dtype = self.dtype  # the KV cache's dtype (load's kv_cache)
 
     @property
@@ -298,11 +298,10 @@ class Transformer(nn.Module):
             x = scale_embeddings(self.embed(tokens), self.cfg)
         if self.decode_stack is not None and tokens.shape[1] == 1 and ctx.cache is not None and \
                 isinstance(ctx.start, int) and ctx.attn_backend == "sdpa":
-            pending = cpu_decode.decode_layers(self.decode_stack, x, ctx)
-        else:
-            pending = None
-            for layer in self.layers:
-                pending = layer.forward_fused(x, pending, ctx)
+            return cpu_decode.decode_logits(self.decode_stack, x, ctx)
+        pending = None
+        for layer in self.layers:
+            pending = layer.forward_fused(x, pending, ctx)
         if last_only:
             x = x[:, -1:].contiguous()
             pending = None if pending is None else pending[:, -1:]

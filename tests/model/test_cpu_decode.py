@@ -82,6 +82,20 @@ def test_the_cpu_default_is_our_fp32_kernels_and_torch_modules_keep_the_module_p
     assert llmdrop_rt.load(tiny_checkpoints["llama3"], weights=None).model.decode_stack is None  # torch modules
 
 
+def test_the_stack_refuses_an_output_that_does_not_fit_its_layers(tiny_checkpoints):
+    model = llmdrop_rt.load(tiny_checkpoints["llama3"], weights="fp16").model
+    cfg, norm, head = model.cfg, model.norm.weight, model.lm_head
+    empty = torch.classes.llmdrop_cpu_decode.DecodeStack(cfg.rms_norm_eps, cfg.num_heads, cfg.num_kv_heads,
+                                                         cfg.head_dim)
+    with pytest.raises(RuntimeError, match="set_output needs the layers first"):
+        empty.set_output(norm, head.weight, head.fmt, None)
+    stack = cpu_decode.decode_stack(model)
+    with pytest.raises(RuntimeError, match="final norm size"):
+        stack.set_output(norm[:-1], head.weight, head.fmt, None)
+    with pytest.raises(RuntimeError, match=r"lm_head weight must be Half \[out, %d\]" % cfg.hidden_size):
+        stack.set_output(norm, head.weight[:, :-2].contiguous(), head.fmt, None)
+
+
 @pytest.fixture(params=[256, 0], ids=["avx2", "portable"])
 def decode_simd(request):
     width = cpu_decode.ops.set_max_simd_bits(request.param)
