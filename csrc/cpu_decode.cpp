@@ -351,14 +351,15 @@ class SpinBarrier {
 };
 
 // Who runs a decode step's phases. A team: `workers` threads of one parallel region (ids 0 .. workers - 1) going
-// through the same phases, each phase's work split between them and a barrier after it, so a step pays no
-// fork/join per projection. Or one thread (no barrier) whose phases use torch's thread pool themselves, for the
-// steps a team does not take: one thread, or more rows than the fused GEMV serves.
+// through the same phases, each phase's work split between them and a barrier after it (none for a team of one),
+// so a step pays no fork/join, and no thread-pool call, per projection. Or one thread whose phases use torch's
+// thread pool themselves, for the steps a team does not take: more rows than the fused GEMV serves.
 class Crew {
  public:
-  Crew(int id, int workers, SpinBarrier* barrier) : id_(id), workers_(workers), barrier_(barrier) {}
+  static Crew member(int id, int workers, SpinBarrier* barrier) { return Crew(id, workers, barrier, true); }
+  static Crew on_torch_threads() { return Crew(0, 1, nullptr, false); }
 
-  bool team() const { return barrier_ != nullptr; }
+  bool team() const { return team_; }
   int id() const { return id_; }
   void sync() {
     if (barrier_) barrier_->wait();
@@ -381,8 +382,12 @@ class Crew {
   }
 
  private:
+  Crew(int id, int workers, SpinBarrier* barrier, bool team)
+      : id_(id), workers_(workers), barrier_(barrier), team_(team) {}
+
   int id_, workers_;
   SpinBarrier* barrier_;
+  bool team_;
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -590,8 +595,8 @@ void silu_rows(Crew& crew, const float* gate_up, float* act, int64_t rows, int64
 
 // A model's decoder layers for the decode step (see the file comment), each layer's weights gathered once
 // (`add_layer`), then optionally the final norm and output head (`set_output`), so that a step is one call (`run`)
-// however many layers the model has. With more than one of torch's threads and at most kGemvMaxRows rows, one team
-// of threads runs the whole step.
+// however many layers the model has. Up to kGemvMaxRows rows, one team of torch's threads (however many it has)
+// runs the whole step.
 class DecodeStack : public torch::CustomClassHolder {
  public:
   DecodeStack(double eps, int64_t heads, int64_t kv_heads, int64_t head_dim)
@@ -675,26 +680,33 @@ class DecodeStack : public torch::CustomClassHolder {
         s.cos = cos.data_ptr<float>(), s.sin = sin.data_ptr<float>(), s.max_len = k_caches.size(3);
       }
       const int64_t slot_elements = attention ? k_caches.stride(0) : 0;
+      if (rows > kGemvMaxRows) {
+        Crew pool = Crew::on_torch_threads();
+        return run_layers(pool, s, slot_elements, buffers, x.data_ptr<float>(), rows);
+      }
       const int threads = at::get_num_threads();
 #ifdef _OPENMP
-      if (threads > 1 && rows <= kGemvMaxRows) {
+      if (threads > 1) {
         std::optional<SpinBarrier> barrier;
 #pragma omp parallel num_threads(threads)
         {
 #pragma omp single
           {
-            const int workers = omp_get_num_threads();
-            barrier.emplace(workers);
-            for (Layer& layer : layers_) layer.deal(rows, workers);
-            if (head_) head_->deal(head_ranges_, rows, workers);
+            barrier.emplace(omp_get_num_threads());
+            deal(rows, omp_get_num_threads());
           }
-          Crew crew(omp_get_thread_num(), omp_get_num_threads(), &*barrier);
+          Crew crew = Crew::member(omp_get_thread_num(), omp_get_num_threads(), &*barrier);
           run_layers(crew, s, slot_elements, buffers, x.data_ptr<float>(), rows);
         }
         return;
       }
 #endif
-      Crew alone(0, 1, nullptr);
+      if (threads > 1) {  // no OpenMP: each phase on torch's pool
+        Crew pool = Crew::on_torch_threads();
+        return run_layers(pool, s, slot_elements, buffers, x.data_ptr<float>(), rows);
+      }
+      deal(rows, 1);
+      Crew alone = Crew::member(0, 1, nullptr);
       run_layers(alone, s, slot_elements, buffers, x.data_ptr<float>(), rows);
     };
     if (!attention)
@@ -727,6 +739,12 @@ class DecodeStack : public torch::CustomClassHolder {
     at::Tensor normed, qkv, attn, gate_up, act, out, logits;  // logits: with set_output only
     bool has_out;  // whether `out` starts with a sub-block's output still to be added to x
   };
+
+  // Every projection's chunks between a team's `workers`.
+  void deal(int64_t rows, int workers) {
+    for (Layer& layer : layers_) layer.deal(rows, workers);
+    if (head_) head_->deal(head_ranges_, rows, workers);
+  }
 
   static at::Tensor fp32_vector(const at::Tensor& t, const char* role) {
     TORCH_CHECK(t.dim() == 1 && t.scalar_type() == at::kFloat && t.device().is_cpu(), "DecodeStack: ", role,
