@@ -7,8 +7,9 @@
 //              v at cache index `start`; softmax(q k^T / sqrt(d)) v over keys 0..start under the mask; o_proj.
 //   MLP:       x += pending; h = rms_norm(x) * mlp_norm; g|u = gate_up(h); down(silu(g) * u).
 // The projections call the GEMV kernels of cpu_gemv.h directly. Caches are [B, Hkv, S, D] slots
-// (llmdrop_rt/model/cache.py) of fp32, fp16 or bf16, read as fp32. DecodeStack runs all of a model's layers, then its
-// final norm and output head, in one call, on one team of threads for the whole step (Crew).
+// (llmdrop_rt/model/cache.py) of fp32, fp16 or bf16, read as fp32. DecodeStack runs a model's whole decode step in one
+// call, from the token ids (embedding lookup, rotary tables, mask) through all of its layers to the final norm and
+// output head, on one team of threads (Crew).
 #include <Python.h>
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -454,6 +455,16 @@ struct Projection {
     });
   }
 
+  // Row o of W as fp32 [in] (an embedding lookup).
+  void row(int64_t o, float* w) const {
+    with_format(fmt, [&](auto format) {
+      using Format = decltype(format);
+      const Problem<Format> p{nullptr, static_cast<const uint8_t*>(weight.data_ptr()), nullptr, nullptr, 0, in, out,
+                              nullptr, nullptr, nullptr};
+      dequant_row_portable<Format>(p, o, w);
+    });
+  }
+
   // y = x W^T + bias for x [rows, in], y [rows, out] (contiguous): in a team, this worker's chunks of `ranges`.
   void apply(Crew& crew, const at::Tensor& x, at::Tensor& y, ChunkRanges& ranges) const {
     with_format(fmt, [&](auto format) {
@@ -594,8 +605,8 @@ void silu_rows(Crew& crew, const float* gate_up, float* act, int64_t rows, int64
 }
 
 // A model's decoder layers for the decode step (see the file comment), each layer's weights gathered once
-// (`add_layer`), then optionally the final norm and output head (`set_output`), so that a step is one call (`run`)
-// however many layers the model has. Up to kGemvMaxRows rows, one team of torch's threads (however many it has)
+// (`add_layer`), then optionally the final norm and output head (`set_output`) and the embedding and rotary
+// frequencies (`set_input`), so that a step is one call (`decode`) however many layers the model has. Up to kGemvMaxRows rows, one team of torch's threads (however many it has)
 // runs the whole step.
 class DecodeStack : public torch::CustomClassHolder {
  public:
@@ -650,15 +661,56 @@ class DecodeStack : public torch::CustomClassHolder {
     head_.emplace(std::move(head));
   }
 
-  // Every layer's decode step on the residual stream x [B, hidden] (updated in place), with the caches
-  // [kept attention layers, B, Hkv, S, D]; returns the logits [B, vocab] (set_output) or else the last layer's
-  // pending output.
-  at::Tensor run(at::Tensor x, at::Tensor k_caches, at::Tensor v_caches, int64_t start, at::Tensor cos,
-                 at::Tensor sin, std::optional<at::Tensor> mask) {
-    return step(x, std::nullopt, k_caches, v_caches, start, cos, sin, mask);
+  // What `decode` starts from: the token embedding (a weight in one of the GEMV formats, [vocab, hidden]), the
+  // rotary inverse frequencies [head_dim / 2] and the attention window (0: none; a key is visible iff
+  // query index - window < key index).
+  void set_input(at::Tensor embedding, std::string fmt, at::Tensor inv_freq, int64_t sliding_window) {
+    TORCH_CHECK(hidden_ > 0, "DecodeStack: set_input needs the layers first");
+    Projection table(fmt, embedding, std::nullopt, hidden_, "embedding");
+    TORCH_CHECK(inv_freq.dim() == 1 && inv_freq.size(0) == head_dim_ / 2 && inv_freq.scalar_type() == at::kFloat,
+                "DecodeStack: inv_freq must be fp32 [", head_dim_ / 2, "], got ", inv_freq.scalar_type(), " ",
+                inv_freq.sizes());
+    TORCH_CHECK(sliding_window >= 0, "DecodeStack: sliding_window must be >= 0, got ", sliding_window);
+    inv_freq_ = inv_freq.contiguous();  // only once all three are checked
+    window_ = sliding_window;
+    embedding_.emplace(std::move(table));
   }
 
-  // run() from a pending output of an earlier layer (absent: none).
+  // The decode step of `tokens` [B] at rotary `positions` [B]: embeds them, runs every layer with the caches
+  // [kept attention layers, B, Hkv, S, D] (new keys and values written at cache index `start`, attention over
+  // 0 .. start; `key_valid` [B, >= start + 1], False = padding, hides keys), and returns the logits [B, vocab]
+  // (set_output) or else the last layer's pending output. The model's own modules compute the same
+  // (Transformer.forward with one token per row).
+  at::Tensor decode(const at::Tensor& tokens, const at::Tensor& positions, const at::Tensor& k_caches,
+                    const at::Tensor& v_caches, int64_t start, const std::optional<at::Tensor>& key_valid) {
+    TORCH_CHECK(embedding_, "DecodeStack: decode needs set_input first");
+    TORCH_CHECK(tokens.dim() == 1 && positions.sizes() == tokens.sizes(), "DecodeStack: tokens and positions must "
+                "be [B] of one size, got ", tokens.sizes(), " and ", positions.sizes());
+    const int64_t rows = tokens.size(0);
+    const at::Tensor ids = tokens.to(at::kLong).contiguous(), at_positions = positions.to(at::kLong).contiguous();
+    const int64_t *id = ids.data_ptr<int64_t>(), *position = at_positions.data_ptr<int64_t>();
+    at::Tensor x = at::empty({rows, hidden_}, inv_freq_.options());
+    for (int64_t r = 0; r < rows; ++r) {
+      TORCH_CHECK(id[r] >= 0 && id[r] < embedding_->out, "DecodeStack: token id ", id[r],
+                  " outside the vocabulary (ids 0..", embedding_->out - 1, ")");
+      embedding_->row(id[r], x.data_ptr<float>() + r * hidden_);
+    }
+    const int64_t half = head_dim_ / 2;
+    at::Tensor cos = at::empty({rows, half}, x.options()), sin = at::empty({rows, half}, x.options());
+    const float* inv_freq = inv_freq_.data_ptr<float>();
+    float *cos_data = cos.data_ptr<float>(), *sin_data = sin.data_ptr<float>();
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t i = 0; i < half; ++i) {  // the angle in fp32, as the modules' rotary tables compute it
+        const float angle = static_cast<float>(position[r]) * inv_freq[i];
+        cos_data[r * half + i] = std::cos(angle);
+        sin_data[r * half + i] = std::sin(angle);
+      }
+    return step(x, std::nullopt, k_caches, v_caches, start, cos, sin, decode_mask(rows, start, key_valid));
+  }
+
+  // A decode step from the residual stream x [B, hidden] (updated in place) and a pending output of an earlier
+  // layer (absent: none), with the rotary tables cos, sin [B, head_dim / 2] and the keys each row sees, mask
+  // [B, >= start + 1] (absent: all of 0 .. start).
   at::Tensor step(at::Tensor& x, const std::optional<at::Tensor>& pending, const at::Tensor& k_caches,
                   const at::Tensor& v_caches, int64_t start, const at::Tensor& cos, const at::Tensor& sin,
                   const std::optional<at::Tensor>& mask) {
@@ -739,6 +791,27 @@ class DecodeStack : public torch::CustomClassHolder {
     at::Tensor normed, qkv, attn, gate_up, act, out, logits;  // logits: with set_output only
     bool has_out;  // whether `out` starts with a sub-block's output still to be added to x
   };
+
+  // Which of keys 0 .. start each row's query sees (null: all): padding hidden, the window applied, the row's own
+  // key always visible (a query on padding then still has one key, so softmax stays finite).
+  std::optional<at::Tensor> decode_mask(int64_t rows, int64_t start, const std::optional<at::Tensor>& key_valid) const {
+    const bool window_bites = window_ > 0 && start + 1 > window_;
+    if (!key_valid && !window_bites) return std::nullopt;
+    at::Tensor valid;
+    if (key_valid) {
+      valid = key_valid->to(at::kBool).contiguous();
+      TORCH_CHECK(valid.dim() == 2 && valid.size(0) == rows && valid.size(1) >= start + 1, "DecodeStack: key_valid "
+                  "must be [", rows, ", >= ", start + 1, "], got ", key_valid->sizes());
+    }
+    at::Tensor mask = at::empty({rows, start + 1}, inv_freq_.options().dtype(at::kBool));
+    bool* visible = mask.data_ptr<bool>();
+    const bool* padding_kept = key_valid ? valid.data_ptr<bool>() : nullptr;
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t j = 0; j <= start; ++j)
+        visible[r * (start + 1) + j] = j == start || ((!padding_kept || padding_kept[r * valid.size(1) + j]) &&
+                                                      (!window_bites || j > start - window_));
+    return mask;
+  }
 
   // Every projection's chunks between a team's `workers`.
   void deal(int64_t rows, int workers) {
@@ -836,6 +909,9 @@ class DecodeStack : public torch::CustomClassHolder {
   at::Tensor output_norm_;
   std::optional<Projection> head_;
   ChunkRanges head_ranges_;
+  std::optional<Projection> embedding_;  // set_input's
+  at::Tensor inv_freq_;
+  int64_t window_ = 0;
 };
 
 // One layer's decode step (see the file comment); absent modules are passed as undefined weights (None from
@@ -875,7 +951,8 @@ TORCH_LIBRARY(llmdrop_cpu_decode, m) {
       .def(torch::init<double, int64_t, int64_t, int64_t>())
       .def("add_layer", &DecodeStack::add_layer)
       .def("set_output", &DecodeStack::set_output)
-      .def("run", &DecodeStack::run);
+      .def("set_input", &DecodeStack::set_input)
+      .def("decode", &DecodeStack::decode);
 }
 
 TORCH_LIBRARY_IMPL(llmdrop_cpu_decode, CPU, m) { m.impl("decode_layer", &decode_layer); }

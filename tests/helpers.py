@@ -186,16 +186,16 @@ def folder_digest(folder: Path) -> str:
 def step_logits(llm, prompts, new_tokens):
     """Greedy generation's ids and the logits of each of its forward steps, [steps, B, V]: step 0 is prefill's last
     position, then one per decode step (rows padded on the left), through the engine's own loop."""
-    seen, original = [], llm.model.run
+    seen, original = [], llm.model.forward
 
-    def recording_run(tokens, ctx, last_only=False):
-        logits = original(tokens, ctx, last_only)
+    def recording_forward(*args, **kwargs):
+        logits = original(*args, **kwargs)
         seen.append(logits[:, -1].clone())
         return logits
 
-    llm.model.run = recording_run
+    llm.model.forward = recording_forward
     try:
         ids = llm.generate_ids(prompts, new_tokens)
     finally:
-        llm.model.run = original
+        del llm.model.forward  # the class's method again
     return ids, torch.stack(seen)

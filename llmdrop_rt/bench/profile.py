@@ -10,7 +10,7 @@ Profiling turns on the model's named ranges (llmdrop_rt.model.ranges: `L12.atten
 (CUDA) by self time, and splits memory into weights, KV cache and the rest.
 
 On CPU the times are operator-level CPU times; on CUDA they are device (kernel) times. A decode step replayed as
-a CUDA graph, or run as one C++ call for all layers and the head (model/cpu_decode.py), hides its ranges, so
+a CUDA graph, or run as one C++ call from the token ids to the logits (model/cpu_decode.py), hides its ranges, so
 `profile()` generates with the engine's eager dynamic path through the modules.
 """
 from __future__ import annotations

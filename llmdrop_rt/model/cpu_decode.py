@@ -3,9 +3,10 @@ in one call of a C++ object.
 
 A decode step (one new token per row) of a model whose projections and output head are all
 `quant.cpu_linear.CpuLinear` (any `load(weights=...)` model) runs `torch.classes.llmdrop_cpu_decode.DecodeStack`
-(csrc/cpu_decode.cpp): it holds each layer's weights, gathered once, and per step runs every layer's norms, RoPE,
-KV-cache write, attention and SwiGLU in C++ between the GEMV kernels, then the final norm and the head, computing
-exactly what `DecoderLayer.forward_fused` and the model's `norm` and `lm_head` compute. Everything else
+(csrc/cpu_decode.cpp): it holds the embedding and each layer's weights, gathered once, and per step looks the
+tokens up, builds the rotary tables and the mask, runs every layer's norms, RoPE, KV-cache write, attention and
+SwiGLU in C++ between the GEMV kernels, then the final norm and the head, computing exactly what the model's
+`embed`, `context`, `DecoderLayer.forward_fused`, `norm` and `lm_head` compute. Everything else
 (prefill, other models, the families whose layers are not Llama's: Qwen3, Gemma2, sliding-window Qwen2) runs the
 modules as usual.
 """
@@ -14,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from ..extensions import compiled_ops
-from ..quant.cpu_linear import CpuLinear
+from ..quant.cpu_linear import CpuEmbedding, CpuLinear
 from .cache import KVCache
 
 ops = compiled_ops("_cpu_decode", "llmdrop_cpu_decode")
@@ -31,7 +32,8 @@ def decode_stack(model):
         return None
     if not cfg.family.llama_shaped or cfg.sliding_layers:  # the C++ layer is Llama's, one window for all layers
         return None
-    if not isinstance(model.lm_head, CpuLinear) or cfg.final_logit_softcapping is not None:
+    if not isinstance(model.embed, CpuEmbedding) or not isinstance(model.lm_head, CpuLinear) or \
+            cfg.final_logit_softcapping is not None:
         return None
     for layer in model.layers:
         projections = ([layer.attn.qkv, layer.attn.o_proj] if layer.attn is not None else []) + \
@@ -48,12 +50,14 @@ def decode_stack(model):
                         None if mlp is None else layer.mlp_norm.weight, *_projection_args(mlp and mlp.gate_up),
                         *_projection_args(mlp and mlp.down), slot_of.get(layer.index, -1))
     stack.set_output(model.norm.weight, *_projection_args(model.lm_head))
+    stack.set_input(model.embed.weight, model.embed.fmt, model.inv_freq, cfg.sliding_window or 0)
     return stack
 
 
-def decode_logits(stack, x: torch.Tensor, ctx) -> torch.Tensor:
-    """The logits [B, 1, vocab] of a decode step from the embedded tokens x [B, 1, hidden] (updated in place)."""
-    rows = x.shape[0]
-    cos, sin = ctx.rope.cos.reshape(rows, -1), ctx.rope.sin.reshape(rows, -1)
-    mask = None if ctx.mask is None else ctx.mask.reshape(ctx.mask.shape[0], -1).expand(rows, -1).contiguous()
-    return stack.run(x.view(rows, -1), ctx.cache.k, ctx.cache.v, ctx.start, cos, sin, mask).view(rows, 1, -1)
+def decode_logits(stack, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache, start: int,
+                  key_valid: torch.Tensor | None) -> torch.Tensor:
+    """The logits [B, 1, vocab] of a decode step of `tokens` [B, 1] at `positions` [B, 1] (Transformer.forward's
+    arguments)."""
+    rows = tokens.shape[0]
+    return stack.decode(tokens.reshape(rows), positions.reshape(rows), cache.k, cache.v, start,
+                        key_valid).view(rows, 1, -1)

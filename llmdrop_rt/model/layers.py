@@ -261,7 +261,7 @@ class Transformer(nn.Module):
         self.lm_head = lm_head
         self.register_buffer("inv_freq", cfg.rope.inverse_frequencies(cfg.head_dim), persistent=False)
         self.ranges = NO_STACK_RANGES  # see DecoderLayer.ranges
-        self.decode_stack = cpu_decode.decode_stack(self)  # a CPU decode step to its logits in one C++ call, or None
+        self.decode_stack = cpu_decode.decode_stack(self)  # a CPU decode step in one C++ call, or None
         self.kv_dtype = self.dtype  # the KV cache's dtype (load's kv_cache)
 
     @property
@@ -290,15 +290,15 @@ class Transformer(nn.Module):
         With a cache, K/V are written at cache indices start..start+T-1 and attention reads 0..start+T-1;
         `key_valid` [B, >=start+T] marks padding (False) to be masked out.
         """
+        if self.decode_stack is not None and tokens.shape[1] == 1 and cache is not None and \
+                isinstance(start, int) and attn_backend == "sdpa":
+            return cpu_decode.decode_logits(self.decode_stack, tokens, positions, cache, start, key_valid)
         return self.run(tokens, self.context(positions, cache, start, key_valid, attn_backend), last_only)
 
     def run(self, tokens, ctx: StepContext, last_only=False):
-        """Logits for `tokens` under a prepared step context."""
+        """Logits for `tokens` under a prepared step context, through the modules."""
         with self.ranges.embedding:
             x = scale_embeddings(self.embed(tokens), self.cfg)
-        if self.decode_stack is not None and tokens.shape[1] == 1 and ctx.cache is not None and \
-                isinstance(ctx.start, int) and ctx.attn_backend == "sdpa":
-            return cpu_decode.decode_logits(self.decode_stack, x, ctx)
         pending = None
         for layer in self.layers:
             pending = layer.forward_fused(x, pending, ctx)

@@ -6,6 +6,7 @@ from helpers import step_logits
 
 import llmdrop_rt
 from llmdrop_rt.model import cpu_decode
+from llmdrop_rt.model.cache import KVCache
 
 pytestmark = pytest.mark.skipif(cpu_decode.ops is None, reason="llmdrop_rt._cpu_decode is not built")
 
@@ -94,6 +95,25 @@ def test_the_stack_refuses_an_output_that_does_not_fit_its_layers(tiny_checkpoin
         stack.set_output(norm[:-1], head.weight, head.fmt, None)
     with pytest.raises(RuntimeError, match=r"lm_head weight must be Half \[out, %d\]" % cfg.hidden_size):
         stack.set_output(norm, head.weight[:, :-2].contiguous(), head.fmt, None)
+
+
+def test_the_stack_refuses_an_input_that_does_not_fit_its_layers(tiny_checkpoints):
+    model = llmdrop_rt.load(tiny_checkpoints["llama3"], weights="int8").model
+    cfg, embed = model.cfg, model.embed
+    empty = torch.classes.llmdrop_cpu_decode.DecodeStack(cfg.rms_norm_eps, cfg.num_heads, cfg.num_kv_heads,
+                                                         cfg.head_dim)
+    with pytest.raises(RuntimeError, match="set_input needs the layers first"):
+        empty.set_input(embed.weight, embed.fmt, model.inv_freq, 0)
+    stack = cpu_decode.decode_stack(model)
+    with pytest.raises(RuntimeError, match=r"inv_freq must be fp32 \[%d\]" % (cfg.head_dim // 2)):
+        stack.set_input(embed.weight, embed.fmt, model.inv_freq[1:], 0)
+    with pytest.raises(RuntimeError, match="embedding weight must be uint8 q8_0 blocks"):
+        stack.set_input(embed.weight[:, :-1].contiguous(), embed.fmt, model.inv_freq, 0)
+    cache = KVCache(cfg, model.plan, 1, 8, torch.float32, "cpu")
+    with pytest.raises(RuntimeError, match=r"token id %d outside the vocabulary" % cfg.vocab_size):
+        stack.decode(torch.tensor([cfg.vocab_size]), torch.tensor([3]), cache.k, cache.v, 3, None)
+    with pytest.raises(RuntimeError, match=r"key_valid must be \[1, >= 4\]"):
+        stack.decode(torch.tensor([5]), torch.tensor([3]), cache.k, cache.v, 3, torch.ones(1, 3, dtype=torch.bool))
 
 
 @pytest.fixture(params=[256, 0], ids=["avx2", "portable"])
