@@ -12,16 +12,17 @@
 // Row-interleaved layout (llmdrop_rt.quant.cpu_linear.interleave): every full group of 8 output rows stores,
 // for each block column b, one group block of 8 * block_bytes bytes: the 8 rows' d (8 fp16), for q4_1 their
 // 8 m, then their quantised values in lanes: lane k holds bytes k*L .. k*L+L-1 of each row's values, row 0 to
-// row 7 (L = 4). One 256-bit load then holds the same four columns of 8 rows,
+// row 7 (L = 4 for the 4-bit formats, 2 for q8_0). One 256-bit load then holds the same few columns of 8 rows,
 // so a kernel multiplies them with one broadcast piece of x and ends with the 8 rows' sums in the 8 lanes of a
 // vector, with no horizontal sums. The last out % 8 rows stay as plain GGUF rows.
 //
 // Up to kGemvMaxRows activation rows (decode), and any number for the block formats (see fused_kernels_for): a
 // fused GEMV. Dense weights are converted to fp32 in
 // registers and multiplied with x by FMA. For block formats x is first quantised per block of 32 (x ~ sx * xq,
-// sx = max|x| / 127 over the block into int8, as llama.cpp quantises activations for these formats); the dot of a
-// block's integer values with xq is an exact integer sum (_mm256_maddubs_epi16 then _mm256_madd_epi16, or
-// vpdpbusd), scaled by d * sx into an fp32 accumulator. A group block's values are unpacked once for up to 8 activation
+// sx = max|x| / 127 over the block into int8 for the 4-bit formats, as llama.cpp quantises activations for
+// them; / 32767 into int16 for q8_0, whose int8 weights would otherwise dominate its error less than x's);
+// the dot of a block's integer values with xq is an exact integer sum (_mm256_maddubs_epi16 / _mm256_madd_epi16),
+// scaled by d * sx into an fp32 accumulator. A group block's values are unpacked once for up to 8 activation
 // rows (kRowsPerPass), which is what makes several rows cheaper per row than one. The offset of the 4-bit
 // formats contributes to the integer dot exactly for q4_0 (-8 * the sum of xq over the block, offset_sum) and as
 // m * sx * (sum of xq) for q4_1: the kernels compute W times the quantised x, so the error is that of x's rounding
@@ -106,13 +107,13 @@ struct BF16 {
 };
 
 struct Q8_0 {
-  using XInt = int8_t;
-  static constexpr float kXMax = 127.f;
+  using XInt = int16_t;
+  static constexpr float kXMax = 32767.f;
   static constexpr bool kBlocked = true;
   static constexpr const char* kName = "q8_0";
   static constexpr int64_t kBytes = 34;
   static constexpr int64_t kValuesAt = 2;  // byte offset of the values; d is at 0
-  static constexpr int64_t kLaneBytes = 4;
+  static constexpr int64_t kLaneBytes = 2;
   static constexpr int kValueOffset = 0;
   static constexpr bool kStoredOffset = false;
   template <class Bytes>
@@ -151,24 +152,11 @@ struct Q4_1 {
   static int value(const Bytes& byte, int j) { return nibble(byte, j); }
 };
 
-// The offset of a block's integer values in the AVX-512 kernels: vpdpbusd multiplies unsigned bytes, so those
-// read q8_0's int8 values with their sign bits flipped (q + 128) and take 128 * the sum of xq back off, the way
-// q4_0's offset joins the integer dot (offset_sum).
-template <class Format>
-constexpr int vnni_value_offset() {
-  if constexpr (std::is_same_v<Format, Q8_0>) {
-    return -128;
-  } else {
-    return Format::kValueOffset;
-  }
-}
-
-// The offset term of the 4-bit formats, and q8_0's flipped sign bits, need the sums of the quantised x over each
-// block.
+// The offset term of the 4-bit formats needs the sums of the quantised x over each block.
 template <class Format>
 constexpr bool has_offset() {
   if constexpr (Format::kBlocked) {
-    return Format::kStoredOffset || vnni_value_offset<Format>() != 0;
+    return Format::kStoredOffset || Format::kValueOffset != 0;
   } else {
     return false;
   }
@@ -235,10 +223,10 @@ struct Problem {
 
 // The integer sum of block xb's quantised x, for formats whose offset is a whole number of d (q4_0's -8 d): it
 // joins the integer dot exactly, sum(q * xq) + kValueOffset * sum(xq) = sum((q + kValueOffset) * xq), so the
-// large opposite terms never meet in floating point (and the same for vnni_value_offset). 0 for q4_1.
+// large opposite terms never meet in floating point. 0 for the other formats.
 template <class Format>
 inline int32_t offset_sum(const float* xsums, int64_t xb) {
-  if constexpr (vnni_value_offset<Format>() != 0) return static_cast<int32_t>(xsums[xb]);
+  if constexpr (Format::kValueOffset != 0) return static_cast<int32_t>(xsums[xb]);
   return 0;
 }
 
@@ -298,11 +286,16 @@ LLMDROP_AVX2 float quantize_block_avx2(const float* xb, typename Format::XInt* v
   __m128i t = _mm_add_epi32(_mm256_castsi256_si128(total), _mm256_extracti128_si256(total, 1));
   t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0x4E));
   *sum = _mm_cvtsi128_si32(_mm_add_epi32(t, _mm_shuffle_epi32(t, 0xB1)));
-  // packs work within 128-bit halves: the permute puts the 32 values back in order.
+  // packs work within 128-bit halves: the permutes put the 32 values back in order.
   const __m256i low16 = _mm256_packs_epi32(q[0], q[1]), high16 = _mm256_packs_epi32(q[2], q[3]);
-  const __m256i bytes = _mm256_packs_epi16(low16, high16);
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(values),
-                      _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
+  if constexpr (std::is_same_v<typename Format::XInt, int16_t>) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(values), _mm256_permute4x64_epi64(low16, 0xD8));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(values + 16), _mm256_permute4x64_epi64(high16, 0xD8));
+  } else {
+    const __m256i bytes = _mm256_packs_epi16(low16, high16);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(values),
+                        _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
+  }
   return largest_scalar / Format::kXMax;
 }
 #endif
@@ -364,7 +357,7 @@ LLMDROP_AVX2 inline __m256 load8_fp16(const uint8_t* p) {
   return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
 }
 
-// Four bytes of int8 x, the same in all eight 32-bit lanes.
+// Four bytes (int8 x) or two int16 x values, the same in all eight 32-bit lanes.
 LLMDROP_AVX2 inline __m256i broadcast32(const void* p) {
   int32_t v;
   std::memcpy(&v, p, sizeof(v));
@@ -398,21 +391,16 @@ struct NibbleGroup {
   }
 };
 
-// The integer dots of one q8_0 group block with NROWS activation rows' int8 x: sums[r] lane k = row k's dot.
-// Lane k of the block holds columns 4c..4c+3 of each row in vector c. maddubs multiplies unsigned by signed bytes:
-// it takes |w| and x with w's sign (sign_epi8), and its int16 pairs (at most 2 * 128 * 127) are widened at once.
+// The integer dots of one q8_0 group block with NROWS activation rows' int16 x: sums[r] lane k = row k's dot.
+// Lane k of the block holds columns 2k, 2k+1 of each row; each widened vector serves all the rows at once.
 template <int NROWS>
-LLMDROP_AVX2 inline void group_block_dots_q8(const uint8_t* values, const int8_t* xq, int64_t row_stride,
+LLMDROP_AVX2 inline void group_block_dots_q8(const uint8_t* values, const int16_t* xq, int64_t row_stride,
                                              __m256i (&sums)[NROWS]) {
-  const __m256i ones = _mm256_set1_epi16(1);
   for (int r = 0; r < NROWS; ++r) sums[r] = _mm256_setzero_si256();
-  for (int c = 0; c < 8; ++c) {
-    const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(values + 32 * c));
-    const __m256i magnitude = _mm256_abs_epi8(w);
-    for (int r = 0; r < NROWS; ++r) {
-      const __m256i signed_x = _mm256_sign_epi8(broadcast32(xq + r * row_stride + 4 * c), w);
-      sums[r] = _mm256_add_epi32(sums[r], _mm256_madd_epi16(_mm256_maddubs_epi16(magnitude, signed_x), ones));
-    }
+  for (int k = 0; k < 16; ++k) {
+    const __m256i w = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(values + 16 * k)));
+    for (int r = 0; r < NROWS; ++r)
+      sums[r] = _mm256_add_epi32(sums[r], _mm256_madd_epi16(w, broadcast32(xq + r * row_stride + 2 * k)));
   }
 }
 
@@ -533,20 +521,19 @@ struct NibbleGroupPair {
   }
 };
 
-// The integer dots of two q8_0 group blocks with NROWS activation rows' int8 x, less 128 * the sum of each row's
-// xq (see vnni_value_offset): sums[r] lane k = (group k / 8, row k % 8)'s dot, plus that.
+// The integer dots of two q8_0 group blocks with NROWS activation rows' int16 x: sums[r] lane k = (group k / 8,
+// row k % 8)'s dot.
 template <int NROWS>
-LLMDROP_AVX512_VNNI inline void group_pair_dots_q8(const uint8_t* const (&values)[2], const int8_t* xq,
+LLMDROP_AVX512_VNNI inline void group_pair_dots_q8(const uint8_t* const (&values)[2], const int16_t* xq,
                                                    __m512i (&sums)[NROWS]) {
-  const __m512i sign_bits = _mm512_set1_epi8(static_cast<char>(0x80));
   for (int r = 0; r < NROWS; ++r) sums[r] = _mm512_setzero_si512();
-  for (int c = 0; c < 8; ++c) {
-    const __m512i w = _mm512_xor_si512(
-        join_halves(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(values[0] + 32 * c)),
-                    _mm256_loadu_si256(reinterpret_cast<const __m256i*>(values[1] + 32 * c))),
-        sign_bits);
+  for (int k = 0; k < 16; ++k) {
+    const __m256i both = _mm256_inserti128_si256(
+        _mm256_castsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(values[0] + 16 * k))),
+        _mm_loadu_si128(reinterpret_cast<const __m128i*>(values[1] + 16 * k)), 1);
+    const __m512i w = _mm512_cvtepi8_epi16(both);
     for (int r = 0; r < NROWS; ++r)
-      sums[r] = _mm512_dpbusd_epi32(sums[r], w, broadcast32_zmm(xq + r * kBlock + 4 * c));
+      sums[r] = _mm512_dpwssd_epi32(sums[r], w, broadcast32_zmm(xq + r * kBlock + 2 * k));
   }
 }
 
@@ -573,8 +560,8 @@ LLMDROP_AVX512_VNNI void group_pair_tile_avx512(const Problem<Format>& p, const 
     const __m512 m = join_halves(group_mins<Format>(blocks[0]), group_mins<Format>(blocks[1]));
     // accumulate_block's sums, 16 output rows at a time.
     auto accumulate = [&](__m512& into, __m512i sum, int64_t xb) LLMDROP_AVX512_VNNI {
-      if constexpr (vnni_value_offset<Format>() != 0)
-        sum = _mm512_add_epi32(sum, _mm512_set1_epi32(vnni_value_offset<Format>() * offset_sum<Format>(p.xsums, xb)));
+      if constexpr (Format::kValueOffset != 0)
+        sum = _mm512_add_epi32(sum, _mm512_set1_epi32(Format::kValueOffset * offset_sum<Format>(p.xsums, xb)));
       into = _mm512_fmadd_ps(_mm512_mul_ps(d, _mm512_set1_ps(p.xscale[xb])), _mm512_cvtepi32_ps(sum), into);
       if constexpr (Format::kStoredOffset) into = _mm512_fmadd_ps(m, _mm512_set1_ps(p.xsums[xb]), into);
     };

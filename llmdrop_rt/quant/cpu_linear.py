@@ -36,7 +36,7 @@ FORMATS = (*DENSE_DTYPES, *BLOCK_BYTES)
 GEMV_MAX_ROWS = 8
 # Output rows interleaved in the block formats' kernel layout, and the bytes of a lane (kGroupRows, kLaneBytes).
 GROUP_ROWS = 8
-LANE_BYTES = {"q8_0": 4, "q4_0": 4, "q4_1": 4}
+LANE_BYTES = {"q8_0": 2, "q4_0": 4, "q4_1": 4}
 SCALE_BYTES = {"q8_0": 2, "q4_0": 2, "q4_1": 4}  # fp16 d (and m) opening each block
 
 

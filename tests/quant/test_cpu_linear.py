@@ -2,7 +2,7 @@
 
 Every kernel result is compared with x @ W.T computed in float64 from the SAME stored weights (dequantize is exact
 in float64), so the only allowed deviation is the kernels' own arithmetic: fp32 rounding, and for the block formats
-the quantisation of x (to int8 per block of 32), which the tolerance bounds from x itself (see
+the quantisation of x (int8 for the 4-bit formats, int16 for q8_0), which the tolerance bounds from x itself (see
 `tolerance`). The quantizers are checked byte for byte against gguf's reference implementation; the kernels read
 the block formats row-interleaved (`interleave`), which the layout tests pin down.
 """
@@ -85,14 +85,16 @@ def integer_part(stored: torch.Tensor, fmt: str) -> torch.Tensor:
 def tolerance(x: torch.Tensor, stored: torch.Tensor, fmt: str) -> torch.Tensor:
     """Elementwise bound [rows, out] on |kernel - exact|. fp32 rounding: 1e-5 of sum |w x| (for the block
     formats of sum (|d q| + |w|) |x|, which covers the separately summed offset term). Block formats multiply W
-    with x quantised per block of 32 to int8, each x off by at most half a step (max|x over its block| / 254), which
-    moves y[m, o] by at most sum over blocks of sum|w| * that step."""
+    with x quantised per block of 32, to int8 for the 4-bit formats and to int16 for q8_0, each x off by at most
+    half a step (max|x over its block| / 254, or / 65534), which moves y[m, o] by at most sum over blocks of
+    sum|w| * that step."""
     w = dequantize(stored, fmt)
     x64 = x.to(torch.float64)
     if fmt not in BLOCK_FORMATS:
         return 1e-5 * (x64.abs() @ w.abs().T) + 1e-30
     bound = 1e-5 * (x64.abs() @ (integer_part(stored, fmt) + w.abs()).T) + 1e-30
-    step = x64.reshape(x.shape[0], -1, BLOCK).abs().amax(-1) / 254 * 1.001
+    steps = 65534 if fmt == "q8_0" else 254
+    step = x64.reshape(x.shape[0], -1, BLOCK).abs().amax(-1) / steps * 1.001
     return bound + step @ w.abs().reshape(w.shape[0], -1, BLOCK).sum(-1).T
 
 
@@ -109,9 +111,10 @@ def assert_close_to_reference(y: torch.Tensor, x: torch.Tensor, stored: torch.Te
     bound = tolerance(x, stored, fmt)
     worst = (error / bound).max().item()
     assert torch.isfinite(y).all() and worst <= 1.0, f"{fmt}: error {worst:.2f}x the bound"
-    # And the headline figure, the relative error of the whole output (typically 3e-3 to 6e-3 for the int8 x).
+    # And the headline figure, the relative error of the whole output (typically 2e-5 to 7e-5 for q8_0's int16 x,
+    # 3e-3 to 6e-3 for the int8 x of the 4-bit formats).
     relative = (error.norm() / exact.norm()).item()
-    assert relative < (1e-2 if fmt in BLOCK_FORMATS else 1e-6), relative
+    assert relative < {"q8_0": 1e-3, "q4_0": 1e-2, "q4_1": 1e-2}.get(fmt, 1e-6), relative
 
 
 def shapes_for(fmt: str):
@@ -190,9 +193,9 @@ def test_interleave_round_trips(fmt, out_features, gen):
 
 @pytest.mark.parametrize("fmt", BLOCK_FORMATS)
 def test_interleaved_layout(fmt, gen):
-    """Group block b of rows 0-7 (8 * block bytes): their 8 d, for q4_1 their 8 m, then lanes of 4 value bytes:
-    lane k is value bytes 4k .. 4k+3 of row 0, row 1, ... row 7."""
-    nbytes, lane = BLOCK_BYTES[fmt], 4
+    """Group block b of rows 0-7 (8 * block bytes): their 8 d, for q4_1 their 8 m, then lanes of L value bytes
+    (L = 4 for the 4-bit formats, 2 for q8_0): lane k is value bytes k*L .. k*L+L-1 of row 0, row 1, ... row 7."""
+    nbytes, lane = BLOCK_BYTES[fmt], {"q8_0": 2, "q4_0": 4, "q4_1": 4}[fmt]
     scales = 4 if fmt == "q4_1" else 2
     stored = torch.randint(256, (8, 3 * nbytes), generator=gen, dtype=torch.uint8)  # any bytes: a layout test
     held = interleave(stored, fmt).reshape(3, 8 * nbytes)
