@@ -32,9 +32,10 @@
 // thread of at::parallel_for (torch's thread pool) walks its own contiguous range of tiles (ChunkRanges), so every
 // core keeps several long sequential streams in flight: one stream per core reads well below the memory's rate.
 // x86-64 builds carry AVX2 + FMA + F16C kernels picked at run time, and AVX-512 VNNI ones for the block formats at
-// several activation rows, where integer multiply-adds rather than memory bound the GEMV (functions compiled with
-// target attributes, so the build needs only the baseline ISA); portable loops run elsewhere, and for the plain
-// rows after the last full group.
+// several activation rows, where integer multiply-adds rather than memory bound the GEMV, and for the 4-bit formats
+// at one row, where half of AVX2's instructions per byte let a core read closer to its rate (functions compiled
+// with target attributes, so the build needs only the baseline ISA); portable loops run elsewhere, and for the
+// plain rows after the last full group.
 //
 // This header is the kernels themselves, shared by the extensions that call them (cpu_gemv.cpp's ops, the decode
 // step of cpu_decode.cpp), each compiling its own private copy (an anonymous namespace).
@@ -537,46 +538,52 @@ LLMDROP_AVX512_VNNI inline void group_pair_dots_q8(const uint8_t* const (&values
   }
 }
 
-// dots[g][r][k] = row k of group g . x[m0 + r] for the two groups at groups[0], groups[1] and NROWS activation
-// rows: group_dots_avx2's sums, 16 output rows per vector.
-template <class Format, int NROWS>
+// dots[g][r][k] = row k of group g . x[m0 + r] for the 2 * PAIRS groups at groups[0 ..) and NROWS activation
+// rows: group_dots_avx2's sums, 16 output rows per vector. The pairs' blocks are read in turn (several pairs at
+// batch 1, where more streams in flight read faster).
+template <class Format, int PAIRS, int NROWS>
 LLMDROP_AVX512_VNNI void group_pair_tile_avx512(const Problem<Format>& p, const uint8_t* const* groups, int64_t m0,
                                                 float (*dots)[kRowsPerPass][kGroupRows]) {
   using XInt = typename Format::XInt;
   const auto* xq_all = static_cast<const XInt*>(p.xq);
-  __m512 acc[NROWS];
-  for (int r = 0; r < NROWS; ++r) acc[r] = _mm512_setzero_ps();
+  __m512 acc[PAIRS][NROWS];
+  for (int q = 0; q < PAIRS; ++q)
+    for (int r = 0; r < NROWS; ++r) acc[q][r] = _mm512_setzero_ps();
   for (int64_t b = 0; b < p.in / kBlock; ++b) {
     const int64_t x0 = b * p.rows + m0;
     const XInt* xq = xq_all + x0 * kBlock;
-    const uint8_t* blocks[2], * values[2];
-    for (int g = 0; g < 2; ++g) {
-      blocks[g] = groups[g] + b * kGroupRows * Format::kBytes;
-      values[g] = blocks[g] + kGroupRows * Format::kValuesAt;
-      for (int64_t line = 0; line < kGroupRows * Format::kBytes; line += 64)
-        _mm_prefetch(reinterpret_cast<const char*>(blocks[g]) + kPrefetchAhead + line, _MM_HINT_T0);
-    }
-    const __m512 d = join_halves(load8_fp16(blocks[0]), load8_fp16(blocks[1]));
-    const __m512 m = join_halves(group_mins<Format>(blocks[0]), group_mins<Format>(blocks[1]));
-    // accumulate_block's sums, 16 output rows at a time.
-    auto accumulate = [&](__m512& into, __m512i sum, int64_t xb) LLMDROP_AVX512_VNNI {
-      if constexpr (Format::kValueOffset != 0)
-        sum = _mm512_add_epi32(sum, _mm512_set1_epi32(Format::kValueOffset * offset_sum<Format>(p.xsums, xb)));
-      into = _mm512_fmadd_ps(_mm512_mul_ps(d, _mm512_set1_ps(p.xscale[xb])), _mm512_cvtepi32_ps(sum), into);
-      if constexpr (Format::kStoredOffset) into = _mm512_fmadd_ps(m, _mm512_set1_ps(p.xsums[xb]), into);
-    };
-    if constexpr (std::is_same_v<Format, Q8_0>) {
-      __m512i sums[NROWS];
-      group_pair_dots_q8<NROWS>(values, xq, sums);
-      for (int r = 0; r < NROWS; ++r) accumulate(acc[r], sums[r], x0 + r);
-    } else {
-      const NibbleGroupPair nibbles(values);
-      for (int r = 0; r < NROWS; ++r) accumulate(acc[r], nibbles.dot(xq + r * kBlock), x0 + r);
+    for (int q = 0; q < PAIRS; ++q) {
+      const uint8_t* blocks[2], * values[2];
+      for (int g = 0; g < 2; ++g) {
+        blocks[g] = groups[2 * q + g] + b * kGroupRows * Format::kBytes;
+        values[g] = blocks[g] + kGroupRows * Format::kValuesAt;
+        for (int64_t line = 0; line < kGroupRows * Format::kBytes; line += 64)
+          _mm_prefetch(reinterpret_cast<const char*>(blocks[g]) + kPrefetchAhead + line, _MM_HINT_T0);
+      }
+      const __m512 d = join_halves(load8_fp16(blocks[0]), load8_fp16(blocks[1]));
+      const __m512 m = join_halves(group_mins<Format>(blocks[0]), group_mins<Format>(blocks[1]));
+      // accumulate_block's sums, 16 output rows at a time.
+      auto accumulate = [&](__m512& into, __m512i sum, int64_t xb) LLMDROP_AVX512_VNNI {
+        if constexpr (Format::kValueOffset != 0)
+          sum = _mm512_add_epi32(sum, _mm512_set1_epi32(Format::kValueOffset * offset_sum<Format>(p.xsums, xb)));
+        into = _mm512_fmadd_ps(_mm512_mul_ps(d, _mm512_set1_ps(p.xscale[xb])), _mm512_cvtepi32_ps(sum), into);
+        if constexpr (Format::kStoredOffset) into = _mm512_fmadd_ps(m, _mm512_set1_ps(p.xsums[xb]), into);
+      };
+      if constexpr (std::is_same_v<Format, Q8_0>) {
+        __m512i sums[NROWS];
+        group_pair_dots_q8<NROWS>(values, xq, sums);
+        for (int r = 0; r < NROWS; ++r) accumulate(acc[q][r], sums[r], x0 + r);
+      } else {
+        const NibbleGroupPair nibbles(values);
+        for (int r = 0; r < NROWS; ++r) accumulate(acc[q][r], nibbles.dot(xq + r * kBlock), x0 + r);
+      }
     }
   }
-  for (int r = 0; r < NROWS; ++r) {
-    _mm256_storeu_ps(dots[0][r], half_of(acc[r], 0));
-    _mm256_storeu_ps(dots[1][r], half_of(acc[r], 1));
+  for (int q = 0; q < PAIRS; ++q) {
+    for (int r = 0; r < NROWS; ++r) {
+      _mm256_storeu_ps(dots[2 * q][r], half_of(acc[q][r], 0));
+      _mm256_storeu_ps(dots[2 * q + 1][r], half_of(acc[q][r], 1));
+    }
   }
 }
 
@@ -816,12 +823,16 @@ void tile(int simd, const Problem<Format>& p, int64_t t, int64_t count, int64_t 
       const uint8_t* groups[kMaxStreams];
       for (int64_t k = 0; k < count; ++k) groups[k] = p.weight + (t + k * spacing) * kGroupRows * bytes;
       float dots[kMaxStreams][kRowsPerPass][kGroupRows];
-      // Several streams at batch 1; a pair of groups with up to 8 rows otherwise (streams_for).
-      if (nrows == 1) {
+      // Several streams at batch 1; a pair of groups with up to 8 rows otherwise (streams_for). At batch 1 the
+      // 4-bit formats run faster in pairs through AVX-512; q8_0's AVX2 kernel measured as fast on one thread and
+      // faster on two.
+      if (nrows == 1 && simd >= 512 && count == kMaxStreams && !std::is_same_v<Format, Q8_0>) {
+        group_pair_tile_avx512<Format, kMaxStreams / 2, 1>(p, groups, m0, dots);
+      } else if (nrows == 1) {
         with_count<kMaxStreams>(count, [&](auto g) { group_tile_avx2<Format, g.value, 1>(p, groups, m0, dots); });
       } else if (simd >= 512 && count == 2) {
         with_count<kRowsPerPass>(nrows, [&](auto r) {
-          group_pair_tile_avx512<Format, r.value>(p, groups, m0, dots);
+          group_pair_tile_avx512<Format, 1, r.value>(p, groups, m0, dots);
         });
       } else {
         with_count<2>(count, [&](auto g) {
