@@ -68,7 +68,8 @@ constexpr int64_t kBlock = 32;       // input columns per quantisation block
 constexpr int64_t kGroupRows = 8;    // output rows interleaved in the block formats' layout
 constexpr int64_t kChunkBytes = 32 << 10;  // weight bytes a thread claims at a time in the GEMV
 // Bytes of a block-format weight stream requested ahead of use. Dense rows are left to the hardware prefetchers:
-// SmolLM2's fp32 and fp16 GEMVs ran 10-20 % faster without software prefetches, its q4 ones slower.
+// SmolLM2's fp32 and fp16 GEMVs ran 10-20 % faster without software prefetches, its q4 ones slower. q8_0 at one
+// activation row (34 bytes per 32 weights, streamed almost like a dense row) also ran faster without them.
 constexpr int64_t kPrefetchAhead = 2048;
 
 inline float fp16_bits_to_float(const uint8_t* p) {
@@ -440,8 +441,9 @@ LLMDROP_AVX2 void group_dots_avx2(const Problem<Format>& p, const uint8_t* const
     const XInt* xq = xq_all + x0 * kBlock;
     for (int g = 0; g < G; ++g) {
       const uint8_t* block = groups[g] + b * kGroupRows * Format::kBytes;
-      for (int64_t line = 0; line < kGroupRows * Format::kBytes; line += 64)
-        _mm_prefetch(reinterpret_cast<const char*>(block) + kPrefetchAhead + line, _MM_HINT_T0);
+      if constexpr (NROWS > 1 || !std::is_same_v<Format, Q8_0>)  // see kPrefetchAhead
+        for (int64_t line = 0; line < kGroupRows * Format::kBytes; line += 64)
+          _mm_prefetch(reinterpret_cast<const char*>(block) + kPrefetchAhead + line, _MM_HINT_T0);
       const uint8_t* values = block + kGroupRows * Format::kValuesAt;
       const __m256 d = load8_fp16(block), m = group_mins<Format>(block);
       if constexpr (std::is_same_v<Format, Q8_0>) {
