@@ -188,6 +188,7 @@ def environment(device: str, threads) -> dict:
            "device": device}
     if device == "cpu":
         env["cpu_kernels"] = cpu_linear.kernel_isa()
+        env["dense_prefill_gemm"] = cpu_linear.dense_gemm()
     if device.startswith("cuda"):
         env["gpu"] = torch.cuda.get_device_name(0)
     try:
@@ -229,7 +230,8 @@ def run(args, argv) -> None:
     tables = format_tables(rows, batch_sizes, cfg.num_layers, bandwidth)
     if args.device == "cpu":
         peer_kv = f" (llama.cpp: {peers[0]['kv_type']})" if peers else ""
-        tables = f"our CPU kernels: {cpu_linear.kernel_isa()}; KV cache: {args.kv_cache}{peer_kv}\n" + tables
+        kernels = f"our CPU kernels: {cpu_linear.kernel_isa()} (dense prefill GEMM: {cpu_linear.dense_gemm()})"
+        tables = f"{kernels}; KV cache: {args.kv_cache}{peer_kv}\n" + tables
     print(tables)
     report = {"command": "python -m llmdrop_rt.bench " + " ".join(argv if argv is not None else sys.argv[1:]),
               "environment": environment(args.device, args.thread_counts), "model": args.model,

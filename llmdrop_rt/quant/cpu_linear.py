@@ -30,7 +30,7 @@ BLOCK = 32  # input columns per quantisation block
 BLOCK_BYTES = {"q8_0": 34, "q4_0": 18, "q4_1": 20}
 DENSE_DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
 FORMATS = (*DENSE_DTYPES, *BLOCK_BYTES)
-# Up to this many rows the kernels run a fused GEMV; above it the dense formats dequantise tiles for ATen's GEMM,
+# Up to this many rows the kernels run a fused GEMV; above it the dense formats run a GEMM (`dense_linear`),
 # and the block formats keep their integer kernels (q8_0 on one thread excepted: tiles + GEMM there), which beat
 # the tiles at prefill shapes (kGemvMaxRows and fused_kernels_for in csrc/cpu_gemv.h).
 GEMV_MAX_ROWS = 8
@@ -41,6 +41,33 @@ SCALE_BYTES = {"q8_0": 2, "q4_0": 2, "q4_1": 4}  # fp16 d (and m) opening each b
 
 
 ops = compiled_ops("_cpu_gemv", "llmdrop_cpu_gemv")
+
+
+def _onednn_linear():
+    """oneDNN's fp32 GEMM as torch exposes it (the op torch.compile's CPU backend calls for linear layers), or
+    None where this torch lacks it. Its fp32 arithmetic is exact fp32; on some CPUs (AMD's) it runs at about twice
+    the rate of ATen's own fp32 GEMM (MKL's)."""
+    if not torch.backends.mkldnn.is_available():
+        return None
+    try:
+        return torch.ops.mkldnn._linear_pointwise
+    except (AttributeError, RuntimeError):
+        return None
+
+
+onednn_linear = _onednn_linear()
+
+
+def dense_gemm() -> str:
+    """Which GEMM the dense formats' prefill runs: "onednn" or "aten" (see dense_linear)."""
+    return "aten" if onednn_linear is None else "onednn"
+
+
+def dense_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x @ weight.T + bias for fp32 x [rows, in] and weight [out, in]: oneDNN's GEMM, or F.linear without it."""
+    if onednn_linear is None:
+        return F.linear(x, weight, bias)
+    return onednn_linear(x.contiguous(), weight, bias, "none", [], "")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -209,8 +236,8 @@ class CpuLinear(torch.nn.Module):
     path, the code that runs a call:
       "kernel"    the compiled op torch.ops.llmdrop_cpu_gemv.gemv_<fmt> (its fused GEMV up to GEMV_MAX_ROWS rows;
                   above, the block formats' integer kernels or, for dense formats, dequantised tiles and ATen's
-                  GEMM: see GEMV_MAX_ROWS), except that f32 calls with more rows go to F.linear, the same GEMM
-                  without the op in between;
+                  GEMM: see GEMV_MAX_ROWS), except that dense calls with more rows go to `dense_linear`
+                  (oneDNN's GEMM through torch, or for f32 F.linear without it);
       "torch"     F.linear on the stored weight (f32 only: F.linear wants x and W of one dtype);
       "reference" dequantize to fp32, then F.linear (what "auto" picks where the extension is not built).
     "auto" picks "kernel" for every format and shape, by a rule measured with bench/bench_cpu_gemv.py: at 1-8 rows
@@ -260,13 +287,21 @@ class CpuLinear(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features)
-        if self.path == "torch" or (self.path == "kernel" and self.fmt == "f32" and x2.shape[0] > GEMV_MAX_ROWS):
+        if self.path == "torch":
             y = F.linear(x2, self.weight, self.bias)
+        elif self.path == "kernel" and self._gemm_rows(x2.shape[0]):
+            y = dense_linear(x2, self.weight.to(torch.float32), self.bias)
         elif self.path == "kernel":
             y = getattr(ops, f"gemv_{self.fmt}")(x2, self.weight, self.bias)
         else:
             y = F.linear(x2, dequantize(self.stored(), self.fmt, torch.float32), self.bias)
         return y.reshape(*x.shape[:-1], self.out_features)
+
+    def _gemm_rows(self, rows: int) -> bool:
+        """Whether a call of `rows` rows on the kernel path goes to `dense_linear`: more rows than a GEMV of a
+        dense weight, fp32 always, fp16 / bf16 (converted to fp32 for the call) where oneDNN is there; otherwise the
+        op's dequantised tiles and ATen's GEMM."""
+        return rows > GEMV_MAX_ROWS and (self.fmt == "f32" or self.fmt in DENSE_DTYPES and onednn_linear is not None)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, fmt={self.fmt}, path={self.path}"

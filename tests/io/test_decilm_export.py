@@ -60,12 +60,15 @@ def load_in_transformers(folder: Path):
     return model.eval()
 
 
-def check_matches_ours(source: Path, out: Path, plan: DropPlan, token_ids: torch.Tensor):
+def check_matches_ours(source: Path, out: Path, plan: DropPlan, token_ids: torch.Tensor, atol: float = 1e-4):
+    """transformers runs the export in float64 (exact for fp32 weights); our fp32 logits stay within `atol` of it,
+    the rounding of fp32 arithmetic. (Against transformers in fp32 a tighter bound held only while both called the
+    same GEMM, with the same rounding.)"""
     ours = llmdrop_rt.load(source, drop_attn=plan.drop_attn, drop_mlp=plan.drop_mlp, device="cpu")
     expected = ours.logits(token_ids)
     with torch.no_grad():
-        theirs = load_in_transformers(out)(token_ids).logits
-    torch.testing.assert_close(theirs, expected, rtol=0, atol=1e-4)
+        theirs = load_in_transformers(out).double()(token_ids).logits
+    torch.testing.assert_close(expected.double(), theirs, rtol=0, atol=atol)
     back = llmdrop_rt.load(out, device="cpu")  # the plan comes from block_configs
     assert back.plan == ours.plan
     assert torch.equal(back.logits(token_ids), expected)
@@ -114,7 +117,8 @@ def test_decilm_export_of_smollm2(smollm2_dir, tmp_path):
     blocks = json.loads((out / "config.json").read_text())["block_configs"]
     assert {b["ffn"]["ffn_mult"] for b in blocks if not b["ffn"]["no_op"]} == {4.0}
     assert {b["attention"]["n_heads_in_group"] for b in blocks if not b["attention"]["no_op"]} == {3}
-    check_matches_ours(smollm2_dir, out, plan, tokens(2, vocab=49152)[:1])
+    # 30 layers: fp32 rounding reaches up to ~7e-4 of the float64 logits on some inputs (RMS-norm eps x 2: 5e-2)
+    check_matches_ours(smollm2_dir, out, plan, tokens(2, vocab=49152)[:1], atol=1e-3)
 
 
 def test_without_trust_remote_code_transformers_refuses(decilm_sources, tmp_path):

@@ -355,8 +355,15 @@ def test_bad_arguments_raise_clear_errors(call, message):
 # --------------------------------------------------------------------------------------------------
 # The module
 # --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("gemm", ["onednn", "aten"])
 @pytest.mark.parametrize("fmt", FORMATS)
-def test_cpu_linear_forward(fmt, gen):
+def test_cpu_linear_forward(fmt, gemm, gen, monkeypatch):
+    """Many rows of a dense format go to oneDNN's GEMM where torch has it, else to F.linear (f32) or the op's
+    tiles: each way within the kernels' bound of the float64 reference."""
+    if gemm == "aten":
+        monkeypatch.setattr(cpu_linear, "onednn_linear", None)
+    elif cpu_linear.onednn_linear is None:
+        pytest.skip("this torch has no oneDNN linear op")
     weight, bias = random_weight(77, 96, gen), torch.randn(77, generator=gen)
     layer = CpuLinear.from_float(weight, fmt, bias)
     assert layer.path == ("reference" if ops is None else "kernel")
