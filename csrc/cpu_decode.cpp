@@ -460,7 +460,7 @@ struct Projection {
     with_format(fmt, [&](auto format) {
       using Format = decltype(format);
       const Problem<Format> p{nullptr, static_cast<const uint8_t*>(weight.data_ptr()), nullptr, nullptr, 0, in, out,
-                              nullptr, nullptr, nullptr};
+                              nullptr, nullptr, nullptr, nullptr};
       dequant_row_portable<Format>(p, o, w);
     });
   }
@@ -473,7 +473,7 @@ struct Projection {
       const int64_t rows = x.size(0);
       const Problem<Format> p{x.data_ptr<float>(), static_cast<const uint8_t*>(weight.data_ptr()),
                               bias ? bias->data_ptr<float>() : nullptr, y.data_ptr<float>(), rows, in, out,
-                              nullptr, nullptr, nullptr};
+                              nullptr, nullptr, nullptr, nullptr};
       const GemvWork<Format> work(rows, in, out);
       with_kernel_x<Format>(p, [&](const Problem<Format>& q) { gemv_worker<Format>(q, work, ranges, crew.id()); });
     });

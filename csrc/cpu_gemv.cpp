@@ -93,7 +93,7 @@ at::Tensor rows_op(const at::Tensor& weight, const at::Tensor& index) {
     TORCH_CHECK(wanted[i] >= 0 && wanted[i] < out, op, ": index ", wanted[i], " outside the weight's ", out, " rows");
   at::Tensor result = at::empty({rows.size(0), in}, weight.options().dtype(at::kFloat));
   const Problem<Format> p{nullptr, static_cast<const uint8_t*>(weight.data_ptr()), nullptr, nullptr, 0, in, out,
-                          nullptr, nullptr, nullptr};
+                          nullptr, nullptr, nullptr, nullptr};
   float* data = result.data_ptr<float>();
   for (int64_t i = 0; i < rows.size(0); ++i) dequant_row_portable<Format>(p, wanted[i], data + i * in);
   return result;

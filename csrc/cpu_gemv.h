@@ -24,7 +24,7 @@
 // the dot of a block's integer values with xq is an exact integer sum (_mm256_maddubs_epi16 / _mm256_madd_epi16),
 // scaled by d * sx into an fp32 accumulator. A group block's values are unpacked once for up to 8 activation
 // rows (kRowsPerPass), which is what makes several rows cheaper per row than one. The offset of the 4-bit
-// formats contributes to the integer dot exactly for q4_0 (-8 * the sum of xq over the block, offset_sum) and as
+// formats contributes to the integer dot exactly for q4_0 (-8 * the sum of xq over the block, offset_term) and as
 // m * sx * (sum of xq) for q4_1: the kernels compute W times the quantised x, so the error is that of x's rounding
 // times w, not times the 0..15 stored values the offset would otherwise cancel. x is quantised once per call.
 // More rows of a dense format (prefill): tiles of output rows are dequantised to fp32 and ATen's GEMM does the rest.
@@ -154,11 +154,21 @@ struct Q4_1 {
   static int value(const Bytes& byte, int j) { return nibble(byte, j); }
 };
 
-// The offset term of the 4-bit formats needs the sums of the quantised x over each block.
+// The offset term of the 4-bit formats needs the sums of the quantised x over each block: as floats times x's scale
+// for a stored offset (q4_1's m), as integers times the offset for a value offset (q4_0's -8).
 template <class Format>
-constexpr bool has_offset() {
+constexpr bool has_stored_offset() {
   if constexpr (Format::kBlocked) {
-    return Format::kStoredOffset || Format::kValueOffset != 0;
+    return Format::kStoredOffset;
+  } else {
+    return false;
+  }
+}
+
+template <class Format>
+constexpr bool has_value_offset() {
+  if constexpr (Format::kBlocked) {
+    return Format::kValueOffset != 0;
   } else {
     return false;
   }
@@ -219,16 +229,16 @@ struct Problem {
   // activation rows of one block lie together:
   const void* xq;          // [in / 32, rows, 32] of the format's XInt
   const float* xscale;     // [in / 32, rows], x ~ xscale * xq per block
-  const float* xsums;      // [in / 32, rows], sums of the quantised x over each block (4-bit formats only): times
-                           // the block's scale for q4_1, the exact integer for q4_0 (see offset_sum)
+  const float* xsums;      // [in / 32, rows], q4_1: the sums of the quantised x over each block times its scale
+  const int32_t* xoffsets; // [in / 32, rows], q4_0: kValueOffset times the sum of the quantised x over each block
 };
 
-// The integer sum of block xb's quantised x, for formats whose offset is a whole number of d (q4_0's -8 d): it
-// joins the integer dot exactly, sum(q * xq) + kValueOffset * sum(xq) = sum((q + kValueOffset) * xq), so the
-// large opposite terms never meet in floating point. 0 for the other formats.
+// For formats whose offset is a whole number of d (q4_0's -8 d), the offset's part of block xb's integer dot,
+// which joins it exactly: sum(q * xq) + kValueOffset * sum(xq) = sum((q + kValueOffset) * xq), so the large
+// opposite terms never meet in floating point. 0 for the other formats.
 template <class Format>
-inline int32_t offset_sum(const float* xsums, int64_t xb) {
-  if constexpr (Format::kValueOffset != 0) return static_cast<int32_t>(xsums[xb]);
+inline int32_t offset_term(const Problem<Format>& p, int64_t xb) {
+  if constexpr (Format::kValueOffset != 0) return p.xoffsets[xb];
   return 0;
 }
 
@@ -236,6 +246,7 @@ template <class XInt>
 struct QuantizedX {
   std::vector<XInt> values;
   std::vector<float> scales, sums;
+  std::vector<int32_t> offsets;
 };
 
 // One block of 32 values of x quantised into XInt: values, and returns the scale; *sum = the values' sum. A NaN
@@ -316,7 +327,7 @@ void row_dots_portable(const Problem<Format>& p, int64_t o, int64_t m0, int64_t 
         const BlockRef<Format> block = block_ref<Format>(p.weight, p.in, p.out, o, b);
         const int64_t xb = b * p.rows + m0 + r;
         const auto* xq = xq_all + xb * kBlock;
-        int32_t block_dot = Format::kValueOffset * offset_sum<Format>(p.xsums, xb);
+        int32_t block_dot = offset_term(p, xb);
         for (int j = 0; j < kBlock; ++j) block_dot += block.value(j) * xq[j];
         const float d = fp16_bits_to_float(block.d);
         total += static_cast<float>(block_dot) * (d * p.xscale[xb]);
@@ -407,13 +418,13 @@ LLMDROP_AVX2 inline void group_block_dots_q8(const uint8_t* values, const int16_
 }
 
 // acc += one group block's contribution for one activation row (block xb of QuantizedX): the integer dots `sum`
-// of its 8 rows (q4_0's offset joined in, offset_sum) scaled by d and x's scale, and for q4_1 the rows' m times
+// of its 8 rows (q4_0's offset joined in, offset_term) scaled by d and x's scale, and for q4_1 the rows' m times
 // the sum of x over the block.
 template <class Format>
 LLMDROP_AVX2 inline void accumulate_block(__m256& acc, __m256 d, __m256 m, __m256i sum, const Problem<Format>& p,
                                           int64_t xb) {
   if constexpr (Format::kValueOffset != 0)
-    sum = _mm256_add_epi32(sum, _mm256_set1_epi32(Format::kValueOffset * offset_sum<Format>(p.xsums, xb)));
+    sum = _mm256_add_epi32(sum, _mm256_set1_epi32(offset_term(p, xb)));
   acc = _mm256_fmadd_ps(_mm256_mul_ps(d, _mm256_set1_ps(p.xscale[xb])), _mm256_cvtepi32_ps(sum), acc);
   if constexpr (Format::kStoredOffset) acc = _mm256_fmadd_ps(m, _mm256_set1_ps(p.xsums[xb]), acc);
 }
@@ -500,6 +511,27 @@ LLMDROP_AVX512_VNNI inline __m512i broadcast32_zmm(const void* p) {
   return _mm512_set1_epi32(v);
 }
 
+// acc + vpdpbusd / vpdpwssd of `w` with the 4 bytes at p broadcast to every lane, the broadcast folded into the
+// instruction's memory operand: GCC emits a separate broadcast for the intrinsics, one more instruction per
+// multiply-add where the integer kernels issue little else.
+LLMDROP_AVX512_VNNI inline __m512i dpbusd_broadcast(__m512i acc, __m512i w, const void* p) {
+#if defined(__GNUC__)
+  asm("vpdpbusd %2%{1to16%}, %1, %0" : "+v"(acc) : "v"(w), "m"(*static_cast<const int32_t*>(p)));
+  return acc;
+#else
+  return _mm512_dpbusd_epi32(acc, w, broadcast32_zmm(p));
+#endif
+}
+
+LLMDROP_AVX512_VNNI inline __m512i dpwssd_broadcast(__m512i acc, __m512i w, const void* p) {
+#if defined(__GNUC__)
+  asm("vpdpwssd %2%{1to16%}, %1, %0" : "+v"(acc) : "v"(w), "m"(*static_cast<const int32_t*>(p)));
+  return acc;
+#else
+  return _mm512_dpwssd_epi32(acc, w, broadcast32_zmm(p));
+#endif
+}
+
 // The 4-bit values of group blocks `values[0]`, `values[1]` unpacked once for all rows (NibbleGroup's lanes, the
 // first group in the low half of each vector).
 struct NibbleGroupPair {
@@ -513,12 +545,12 @@ struct NibbleGroupPair {
       high[c] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low_nibbles);
     }
   }
-  // Lane k: the integer dot of (group k / 8, row k % 8)'s 32 values with the int8 xq[0 .. 32).
-  LLMDROP_AVX512_VNNI __m512i dot(const int8_t* xq) const {
-    __m512i from_low = _mm512_setzero_si512(), from_high = _mm512_setzero_si512();
+  // Lane k: start + the integer dot of (group k / 8, row k % 8)'s 32 values with the int8 xq[0 .. 32).
+  LLMDROP_AVX512_VNNI __m512i dot(const int8_t* xq, __m512i start) const {
+    __m512i from_low = start, from_high = _mm512_setzero_si512();
     for (int c = 0; c < 4; ++c) {
-      from_low = _mm512_dpbusd_epi32(from_low, low[c], broadcast32_zmm(xq + 4 * c));
-      from_high = _mm512_dpbusd_epi32(from_high, high[c], broadcast32_zmm(xq + 16 + 4 * c));
+      from_low = dpbusd_broadcast(from_low, low[c], xq + 4 * c);
+      from_high = dpbusd_broadcast(from_high, high[c], xq + 16 + 4 * c);
     }
     return _mm512_add_epi32(from_low, from_high);
   }
@@ -536,7 +568,7 @@ LLMDROP_AVX512_VNNI inline void group_pair_dots_q8(const uint8_t* const (&values
         _mm_loadu_si128(reinterpret_cast<const __m128i*>(values[1] + 16 * k)), 1);
     const __m512i w = _mm512_cvtepi8_epi16(both);
     for (int r = 0; r < NROWS; ++r)
-      sums[r] = _mm512_dpwssd_epi32(sums[r], w, broadcast32_zmm(xq + r * kBlock + 2 * k));
+      sums[r] = dpwssd_broadcast(sums[r], w, xq + r * kBlock + 2 * k);
   }
 }
 
@@ -564,10 +596,8 @@ LLMDROP_AVX512_VNNI void group_pair_tile_avx512(const Problem<Format>& p, const 
       }
       const __m512 d = join_halves(load8_fp16(blocks[0]), load8_fp16(blocks[1]));
       const __m512 m = join_halves(group_mins<Format>(blocks[0]), group_mins<Format>(blocks[1]));
-      // accumulate_block's sums, 16 output rows at a time.
+      // accumulate_block's sums (q4_0's offset already in them), 16 output rows at a time.
       auto accumulate = [&](__m512& into, __m512i sum, int64_t xb) LLMDROP_AVX512_VNNI {
-        if constexpr (Format::kValueOffset != 0)
-          sum = _mm512_add_epi32(sum, _mm512_set1_epi32(Format::kValueOffset * offset_sum<Format>(p.xsums, xb)));
         into = _mm512_fmadd_ps(_mm512_mul_ps(d, _mm512_set1_ps(p.xscale[xb])), _mm512_cvtepi32_ps(sum), into);
         if constexpr (Format::kStoredOffset) into = _mm512_fmadd_ps(m, _mm512_set1_ps(p.xsums[xb]), into);
       };
@@ -577,7 +607,8 @@ LLMDROP_AVX512_VNNI void group_pair_tile_avx512(const Problem<Format>& p, const 
         for (int r = 0; r < NROWS; ++r) accumulate(acc[q][r], sums[r], x0 + r);
       } else {
         const NibbleGroupPair nibbles(values);
-        for (int r = 0; r < NROWS; ++r) accumulate(acc[q][r], nibbles.dot(xq + r * kBlock), x0 + r);
+        for (int r = 0; r < NROWS; ++r)
+          accumulate(acc[q][r], nibbles.dot(xq + r * kBlock, _mm512_set1_epi32(offset_term(p, x0 + r))), x0 + r);
       }
     }
   }
@@ -756,7 +787,9 @@ int simd_bits() { return std::min(cpu_simd_bits(), simd_bits_cap.load()); }
 template <class Format>
 void quantize_x(const float* x, int64_t rows, int64_t in, QuantizedX<typename Format::XInt>& q) {
   const int64_t blocks = in / kBlock;
-  q.values.resize(rows * in), q.scales.resize(rows * blocks), q.sums.resize(has_offset<Format>() ? rows * blocks : 0);
+  q.values.resize(rows * in), q.scales.resize(rows * blocks);
+  q.sums.resize(has_stored_offset<Format>() ? rows * blocks : 0);
+  q.offsets.resize(has_value_offset<Format>() ? rows * blocks : 0);
   [[maybe_unused]] const bool avx2 = simd_bits() >= 256;
   for (int64_t m = 0; m < rows; ++m) {
     for (int64_t b = 0; b < blocks; ++b) {
@@ -773,9 +806,9 @@ void quantize_x(const float* x, int64_t rows, int64_t in, QuantizedX<typename Fo
         scale = quantize_block_portable<Format>(xb, values, &sum);
       }
       q.scales[b * rows + m] = scale;
-      // q4_1's offset m multiplies the sum of x, q4_0's joins the integer dot (offset_sum).
-      if constexpr (has_offset<Format>())
-        q.sums[b * rows + m] = Format::kStoredOffset ? scale * static_cast<float>(sum) : static_cast<float>(sum);
+      // q4_1's offset m multiplies the sum of x, q4_0's joins the integer dot (offset_term).
+      if constexpr (has_stored_offset<Format>()) q.sums[b * rows + m] = scale * static_cast<float>(sum);
+      if constexpr (has_value_offset<Format>()) q.offsets[b * rows + m] = Format::kValueOffset * sum;
     }
   }
 }
@@ -1072,7 +1105,7 @@ void with_kernel_x(Problem<Format> p, F&& f) {
     QuantizedX<typename Format::XInt> buffers;
     auto& xq = p.rows <= kGemvMaxRows ? decode_buffers<Format>() : buffers;
     quantize_x<Format>(p.x, p.rows, p.in, xq);
-    p.xq = xq.values.data(), p.xscale = xq.scales.data(), p.xsums = xq.sums.data();
+    p.xq = xq.values.data(), p.xscale = xq.scales.data(), p.xsums = xq.sums.data(), p.xoffsets = xq.offsets.data();
     f(p);
   } else {
     f(p);
@@ -1093,7 +1126,7 @@ void linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<a
   }
   Problem<Format> p{x.data_ptr<float>(), static_cast<const uint8_t*>(weight.data_ptr()),
                     bias ? bias->data_ptr<float>() : nullptr, y.data_ptr<float>(), rows, in, out,
-                    nullptr, nullptr, nullptr};
+                    nullptr, nullptr, nullptr, nullptr};
   if (fused_kernels_for<Format>(rows)) {
     with_kernel_x<Format>(p, [](const Problem<Format>& q) { gemv<Format>(q); });
   } else {
