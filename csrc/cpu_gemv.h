@@ -648,7 +648,10 @@ LLMDROP_AVX2 void dense_tile_dots_avx2(const Problem<Format>& p, const uint8_t* 
     }
     for (int r = 0; r < NROWS; ++r) {
       for (int c = 0; c < chains; ++c) {
-        const __m256 xv = _mm256_loadu_ps(x + r * in + i + 8 * c);
+        __m256 xv = _mm256_loadu_ps(x + r * in + i + 8 * c);
+        // One load of x for all WROWS multiply-adds: GCC would fold it into each of them, and with several
+        // activation rows the loads rather than the multiply-adds would bound the loop.
+        if constexpr (WROWS > 1 && NROWS > 1) asm("" : "+v"(xv));
         for (int k = 0; k < WROWS; ++k) acc[k][r][c] = _mm256_fmadd_ps(wv[k][c], xv, acc[k][r][c]);
       }
     }
@@ -706,7 +709,8 @@ LLMDROP_AVX512_VNNI void dense_tile_dots_avx512(const Problem<Format>& p, const 
       wv[k] = load16(weights(k) + i);
     }
     for (int r = 0; r < NROWS; ++r) {
-      const __m512 xv = _mm512_loadu_ps(x + r * in + i);
+      __m512 xv = _mm512_loadu_ps(x + r * in + i);
+      if constexpr (WROWS > 1 && NROWS > 1) asm("" : "+v"(xv));  // as in dense_tile_dots_avx2
       for (int k = 0; k < WROWS; ++k) acc[k][r] = _mm512_fmadd_ps(wv[k], xv, acc[k][r]);
     }
   }
